@@ -1,0 +1,213 @@
+//! The contract's local replies: status, JSON error body and RFC 6750 headers for each denial.
+//!
+//! Bodies never contain the presented credential.
+
+use crate::config::Config;
+use crate::decision::Denial;
+use crate::time::format_rfc3339;
+use serde_json::json;
+
+/// A response the filter sends itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+/// Every error code of the contract, in a fixed order (the filter indexes its counters by it).
+pub const CODES: [&str; 10] = [
+    "MISSING_API_KEY",
+    "MALFORMED_API_KEY",
+    "INVALID_API_KEY",
+    "REVOKED_API_KEY",
+    "EXPIRED_API_KEY",
+    "ACCESS_DISABLED",
+    "INSUFFICIENT_SCOPE",
+    "TLS_REQUIRED",
+    "RATE_LIMITED",
+    "KEYS_UNAVAILABLE",
+];
+
+impl Denial {
+    /// Index into [`CODES`].
+    pub fn code_index(&self) -> usize {
+        match self {
+            Denial::MissingKey => 0,
+            Denial::MalformedKey { .. } => 1,
+            Denial::InvalidKey => 2,
+            Denial::RevokedKey => 3,
+            Denial::ExpiredKey { .. } => 4,
+            Denial::AccessDisabled => 5,
+            Denial::InsufficientScope { .. } | Denial::PathRestricted { .. } => 6,
+            Denial::TlsRequired => 7,
+            Denial::RateLimited { .. } => 8,
+            Denial::KeysUnavailable { .. } => 9,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        CODES[self.code_index()]
+    }
+
+    pub fn status(&self) -> u32 {
+        match self {
+            Denial::MissingKey
+            | Denial::MalformedKey { .. }
+            | Denial::InvalidKey
+            | Denial::RevokedKey
+            | Denial::ExpiredKey { .. } => 401,
+            Denial::AccessDisabled
+            | Denial::InsufficientScope { .. }
+            | Denial::PathRestricted { .. }
+            | Denial::TlsRequired => 403,
+            Denial::RateLimited { .. } => 429,
+            Denial::KeysUnavailable { .. } => 503,
+        }
+    }
+
+    /// Builds the full local reply for this denial.
+    pub fn reply(&self, config: &Config) -> LocalReply {
+        let realm = &config.realm;
+        let (message, details) = match self {
+            Denial::MissingKey => (missing_message(config), json!({})),
+            Denial::MalformedKey { reason } => (format!("The API key is malformed: {reason}."), json!({})),
+            Denial::InvalidKey => ("The API key is not valid.".to_string(), json!({})),
+            Denial::RevokedKey => ("The API key has been revoked.".to_string(), json!({})),
+            Denial::ExpiredKey { expired_at } => {
+                let at = format_rfc3339(*expired_at);
+                (format!("The API key expired at {at}."), json!({ "expired_at": at }))
+            }
+            Denial::AccessDisabled => ("API access is disabled for this key's agent.".to_string(), json!({})),
+            Denial::InsufficientScope { required } => (
+                "The API key lacks a scope this route requires.".to_string(),
+                json!({ "required_scopes": required }),
+            ),
+            Denial::PathRestricted { allowed } => (
+                "The API key is restricted to other paths.".to_string(),
+                json!({ "required_scopes": [], "allowed_path_prefixes": allowed }),
+            ),
+            Denial::TlsRequired => ("This API requires HTTPS.".to_string(), json!({})),
+            Denial::RateLimited { retry_after_secs } => (
+                format!("Rate limit exceeded; retry after {retry_after_secs} seconds."),
+                json!({ "retry_after_seconds": retry_after_secs }),
+            ),
+            Denial::KeysUnavailable { .. } => (
+                "API keys are not loaded yet; retry shortly.".to_string(),
+                json!({}),
+            ),
+        };
+        let body = json!({
+            "success": false,
+            "error": { "code": self.code(), "message": message, "details": details },
+        })
+        .to_string();
+        let mut headers = vec![
+            ("content-type", "application/json".to_string()),
+            ("cache-control", "no-store".to_string()),
+        ];
+        match self {
+            Denial::MissingKey => headers.push(("www-authenticate", format!("Bearer realm=\"{realm}\""))),
+            Denial::MalformedKey { reason } => headers.push((
+                "www-authenticate",
+                format!("Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{reason}\""),
+            )),
+            Denial::InvalidKey | Denial::RevokedKey | Denial::ExpiredKey { .. } => {
+                let description = match self {
+                    Denial::RevokedKey => "the key has been revoked",
+                    Denial::ExpiredKey { .. } => "the key has expired",
+                    _ => "the key is not valid",
+                };
+                headers.push((
+                    "www-authenticate",
+                    format!("Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{description}\""),
+                ))
+            }
+            Denial::InsufficientScope { required } => headers.push((
+                "www-authenticate",
+                format!("Bearer realm=\"{realm}\", error=\"insufficient_scope\", scope=\"{}\"", required.join(" ")),
+            )),
+            Denial::PathRestricted { .. } => headers.push((
+                "www-authenticate",
+                format!("Bearer realm=\"{realm}\", error=\"insufficient_scope\""),
+            )),
+            Denial::RateLimited { retry_after_secs } | Denial::KeysUnavailable { retry_after_secs } => {
+                headers.push(("retry-after", (*retry_after_secs).max(1).to_string()))
+            }
+            Denial::AccessDisabled | Denial::TlsRequired => {}
+        }
+        LocalReply { status: self.status(), headers, body }
+    }
+}
+
+fn missing_message(config: &Config) -> String {
+    let mut ways = Vec::new();
+    if let Some(h) = &config.sources.bearer_header {
+        ways.push(format!("the {h} header as 'Bearer <key>'"));
+    }
+    if let Some(h) = &config.sources.api_key_header {
+        ways.push(format!("the {h} header"));
+    }
+    if let Some(q) = &config.sources.query_param {
+        ways.push(format!("the {q} query parameter"));
+    }
+    format!("No API key was presented. Send it in {}.", ways.join(" or "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn reply(d: Denial) -> (u32, Value, Option<String>, Option<String>) {
+        let config = Config::from_json(b"{}").unwrap();
+        let r = d.reply(&config);
+        let header = |n: &str| r.headers.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
+        assert_eq!(header("content-type").as_deref(), Some("application/json"));
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["success"], false);
+        (r.status, body["error"].clone(), header("www-authenticate"), header("retry-after"))
+    }
+
+    #[test]
+    fn every_code_has_its_status_body_and_headers() {
+        let cases: Vec<(Denial, u32, &str, Option<&str>, Option<&str>)> = vec![
+            (Denial::MissingKey, 401, "MISSING_API_KEY", Some(r#"Bearer realm="keyward""#), None),
+            (Denial::MalformedKey { reason: "the key is empty" }, 401, "MALFORMED_API_KEY",
+                Some(r#"Bearer realm="keyward", error="invalid_request", error_description="the key is empty""#), None),
+            (Denial::InvalidKey, 401, "INVALID_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key is not valid""#), None),
+            (Denial::RevokedKey, 401, "REVOKED_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key has been revoked""#), None),
+            (Denial::ExpiredKey { expired_at: 0 }, 401, "EXPIRED_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key has expired""#), None),
+            (Denial::AccessDisabled, 403, "ACCESS_DISABLED", None, None),
+            (Denial::InsufficientScope { required: vec!["read:all".into(), "webhook".into()] }, 403, "INSUFFICIENT_SCOPE",
+                Some(r#"Bearer realm="keyward", error="insufficient_scope", scope="read:all webhook""#), None),
+            (Denial::PathRestricted { allowed: vec!["/a".into()] }, 403, "INSUFFICIENT_SCOPE", Some(r#"Bearer realm="keyward", error="insufficient_scope""#), None),
+            (Denial::TlsRequired, 403, "TLS_REQUIRED", None, None),
+            (Denial::RateLimited { retry_after_secs: 0 }, 429, "RATE_LIMITED", None, Some("1")),
+            (Denial::RateLimited { retry_after_secs: 7 }, 429, "RATE_LIMITED", None, Some("7")),
+            (Denial::KeysUnavailable { retry_after_secs: 5 }, 503, "KEYS_UNAVAILABLE", None, Some("5")),
+        ];
+        for (denial, status, code, www, retry) in cases {
+            let (s, err, w, r) = reply(denial.clone());
+            assert_eq!((s, err["code"].as_str(), w.as_deref(), r.as_deref()), (status, Some(code), www, retry), "{denial:?}");
+            assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(err["details"].is_object());
+        }
+    }
+
+    #[test]
+    fn details_carry_the_contract_fields() {
+        assert_eq!(reply(Denial::ExpiredKey { expired_at: 1_800_000_000 }).1["details"]["expired_at"], "2027-01-15T08:00:00Z");
+        assert_eq!(reply(Denial::InsufficientScope { required: vec!["admin".into()] }).1["details"]["required_scopes"], serde_json::json!(["admin"]));
+        assert_eq!(reply(Denial::RateLimited { retry_after_secs: 3 }).1["details"]["retry_after_seconds"], 3);
+    }
+
+    #[test]
+    fn codes_are_unique_and_indexed() {
+        let mut seen = CODES.to_vec();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), CODES.len());
+        assert_eq!(Denial::TlsRequired.code(), "TLS_REQUIRED");
+    }
+}

@@ -1,0 +1,292 @@
+//! The key snapshot: digest → key record, the only key data the filter ever holds.
+//!
+//! The wire form ([`RawSnapshot`]) is what the plugin configuration's inline `snapshot` and the
+//! control plane's feed carry. It is compiled once into [`Snapshot`], so a request does one hash
+//! lookup and no parsing.
+
+use crate::config::FieldError;
+use crate::digest::Digest;
+use crate::scope::{valid_scope, Implications};
+use crate::time::parse_rfc3339;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    #[default]
+    Active,
+    Revoked,
+}
+
+/// A timestamp as Unix seconds or RFC 3339 text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RawTime {
+    Unix(i64),
+    Text(String),
+}
+
+/// One key as it travels: digests only, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyRecord {
+    /// SHA-256 of the key, 64 hex digits.
+    pub digest: String,
+    pub id: String,
+    pub agent: String,
+    #[serde(default)]
+    pub status: KeyStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<RawTime>,
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub agent_enabled: bool,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_prefixes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSnapshot {
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub keys: Vec<RawKeyRecord>,
+}
+
+/// A rate limit: at most `count` requests per `period_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub period_secs: u32,
+}
+
+impl RateLimit {
+    /// Parses `N/s`, `N/min`, `N/h` or `N/day` with `N` ≥ 1.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a rate limit; expected N/s, N/min, N/h or N/day");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let count: u32 = n.parse().map_err(|_| bad())?;
+        if count == 0 {
+            return Err(format!("{s:?}: the count must be at least 1"));
+        }
+        let period_secs = match unit {
+            "s" => 1,
+            "min" => 60,
+            "h" => 3600,
+            "day" => 86_400,
+            _ => return Err(bad()),
+        };
+        Ok(RateLimit { count, period_secs })
+    }
+}
+
+/// A compiled key record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub agent: String,
+    pub status: KeyStatus,
+    /// Unix seconds; the key works while `now < expires_at`.
+    pub expires_at: Option<i64>,
+    pub agent_enabled: bool,
+    /// Effective scopes: the record's scopes with implications applied, sorted and unique.
+    pub scopes: Vec<String>,
+    /// `scopes` joined by spaces, ready for the `x-keyward-scopes` header.
+    pub scopes_header: String,
+    /// If non-empty, the key only works on paths under one of these (segment-aware).
+    pub path_prefixes: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl KeyRecord {
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.binary_search_by(|s| s.as_str().cmp(scope)).is_ok()
+    }
+
+    /// Whether `path` (without query) is allowed by the key's path restrictions.
+    pub fn allows_path(&self, path: &str) -> bool {
+        self.path_prefixes.is_empty() || self.path_prefixes.iter().any(|p| under_prefix(path, p))
+    }
+}
+
+/// Segment-aware prefix test: `/v1/a` is under `/v1/a` and `/v1/`, not under `/v1/ab`'s `/v1/a`.
+pub fn under_prefix(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// The compiled snapshot the filter enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: u64,
+    pub keys: HashMap<Digest, KeyRecord>,
+}
+
+impl Snapshot {
+    pub fn get(&self, digest: &Digest) -> Option<&KeyRecord> {
+        self.keys.get(digest)
+    }
+
+    /// Validates and compiles a wire snapshot. Errors name the field, as `keys[3].digest`.
+    pub fn compile(raw: &RawSnapshot, implications: &Implications, field: &str) -> Result<Self, FieldError> {
+        let mut keys = HashMap::with_capacity(raw.keys.len());
+        for (i, r) in raw.keys.iter().enumerate() {
+            let at = |name: &str| format!("{field}.keys[{i}].{name}");
+            let (digest, record) = compile_record(r, implications).map_err(|(name, message)| FieldError {
+                field: at(name),
+                message,
+            })?;
+            if keys.insert(digest, record).is_some() {
+                return Err(FieldError { field: at("digest"), message: "duplicate digest".into() });
+            }
+        }
+        Ok(Snapshot { version: raw.version, keys })
+    }
+}
+
+/// Compiles one wire record; the error is `(field name, message)`.
+pub fn compile_record(
+    r: &RawKeyRecord,
+    implications: &Implications,
+) -> Result<(Digest, KeyRecord), (&'static str, String)> {
+    let digest = Digest::from_hex(&r.digest)
+        .ok_or(("digest", "must be 64 hex digits (the SHA-256 of the key)".to_string()))?;
+    if r.id.is_empty() || r.id.len() > 128 {
+        return Err(("id", "must be 1 to 128 characters".into()));
+    }
+    if r.agent.is_empty() || r.agent.len() > 128 {
+        return Err(("agent", "must be 1 to 128 characters".into()));
+    }
+    if let Some(bad) = r.scopes.iter().find(|s| !valid_scope(s)) {
+        return Err(("scopes", format!("invalid scope {bad:?}")));
+    }
+    if let Some(bad) = r.path_prefixes.iter().find(|p| !p.starts_with('/')) {
+        return Err(("path_prefixes", format!("{bad:?} must start with '/'")));
+    }
+    let expires_at = match &r.expires_at {
+        None => None,
+        Some(RawTime::Unix(t)) => Some(*t),
+        Some(RawTime::Text(s)) => Some(
+            parse_rfc3339(s).ok_or(("expires_at", format!("{s:?} is not an RFC 3339 timestamp")))?,
+        ),
+    };
+    let rate_limit = r
+        .rate_limit
+        .as_deref()
+        .map(RateLimit::parse)
+        .transpose()
+        .map_err(|e| ("rate_limit", e))?;
+    let scopes = implications.expand(r.scopes.iter().map(String::as_str));
+    let record = KeyRecord {
+        id: r.id.clone(),
+        agent: r.agent.clone(),
+        status: r.status,
+        expires_at,
+        agent_enabled: r.agent_enabled,
+        scopes_header: scopes.join(" "),
+        scopes,
+        path_prefixes: r.path_prefixes.clone(),
+        rate_limit,
+    };
+    Ok((digest, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(json: serde_json::Value) -> RawSnapshot {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn compiles_records_with_expanded_scopes() {
+        let d = Digest::of(b"secret");
+        let snap = Snapshot::compile(
+            &raw(serde_json::json!({"version": 7, "keys": [{
+                "digest": d.to_hex(), "id": "key_1", "agent": "billing",
+                "expires_at": "2030-01-01T00:00:00Z", "scopes": ["admin"],
+                "path_prefixes": ["/v1/projects/42"], "rate_limit": "100/min"
+            }]})),
+            &Implications::default(),
+            "snapshot",
+        )
+        .unwrap();
+        assert_eq!(snap.version, 7);
+        let r = snap.get(&d).unwrap();
+        assert_eq!(r.scopes_header, "admin read:all write:all");
+        assert!(r.has_scope("write:all") && !r.has_scope("webhook"));
+        assert_eq!(r.expires_at, Some(1_893_456_000));
+        assert_eq!(r.rate_limit, Some(RateLimit { count: 100, period_secs: 60 }));
+        assert!(r.agent_enabled);
+        assert_eq!(r.status, KeyStatus::Active);
+    }
+
+    #[test]
+    fn bad_records_name_their_field() {
+        let check = |rec: serde_json::Value, want: &str| {
+            let err = Snapshot::compile(&raw(serde_json::json!({"keys": [rec]})), &Implications::default(), "snapshot")
+                .unwrap_err();
+            assert_eq!(err.field, want, "{}", err.message);
+        };
+        let d = Digest::of(b"k").to_hex();
+        check(serde_json::json!({"digest": "nothex", "id": "a", "agent": "b"}), "snapshot.keys[0].digest");
+        check(serde_json::json!({"digest": d, "id": "", "agent": "b"}), "snapshot.keys[0].id");
+        check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "scopes": ["a b"]}), "snapshot.keys[0].scopes");
+        check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "expires_at": "tomorrow"}), "snapshot.keys[0].expires_at");
+        check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "rate_limit": "5/week"}), "snapshot.keys[0].rate_limit");
+        check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "path_prefixes": ["v1"]}), "snapshot.keys[0].path_prefixes");
+    }
+
+    #[test]
+    fn duplicate_digests_are_refused() {
+        let d = Digest::of(b"k").to_hex();
+        let snap = raw(serde_json::json!({"keys": [
+            {"digest": d, "id": "a", "agent": "x"}, {"digest": d, "id": "b", "agent": "x"}]}));
+        let err = Snapshot::compile(&snap, &Implications::default(), "snapshot").unwrap_err();
+        assert_eq!((err.field.as_str(), err.message.as_str()), ("snapshot.keys[1].digest", "duplicate digest"));
+    }
+
+    #[test]
+    fn rate_limits_parse_the_four_units() {
+        let check = |s: &str, want: Option<(u32, u32)>| {
+            assert_eq!(RateLimit::parse(s).ok().map(|r| (r.count, r.period_secs)), want, "{s}")
+        };
+        check("10/s", Some((10, 1)));
+        check("100/min", Some((100, 60)));
+        check("5000/h", Some((5000, 3600)));
+        check("1/day", Some((1, 86_400)));
+        for bad in ["0/s", "10", "/s", "-1/s", "1.5/s", "10/sec", "10/S", "99999999999/s", " 1/s"] {
+            check(bad, None);
+        }
+    }
+
+    #[test]
+    fn path_prefixes_are_segment_aware() {
+        let check = |path: &str, prefix: &str, want: bool| assert_eq!(under_prefix(path, prefix), want, "{path} {prefix}");
+        check("/v1/projects/42", "/v1/projects/42", true);
+        check("/v1/projects/42/items", "/v1/projects/42", true);
+        check("/v1/projects/420", "/v1/projects/42", false);
+        check("/v1/anything", "/v1/", true);
+        check("/v2", "/v1", false);
+        check("/", "/", true);
+    }
+}
