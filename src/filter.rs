@@ -1,0 +1,116 @@
+//! The HTTP filter: gathers the request, asks the core for a decision, and carries it out.
+
+use crate::host::{self, Host, HostError};
+use keyward_core::response::CODES;
+use keyward_core::{decide, Config, Decision, LocalReply, Request};
+use proxy_wasm::types::LogLevel;
+
+/// Identity headers the filter sets; every client-sent `x-keyward-*` header is removed first.
+pub const IDENTITY_PREFIX: &str = "x-keyward-";
+pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
+pub const AGENT_HEADER: &str = "x-keyward-agent";
+pub const SCOPES_HEADER: &str = "x-keyward-scopes";
+
+const ROUTE_SCOPES: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "keyward", "scopes"];
+const TLS_VERSION: [&str; 2] = ["connection", "tls_version"];
+
+/// Counter ids, defined once per VM. They appear as `wasmcustom.keyward.*` in Envoy's `/stats`.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub allowed: u32,
+    pub public: u32,
+    pub internal_errors: u32,
+    /// Indexed like [`CODES`].
+    pub denied: [u32; CODES.len()],
+}
+
+impl Metrics {
+    pub fn define() -> Result<Metrics, HostError> {
+        let mut denied = [0; CODES.len()];
+        for (slot, code) in denied.iter_mut().zip(CODES) {
+            *slot = host::define_counter(&format!("keyward.denied.{}", code.to_ascii_lowercase()))?;
+        }
+        Ok(Metrics {
+            allowed: host::define_counter("keyward.allowed")?,
+            public: host::define_counter("keyward.public")?,
+            internal_errors: host::define_counter("keyward.internal_errors")?,
+            denied,
+        })
+    }
+}
+
+/// What the filter did with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forward it upstream.
+    Continue,
+    /// A local reply was sent; stop the request.
+    Replied,
+}
+
+/// Judges one request and carries the decision out through `host`.
+pub fn on_request<H: Host>(host: &H, config: &Config, metrics: &Metrics, debug: bool) -> Result<Outcome, HostError> {
+    let headers = host.request_headers()?;
+    let pseudo = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .unwrap_or("")
+    };
+    let tls_connection = config.require_tls && host.property(&TLS_VERSION)?.is_some();
+    let route_scopes = if config.route_metadata { host.property(&ROUTE_SCOPES)? } else { None };
+    let route_scopes = route_scopes.as_deref().and_then(|v| std::str::from_utf8(v).ok());
+    let req = Request {
+        method: pseudo(":method"),
+        path: pseudo(":path"),
+        authority: pseudo(":authority"),
+        headers: &headers,
+        tls_connection,
+        route_scopes,
+        now: host.now_unix()?,
+    };
+    let decision = decide(config, config.snapshot.as_ref(), &req);
+    if let Decision::Deny(denial) = &decision {
+        if debug {
+            host::log(LogLevel::Debug, &format!("denied {} {} {}", denial.code(), req.method, req.path));
+        }
+        host.increment(metrics.denied[denial.code_index()])?;
+        host.send_reply(&denial.reply(config))?;
+        return Ok(Outcome::Replied);
+    }
+    // Anything the client sent under our prefix is spoofed identity.
+    for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(IDENTITY_PREFIX)) {
+        host.set_request_header(name, None)?;
+    }
+    match decision {
+        Decision::Allow(id) => {
+            host.set_request_header(KEY_ID_HEADER, Some(&id.record.id))?;
+            host.set_request_header(AGENT_HEADER, Some(&id.record.agent))?;
+            host.set_request_header(SCOPES_HEADER, Some(&id.record.scopes_header))?;
+            if config.strip_credential {
+                for name in &id.credential_headers {
+                    host.set_request_header(name, None)?;
+                }
+            }
+            if let Some(path) = &id.stripped_path {
+                host.set_request_header(":path", Some(path))?;
+            }
+            if debug {
+                host::log(LogLevel::Debug, &format!("allowed key {} digest {}", id.record.id, id.digest.short()));
+            }
+            host.increment(metrics.allowed)?;
+        }
+        _ => host.increment(metrics.public)?,
+    }
+    Ok(Outcome::Continue)
+}
+
+/// The reply sent when Envoy refuses a hostcall mid-request: fail closed, say nothing secret.
+pub fn internal_error_reply() -> LocalReply {
+    LocalReply {
+        status: 500,
+        headers: vec![("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())],
+        body: r#"{"success":false,"error":{"code":"INTERNAL_ERROR","message":"The authentication filter failed; see Envoy's log.","details":{}}}"#.to_string(),
+    }
+}
