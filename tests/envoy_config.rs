@@ -1,0 +1,84 @@
+//! Configuration against the real Envoy: a bad plugin configuration is refused, naming the
+//! field; every checked-in Envoy config validates; the README's example compiles.
+
+mod common;
+
+use keyward_testkit::{envoy_bin, workspace_root, Echo, Envoy, EnvoyOptions};
+use serde_json::json;
+use std::process::Command;
+
+#[test]
+fn bad_plugin_config_is_refused_by_envoy_with_the_field_named() {
+    let echo = Echo::start(0).unwrap();
+    let cases = [
+        (json!({"rules": [{"path": {"prefix": "/a"}, "scopes": []}, {"path": {"regex": "("}, "scopes": ["read:all"]}]}), "rules[1].path.regex"),
+        (json!({"snapshot": {"keys": [{"digest": "not-a-digest", "id": "k", "agent": "a"}]}}), "snapshot.keys[0].digest"),
+        (json!({"snapshot": {"keys": [{"key": "plaintext-key", "id": "k", "agent": "a"}]}}), "snapshot.keys[0].key"),
+        (json!({"max_key_length": 1}), "max_key_length"),
+    ];
+    for (config, field) in cases {
+        let failed = match Envoy::try_start(&EnvoyOptions::new(config.clone(), echo.port())) {
+            Ok(_) => panic!("Envoy accepted {config}"),
+            Err(f) => f,
+        };
+        assert!(failed.status.is_some_and(|s| !s.success()), "Envoy should exit non-zero: {:?}", failed.status);
+        let line = failed.log.lines().find(|l| l.contains("rejecting configuration"));
+        let line = line.unwrap_or_else(|| panic!("no rejection logged for {config}:\n{}", failed.log));
+        assert!(line.contains(field), "{field} not named in: {line}");
+    }
+}
+
+#[test]
+fn every_envoy_yaml_in_the_repo_passes_envoy_validate() {
+    let dir = workspace_root().join("envoy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "yaml") {
+            continue;
+        }
+        // The configs name keyward.wasm relative to the repository root.
+        let out = Command::new(envoy_bin())
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(&path)
+            .current_dir(workspace_root())
+            .env("KEYWARD_WASM", keyward_testkit::wasm_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{} failed validation:\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
+        checked += 1;
+    }
+    assert!(checked >= 1, "no Envoy configs found in {}", dir.display());
+}
+
+#[test]
+fn demo_keys_printed_by_xtask_match_the_local_stack_digests() {
+    let local = std::fs::read_to_string(workspace_root().join("envoy/local.yaml")).unwrap();
+    let xtask = std::fs::read_to_string(workspace_root().join("xtask/src/main.rs")).unwrap();
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let keys: Vec<&str> = xtask
+        .lines()
+        .filter(|l| l.contains("pub const DEMO_"))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    assert_eq!(keys.len(), 2);
+    for key in keys {
+        let digest = keyward_core::Digest::of(key.as_bytes()).to_hex();
+        assert!(local.contains(&digest), "envoy/local.yaml lacks the digest of {key}");
+        assert!(!local.contains(key), "envoy/local.yaml holds a plaintext key");
+        assert!(readme.contains(key), "README.md does not show the demo key {key}");
+    }
+}
+
+#[test]
+fn readme_configuration_example_compiles() {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let start = readme.find("<!-- config-example -->").expect("README.md has a <!-- config-example --> block");
+    let block = &readme[start..];
+    let body_start = block.find("```json\n").expect("json fence") + "```json\n".len();
+    let body_end = block[body_start..].find("```").expect("closing fence");
+    let example = &block[body_start..body_start + body_end];
+    let config = keyward_core::Config::from_json(example.as_bytes()).unwrap_or_else(|e| panic!("README example: {e}"));
+    assert!(!config.rules.is_empty());
+    assert!(config.snapshot.is_some());
+}
