@@ -1,6 +1,9 @@
 //! Configuration against the real Envoy: a bad plugin configuration is refused, naming the
 //! field; every checked-in Envoy config validates; the README's example compiles.
 
+// Helpers outside #[test] fns panic on broken fixtures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::type_complexity)]
+
 mod common;
 
 use keyward_testkit::{envoy_bin, workspace_root, Echo, Envoy, EnvoyOptions};

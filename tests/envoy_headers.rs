@@ -1,6 +1,9 @@
 //! What reaches the upstream: identity in, credential and spoofed identity out; and hostile
 //! headers, which get the contract's 401 and never a 5xx.
 
+// Helpers outside #[test] fns panic on broken fixtures by design.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::type_complexity)]
+
 mod common;
 
 use common::*;

@@ -157,6 +157,7 @@ fn missing_message(config: &Config) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
     

@@ -104,7 +104,10 @@ fn parse_closed(buf: &[u8]) -> Option<Response> {
     })
 }
 
-fn head(buf: &[u8]) -> Option<(u16, Vec<(String, String)>, usize)> {
+/// A parsed status line and header block, and where the body starts.
+type Head = (u16, Vec<(String, String)>, usize);
+
+fn head(buf: &[u8]) -> Option<Head> {
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
     let text = String::from_utf8_lossy(&buf[..end]);
     let mut lines = text.split("\r\n");
