@@ -162,3 +162,35 @@ fn denials_and_allows_are_counted_in_envoy_stats() {
     assert_eq!(stat("denied.invalid_api_key"), Some(0));
     assert_eq!(stat("internal_errors"), Some(0));
 }
+
+#[test]
+fn tls_connections_pass_when_tls_is_required() {
+    let dir = keyward_testkit::TempDir::new("tls").unwrap();
+    let (cert, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key_file)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian package openssl) makes the test certificate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let echo = keyward_testkit::Echo::start(0).unwrap();
+    let mut config = plugin_config();
+    config["require_tls"] = json!(true);
+    let mut opts = keyward_testkit::EnvoyOptions::new(config, echo.port());
+    opts.tls = Some((cert, key_file));
+    let envoy = keyward_testkit::Envoy::start(&opts);
+    let good = good_key();
+    let curl = |key: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("x-api-key: {key}"))
+            .arg(format!("https://127.0.0.1:{}/v1/x", envoy.port))
+            .output()
+            .expect("curl (Debian package curl) speaks TLS to Envoy");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(curl(&good), "200", "a TLS request with a good key");
+    assert_eq!(curl(REVOKED_KEY), "401", "TLS does not bypass the key checks");
+}

@@ -142,15 +142,68 @@ fn validate(envoy: &Path) -> Result {
     Ok(())
 }
 
+/// Installs Debian packages whose commands the tests use, if a command is missing.
+fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(cmd, _)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing))
+        .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them)."))
+}
+
 fn test(extra: &[String]) -> Result {
+    ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl")])?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
-    run(cargo()
-        .args(["test", "--workspace"])
-        .args(extra)
-        .env("ENVOY_BIN", &envoy)
-        .env("KEYWARD_WASM", &wasm))
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm);
+    let (passed, failed) = run_counting_tests(&mut cmd)?;
+    // One closing line for the whole suite, whatever order cargo ran the test binaries in.
+    println!("keyward: {passed} passed, {failed} failed");
+    if passed == 0 {
+        return Err("no test ran".into());
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(std::result::Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |what: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(what)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                passed += count(" passed");
+                failed += count(" failed");
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    if !status.success() {
+        println!("keyward: {passed} passed, {failed} failed");
+        return Err(format!("{shown} failed: {status}"));
+    }
+    Ok((passed, failed))
 }
 
 fn up() -> Result {

@@ -17,11 +17,13 @@ pub struct EnvoyOptions {
     pub concurrency: u32,
     /// Extra Envoy arguments, e.g. `--component-log-level wasm:trace`.
     pub extra_args: Vec<String>,
+    /// Serve TLS on the listener with this (certificate, private key) PEM pair.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl EnvoyOptions {
     pub fn new(plugin_config: Value, upstream_port: u16) -> Self {
-        EnvoyOptions { plugin_config, routes: None, upstream_port, concurrency: 2, extra_args: Vec::new() }
+        EnvoyOptions { plugin_config, routes: None, upstream_port, concurrency: 2, extra_args: Vec::new(), tls: None }
     }
 }
 
@@ -52,7 +54,7 @@ pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
 /// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster.
 pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
     let routes = opts.routes.clone().unwrap_or_else(|| json!([{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
-    json!({
+    let mut config = json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "listeners": [{
@@ -81,7 +83,20 @@ pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
                 "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.upstream_port}}}}]}]}
             }]
         }
-    })
+    });
+    if let Some((cert, key)) = &opts.tls {
+        config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {"tls_certificates": [{
+                    "certificate_chain": {"filename": cert.display().to_string()},
+                    "private_key": {"filename": key.display().to_string()}
+                }]}
+            }
+        });
+    }
+    config
 }
 
 /// A running Envoy. Killed on drop.
