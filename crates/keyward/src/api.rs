@@ -1,0 +1,200 @@
+//! The admin HTTP API: JSON in and out, the same operations as the CLI, behind an admin token.
+
+use crate::error::{Error, Result};
+use crate::model::{ImportKey, NewAgent, NewKey, RotateKey};
+use crate::store::Store;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keyward_core::Digest;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+
+/// Every route, as (method, path). The OpenAPI document must list exactly these
+/// (`tests/openapi.rs`).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/v1/agents"),
+    ("POST", "/v1/agents"),
+    ("GET", "/v1/agents/{name}"),
+    ("DELETE", "/v1/agents/{name}"),
+    ("POST", "/v1/agents/{name}/disable"),
+    ("POST", "/v1/agents/{name}/enable"),
+    ("GET", "/v1/keys"),
+    ("POST", "/v1/keys"),
+    ("POST", "/v1/keys/import"),
+    ("POST", "/v1/keys/{id}/revoke"),
+    ("POST", "/v1/keys/{id}/rotate"),
+    ("GET", "/v1/status"),
+    ("GET", "/v1/audit"),
+    ("GET", "/v1/snapshot"),
+];
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub struct AppState {
+    pub store: Mutex<Store>,
+    /// SHA-256 of the admin token; the token itself is never kept.
+    pub token_digest: Digest,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if matches!(self, Error::Store(_) | Error::Internal(_)) {
+            tracing::error!(error = %self, "request failed");
+        }
+        let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.body())).into_response()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let admin = Router::new()
+        .route("/v1/agents", get(list_agents).post(create_agent))
+        .route("/v1/agents/{name}", get(show_agent).delete(delete_agent))
+        .route("/v1/agents/{name}/disable", post(disable_agent))
+        .route("/v1/agents/{name}/enable", post(enable_agent))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/import", post(import_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/status", get(status))
+        .route("/v1/audit", get(audit))
+        .route("/v1/snapshot", get(snapshot))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .merge(admin)
+        .fallback(|| async { Error::NotFound { field: "request", what: "route", name: "no such route".into() } })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Constant-time comparison of two digests.
+fn digests_equal(a: &Digest, b: &Digest) -> bool {
+    a.0.iter().zip(b.0.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()));
+    match presented {
+        Some(token) if digests_equal(&Digest::of(token.as_bytes()), &state.token_digest) => next.run(req).await,
+        Some(_) => Error::Unauthorized("the admin token is not valid".into()).into_response(),
+        None => Error::Unauthorized("send the admin token as 'Authorization: Bearer <token>'".into()).into_response(),
+    }
+}
+
+/// Runs a store operation off the async runtime.
+async fn with_store<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static) -> Result<T> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || {
+        let mut store = state.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
+        op(&mut store)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
+}
+
+/// Parses a JSON request body; an empty body is `{}`.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| Error::Invalid { field: "request", message: format!("invalid JSON body: {e}") })
+}
+
+fn ok<T: Serialize>(status: StatusCode, value: T) -> Response {
+    (status, Json(value)).into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<Response> {
+    let version = with_store(&state, |s| s.snapshot_version()).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({"status": "ready", "snapshot_version": version})))
+}
+
+async fn list_agents(State(state): State<Arc<AppState>>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, |s| s.list_agents()).await?))
+}
+
+async fn create_agent(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response> {
+    let req: NewAgent = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.create_agent(&req)).await?))
+}
+
+async fn show_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.show_agent(&name)).await?))
+}
+
+async fn delete_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.delete_agent(&name)).await?))
+}
+
+async fn disable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.set_agent_enabled(&name, false)).await?))
+}
+
+async fn enable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.set_agent_enabled(&name, true)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct KeyQuery {
+    agent: Option<String>,
+}
+
+fn query<T>(q: std::result::Result<Query<T>, QueryRejection>, field: &'static str) -> Result<T> {
+    q.map(|Query(q)| q).map_err(|e| Error::Invalid { field, message: e.body_text() })
+}
+
+async fn list_keys(State(state): State<Arc<AppState>>, q: std::result::Result<Query<KeyQuery>, QueryRejection>) -> Result<Response> {
+    let q = query(q, "agent")?;
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.list_keys(q.agent.as_deref())).await?))
+}
+
+async fn create_key(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response> {
+    let req: NewKey = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.create_key(&req)).await?))
+}
+
+async fn import_key(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response> {
+    let req: ImportKey = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.import_key(&req)).await?))
+}
+
+async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.revoke_key(&id)).await?))
+}
+
+async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, body: Bytes) -> Result<Response> {
+    let req: RotateKey = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.rotate_key(&id, &req)).await?))
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, |s| s.status()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+async fn audit(State(state): State<Arc<AppState>>, q: std::result::Result<Query<AuditQuery>, QueryRejection>) -> Result<Response> {
+    let q = query(q, "limit")?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.audit(limit)).await?))
+}
+
+async fn snapshot(State(state): State<Arc<AppState>>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, |s| s.snapshot()).await?))
+}

@@ -1,0 +1,10 @@
+//! keyward's control plane: agents and keys in SQLite (digests only), the admin HTTP API, and
+//! the CLI. `keyward-core` supplies the key format, digests and the snapshot wire types.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod model;
+pub mod output;
+pub mod store;

@@ -1,0 +1,330 @@
+//! Domain types of the control plane, as the API and `--json` show them, and their validation.
+
+use crate::error::{invalid, Result};
+use keyward_core::scope::{valid_scope, Implications};
+use keyward_core::snapshot::RateLimit;
+use keyward_core::time::{format_rfc3339, parse_rfc3339};
+use serde::{Deserialize, Serialize};
+
+/// Keys expiring within this window are listed as `expiring`.
+pub const EXPIRING_WINDOW_SECS: i64 = 7 * 86_400;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub scopes: Vec<String>,
+    pub enabled: bool,
+    pub rate_limit: Option<String>,
+    pub created_at: String,
+    pub active_keys: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub id: String,
+    pub name: String,
+    /// Display prefix and last four characters, e.g. `kw_live_…Qa2b`.
+    pub masked: String,
+    pub agent: String,
+    /// Effective scopes: the key's own, or its agent's.
+    pub scopes: Vec<String>,
+    pub path_prefixes: Vec<String>,
+    pub rate_limit: Option<String>,
+    pub created_at: String,
+    pub expires_at: Option<String>,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+    /// `active`, `expiring`, `expired` or `revoked`.
+    pub status: String,
+    pub imported: bool,
+    pub rotated_from: Option<String>,
+    pub rotated_to: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key: KeyView,
+    /// The full key. Shown once; never stored.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedAgent {
+    pub agent: AgentView,
+    pub key: KeyView,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentDetail {
+    pub agent: AgentView,
+    pub keys: Vec<KeyView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotated {
+    pub old: KeyView,
+    pub new: CreatedKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub snapshot_version: u64,
+    pub agents: u64,
+    pub active_keys: u64,
+    pub envoys: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub details: serde_json::Value,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAgent {
+    pub name: String,
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub rate: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A key to create (`secret` absent) or import (`key` or `digest` present).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub agent: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// `90d`, `24h`, `30m`, `45s`.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub rate: Option<String>,
+    #[serde(default)]
+    pub path_prefixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportKey {
+    #[serde(flatten)]
+    pub key: NewKey,
+    /// The existing key in plaintext; hashed on arrival, never stored.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Or its SHA-256, 64 hex digits.
+    #[serde(default)]
+    pub digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working, e.g. `24h`; default 24h.
+    #[serde(default)]
+    pub grace: Option<String>,
+}
+
+pub fn name_ok(field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(invalid(field, format!("{name:?} must be 1 to 64 characters")));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b" ._-".contains(&b)) || name.starts_with(' ') || name.ends_with(' ') {
+        return Err(invalid(field, format!("{name:?} may contain only letters, digits, spaces, '.', '_' and '-'")));
+    }
+    Ok(())
+}
+
+pub fn scopes_ok(field: &'static str, scopes: &[String]) -> Result<()> {
+    match scopes.iter().find(|s| !valid_scope(s)) {
+        Some(bad) => Err(invalid(field, format!("{bad:?} is not a valid scope (no spaces, commas, quotes or backslashes)"))),
+        None => Ok(()),
+    }
+}
+
+/// Splits `read:all,write:all` (commas or spaces) into scopes, unique, in order.
+pub fn split_scopes(s: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in keyward_core::scope::split_list(s) {
+        if !out.iter().any(|x| x == t) {
+            out.push(t.to_string());
+        }
+    }
+    out
+}
+
+/// A key's scopes must be a subset of its agent's, implications included.
+pub fn subset_ok(key: &[String], agent: &[String], agent_name: &str) -> Result<()> {
+    let allowed = Implications::default().expand(agent.iter().map(String::as_str));
+    match key.iter().find(|s| !allowed.contains(s)) {
+        Some(bad) => Err(invalid(
+            "scopes",
+            format!("{bad:?} is not among agent {agent_name}'s scopes ({}); a key can narrow its agent's scopes, never widen them", agent.join(" ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub fn rate_ok(field: &'static str, rate: &str) -> Result<()> {
+    RateLimit::parse(rate).map(|_| ()).map_err(|e| invalid(field, e))
+}
+
+/// Parses `90d`, `24h`, `30m`, `45s` (or combinations like `1h30m`) into seconds.
+pub fn parse_duration(field: &'static str, s: &str) -> Result<i64> {
+    let bad = || invalid(field, format!("{s:?} is not a duration; write e.g. 90d, 24h, 30m or 45s"));
+    let mut total: i64 = 0;
+    let mut num = String::new();
+    let mut seen_unit = false;
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: i64 = num.parse().map_err(|_| bad())?;
+        let unit = match c {
+            'd' => 86_400,
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(bad()),
+        };
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
+        num.clear();
+        seen_unit = true;
+    }
+    if !num.is_empty() || !seen_unit {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// Resolves `expires_at` / `ttl` into Unix seconds, which must be in the future.
+pub fn expiry(expires_at: Option<&str>, ttl: Option<&str>, now: i64) -> Result<Option<i64>> {
+    let at = match (expires_at, ttl) {
+        (Some(_), Some(_)) => return Err(invalid("expires_at", "give an expiry time or a TTL, not both")),
+        (Some(t), None) => parse_rfc3339(t).ok_or_else(|| invalid("expires_at", format!("{t:?} is not an RFC 3339 time, e.g. 2027-01-31T00:00:00Z")))?,
+        (None, Some(ttl)) => {
+            let secs = parse_duration("ttl", ttl)?;
+            if secs == 0 {
+                return Err(invalid("ttl", "must be longer than 0s"));
+            }
+            now.saturating_add(secs)
+        }
+        (None, None) => return Ok(None),
+    };
+    if at <= now {
+        return Err(invalid("expires_at", format!("{} is not in the future", format_rfc3339(at))));
+    }
+    Ok(Some(at))
+}
+
+pub fn path_prefixes_ok(prefixes: &[String]) -> Result<()> {
+    match prefixes.iter().find(|p| !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control())) {
+        Some(bad) => Err(invalid("path_prefixes", format!("{bad:?} must be a path starting with '/'"))),
+        None => Ok(()),
+    }
+}
+
+/// The `key list` status of a key at `now`.
+pub fn key_status(revoked_at: Option<i64>, expires_at: Option<i64>, rotated_to: bool, now: i64) -> &'static str {
+    match (revoked_at, expires_at) {
+        (Some(_), _) => "revoked",
+        (None, Some(t)) if t <= now => "expired",
+        (None, Some(t)) if t - now <= EXPIRING_WINDOW_SECS || rotated_to => "expiring",
+        _ => "active",
+    }
+}
+
+pub fn rfc3339(t: Option<i64>) -> Option<String> {
+    t.map(format_rfc3339)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_name_their_field() {
+        let check = |s: &str, want: Option<i64>| assert_eq!(parse_duration("ttl", s).ok(), want, "{s}");
+        check("90d", Some(90 * 86_400));
+        check("24h", Some(86_400));
+        check("1h30m", Some(5400));
+        check("45s", Some(45));
+        check("0s", Some(0));
+        for bad in ["", "d", "10", "10x", "-1h", "1.5h", "99999999999999999999d"] {
+            check(bad, None);
+        }
+        assert_eq!(parse_duration("grace", "x").unwrap_err().field(), Some("grace"));
+    }
+
+    #[test]
+    fn expiry_must_be_in_the_future_and_unambiguous() {
+        let now = 1_800_000_000;
+        assert_eq!(expiry(None, None, now).unwrap(), None);
+        assert_eq!(expiry(None, Some("1d"), now).unwrap(), Some(now + 86_400));
+        assert_eq!(expiry(Some("2027-01-15T08:00:01Z"), None, now).unwrap(), Some(now + 1));
+        for (e, t, field) in [
+            (Some("2027-01-15T08:00:00Z"), None, "expires_at"),
+            (Some("2020-01-01T00:00:00Z"), None, "expires_at"),
+            (Some("tomorrow"), None, "expires_at"),
+            (Some("2030-01-01T00:00:00Z"), Some("1d"), "expires_at"),
+            (None, Some("0s"), "ttl"),
+            (None, Some("soon"), "ttl"),
+        ] {
+            assert_eq!(expiry(e, t, now).unwrap_err().field(), Some(field), "{e:?} {t:?}");
+        }
+    }
+
+    #[test]
+    fn key_scopes_must_narrow_the_agents() {
+        let agent = vec!["admin".to_string(), "webhook".to_string()];
+        assert!(subset_ok(&["read:all".into(), "webhook".into()], &agent, "a").is_ok());
+        assert!(subset_ok(&[], &agent, "a").is_ok());
+        let err = subset_ok(&["billing".into()], &agent, "a").unwrap_err();
+        assert_eq!(err.field(), Some("scopes"));
+        assert!(err.to_string().contains("\"billing\""), "{err}");
+        assert!(subset_ok(&["admin".into()], &["read:all".into()], "a").is_err());
+    }
+
+    #[test]
+    fn statuses_follow_time() {
+        let now = 1000;
+        assert_eq!(key_status(Some(1), None, false, now), "revoked");
+        assert_eq!(key_status(None, Some(1000), false, now), "expired");
+        assert_eq!(key_status(None, Some(1001), false, now), "expiring");
+        assert_eq!(key_status(None, Some(now + EXPIRING_WINDOW_SECS + 1), false, now), "active");
+        assert_eq!(key_status(None, Some(now + EXPIRING_WINDOW_SECS + 1), true, now), "expiring");
+        assert_eq!(key_status(None, None, false, now), "active");
+    }
+
+    #[test]
+    fn names_scopes_rates_and_paths_are_checked() {
+        assert!(name_ok("name", "billing-service v2").is_ok());
+        for bad in ["", " x", "x ", "a/b", "ключ", &"x".repeat(65)] {
+            assert_eq!(name_ok("name", bad).unwrap_err().field(), Some("name"), "{bad:?}");
+        }
+        assert!(scopes_ok("scopes", &["read:all".into()]).is_ok());
+        assert!(scopes_ok("scopes", &["read all".into()]).is_err());
+        assert!(rate_ok("rate", "100/min").is_ok());
+        assert_eq!(rate_ok("rate", "100/week").unwrap_err().field(), Some("rate"));
+        assert!(path_prefixes_ok(&["/v1/projects/42".into()]).is_ok());
+        assert!(path_prefixes_ok(&["v1".into()]).is_err());
+        assert_eq!(split_scopes("read:all, write:all read:all"), ["read:all", "write:all"]);
+    }
+}

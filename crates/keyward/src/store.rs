@@ -1,0 +1,666 @@
+//! The SQLite store: agents, keys (digests only), the append-only audit log, and the snapshot
+//! version. Every change runs in one IMMEDIATE transaction that bumps the version, stamps the
+//! changed rows with it and appends an audit entry, so a feed can deliver exact deltas.
+
+use crate::error::{invalid, Error, Result};
+use crate::model::*;
+use keyward_core::keyformat;
+use keyward_core::snapshot::{KeyStatus, RawKeyRecord, RawSnapshot, RawTime};
+use keyward_core::Digest;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use serde_json::json;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+INSERT INTO meta (name, value) VALUES ('snapshot_version', '0');
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    scopes TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    rate_limit TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    deleted_at INTEGER,
+    version INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX agents_live_name ON agents(name) WHERE deleted_at IS NULL;
+CREATE INDEX agents_version ON agents(version);
+CREATE TABLE keys (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    name TEXT NOT NULL,
+    display_prefix TEXT NOT NULL,
+    last4 TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,
+    scopes TEXT,
+    path_prefixes TEXT NOT NULL DEFAULT '[]',
+    rate_limit TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER,
+    last_used_at INTEGER,
+    rotated_from TEXT,
+    rotated_to TEXT,
+    imported INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL
+) STRICT;
+CREATE INDEX keys_agent ON keys(agent_id);
+CREATE INDEX keys_version ON keys(version);
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    details TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#];
+
+/// Default display prefix of generated keys.
+pub const DEFAULT_KEY_PREFIX: &str = "kw_live";
+/// Default grace period of `key rotate`.
+pub const DEFAULT_GRACE: &str = "24h";
+
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// `n` base62 characters from the OS CSPRNG.
+pub fn random_base62(n: usize) -> Result<String> {
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        getrandom::fill(&mut buf).map_err(|e| Error::Internal(format!("OS random source: {e}")))?;
+        for b in buf.iter().filter(|&&b| b < 248) {
+            if out.len() < n {
+                out.push(char::from(keyformat::BASE62[usize::from(b % 62)]));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A new keyward-format key from the OS CSPRNG.
+pub fn generate_key(prefix: &str) -> Result<String> {
+    let mut bytes = Vec::new();
+    loop {
+        let mut buf = [0u8; 64];
+        getrandom::fill(&mut buf).map_err(|e| Error::Internal(format!("OS random source: {e}")))?;
+        bytes.extend_from_slice(&buf);
+        if let Some(key) = keyformat::generate(prefix, bytes.iter().copied()) {
+            return Ok(key);
+        }
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    /// Who is acting, for the audit log (`cli:alice`, `api`).
+    pub actor: String,
+    pub key_prefix: String,
+}
+
+struct AgentRow {
+    id: String,
+    name: String,
+    description: String,
+    scopes: Vec<String>,
+    enabled: bool,
+    rate_limit: Option<String>,
+    created_at: i64,
+}
+
+struct KeyRow {
+    id: String,
+    agent_id: String,
+    agent_name: String,
+    agent_scopes: Vec<String>,
+    agent_enabled: bool,
+    agent_rate: Option<String>,
+    name: String,
+    display_prefix: String,
+    last4: String,
+    digest: String,
+    scopes: Option<Vec<String>>,
+    path_prefixes: Vec<String>,
+    rate_limit: Option<String>,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    last_used_at: Option<i64>,
+    rotated_from: Option<String>,
+    rotated_to: Option<String>,
+    imported: bool,
+}
+
+const KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enabled, a.rate_limit, k.name, k.display_prefix, k.last4, \
+    k.digest, k.scopes, k.path_prefixes, k.rate_limit, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, \
+    k.rotated_from, k.rotated_to, k.imported";
+
+fn json_list(s: &str) -> Vec<String> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+fn to_json(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        id: r.get(0)?,
+        agent_id: r.get(1)?,
+        agent_name: r.get(2)?,
+        agent_scopes: json_list(&r.get::<_, String>(3)?),
+        agent_enabled: r.get(4)?,
+        agent_rate: r.get(5)?,
+        name: r.get(6)?,
+        display_prefix: r.get(7)?,
+        last4: r.get(8)?,
+        digest: r.get(9)?,
+        scopes: r.get::<_, Option<String>>(10)?.map(|s| json_list(&s)),
+        path_prefixes: json_list(&r.get::<_, String>(11)?),
+        rate_limit: r.get(12)?,
+        created_at: r.get(13)?,
+        expires_at: r.get(14)?,
+        revoked_at: r.get(15)?,
+        last_used_at: r.get(16)?,
+        rotated_from: r.get(17)?,
+        rotated_to: r.get(18)?,
+        imported: r.get(19)?,
+    })
+}
+
+impl KeyRow {
+    fn effective_scopes(&self) -> Vec<String> {
+        self.scopes.clone().unwrap_or_else(|| self.agent_scopes.clone())
+    }
+
+    fn view(&self, now: i64) -> KeyView {
+        let masked = if self.last4.is_empty() {
+            format!("sha256:{}…", self.digest.get(..8).unwrap_or(""))
+        } else {
+            format!("{}…{}", self.display_prefix, self.last4)
+        };
+        KeyView {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            masked,
+            agent: self.agent_name.clone(),
+            scopes: self.effective_scopes(),
+            path_prefixes: self.path_prefixes.clone(),
+            rate_limit: self.rate_limit.clone().or_else(|| self.agent_rate.clone()),
+            created_at: keyward_core::time::format_rfc3339(self.created_at),
+            expires_at: rfc3339(self.expires_at),
+            last_used_at: rfc3339(self.last_used_at),
+            revoked_at: rfc3339(self.revoked_at),
+            status: key_status(self.revoked_at, self.expires_at, self.rotated_to.is_some(), now).to_string(),
+            imported: self.imported,
+            rotated_from: self.rotated_from.clone(),
+            rotated_to: self.rotated_to.clone(),
+        }
+    }
+}
+
+fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
+    Ok(AgentRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        description: r.get(2)?,
+        scopes: json_list(&r.get::<_, String>(3)?),
+        enabled: r.get(4)?,
+        rate_limit: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+const AGENT_COLUMNS: &str = "id, name, description, scopes, enabled, rate_limit, created_at";
+
+fn find_agent(tx: &Connection, name: &str) -> Result<AgentRow> {
+    tx.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?1 AND deleted_at IS NULL"), [name], agent_row)
+        .optional()?
+        .ok_or_else(|| Error::NotFound { field: "agent", what: "agent", name: name.to_string() })
+}
+
+fn find_key(tx: &Connection, id: &str) -> Result<KeyRow> {
+    tx.query_row(&format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE k.id = ?1"), [id], key_row)
+        .optional()?
+        .ok_or_else(|| Error::NotFound { field: "id", what: "key", name: id.to_string() })
+}
+
+fn active_keys(tx: &Connection, agent_id: &str, now: i64) -> Result<u64> {
+    let n: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM keys WHERE agent_id = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)",
+        params![agent_id, now],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+fn agent_view(tx: &Connection, a: &AgentRow, now: i64) -> Result<AgentView> {
+    Ok(AgentView {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        description: a.description.clone(),
+        scopes: a.scopes.clone(),
+        enabled: a.enabled,
+        rate_limit: a.rate_limit.clone(),
+        created_at: keyward_core::time::format_rfc3339(a.created_at),
+        active_keys: active_keys(tx, &a.id, now)?,
+    })
+}
+
+/// Bumps and returns the snapshot version. Must run inside the change's transaction.
+fn bump(tx: &Transaction<'_>) -> Result<u64> {
+    tx.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE name = 'snapshot_version'", [])?;
+    let v: String = tx.query_row("SELECT value FROM meta WHERE name = 'snapshot_version'", [], |r| r.get(0))?;
+    v.parse().map_err(|_| Error::Internal(format!("corrupt snapshot_version {v:?}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = Connection::open(path)?;
+        Store::init(conn)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn memory() -> Result<Store> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // WAL: readers never block the writer. FULL: an acknowledged change survives power loss,
+        // not just a crash of this process.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let applied: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?.try_into().unwrap_or(0);
+        if applied > MIGRATIONS.len() {
+            return Err(Error::Internal(format!(
+                "the database has schema version {applied}, newer than this keyward ({}); upgrade keyward",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+        }
+        tx.commit()?;
+        Ok(Store { conn, actor: "cli".into(), key_prefix: DEFAULT_KEY_PREFIX.into() })
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    pub fn integrity_check(&self) -> Result<String> {
+        Ok(self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+
+    pub fn snapshot_version(&self) -> Result<u64> {
+        let v: String = self.conn.query_row("SELECT value FROM meta WHERE name = 'snapshot_version'", [], |r| r.get(0))?;
+        v.parse().map_err(|_| Error::Internal(format!("corrupt snapshot_version {v:?}")))
+    }
+
+    /// Reads a `meta` value (e.g. the admin token digest).
+    pub fn meta(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0)).optional()?)
+    }
+
+    /// Sets a `meta` value that is not part of the snapshot (no version bump), with an audit entry.
+    pub fn set_meta(&mut self, name: &str, value: &str, action: &str) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2", params![name, value])?;
+        let version = u64::try_from(tx.query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'snapshot_version'", [], |r| r.get::<_, i64>(0))?).unwrap_or(0);
+        audit(&tx, &self.actor, action, name, json!({}), version)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn begin(&mut self) -> Result<(Transaction<'_>, u64, &str)> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = bump(&tx)?;
+        Ok((tx, version, self.actor.as_str()))
+    }
+
+    pub fn create_agent(&mut self, req: &NewAgent) -> Result<CreatedAgent> {
+        name_ok("name", &req.name)?;
+        if req.scopes.is_empty() {
+            return Err(invalid("scopes", "an agent needs at least one scope, e.g. --scopes read:all"));
+        }
+        scopes_ok("scopes", &req.scopes)?;
+        if let Some(rate) = &req.rate {
+            rate_ok("rate", rate)?;
+        }
+        let description = req.description.clone().unwrap_or_default();
+        if description.len() > 1024 || description.chars().any(char::is_control) {
+            return Err(invalid("description", "must be at most 1024 characters, without control characters"));
+        }
+        let now = now_unix();
+        let id = format!("agt_{}", random_base62(16)?);
+        let secret = generate_key(&self.key_prefix)?;
+        let key_id = format!("key_{}", random_base62(16)?);
+        let prefix = self.key_prefix.clone();
+        let (tx, version, actor) = self.begin()?;
+        let taken: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM agents WHERE name = ?1 AND deleted_at IS NULL)", [&req.name], |r| r.get(0))?;
+        if taken {
+            return Err(Error::Conflict { field: "name", message: format!("an agent named {:?} already exists", req.name) });
+        }
+        tx.execute(
+            "INSERT INTO agents (id, name, description, scopes, enabled, rate_limit, created_at, updated_at, version) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?6, ?7)",
+            params![id, req.name, description, to_json(&req.scopes), req.rate, now, version],
+        )?;
+        insert_key(&tx, &key_id, &id, "Production", &prefix, &secret, None, &[], None, now, None, None, false, version)?;
+        audit(&tx, actor, "agent.create", &id, json!({"name": req.name, "scopes": req.scopes, "rate": req.rate, "first_key": key_id}), version)?;
+        let agent = agent_view(&tx, &find_agent(&tx, &req.name)?, now)?;
+        let key = find_key(&tx, &key_id)?.view(now);
+        tx.commit()?;
+        Ok(CreatedAgent { agent, key, secret })
+    }
+
+    pub fn list_agents(&mut self) -> Result<Vec<AgentView>> {
+        let now = now_unix();
+        let mut stmt = self.conn.prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE deleted_at IS NULL ORDER BY name"))?;
+        let rows = stmt.query_map([], agent_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.iter().map(|a| agent_view(&self.conn, a, now)).collect()
+    }
+
+    pub fn show_agent(&mut self, name: &str) -> Result<AgentDetail> {
+        let now = now_unix();
+        let agent = find_agent(&self.conn, name)?;
+        let keys = self.keys_where("k.agent_id = ?1", &agent.id, now)?;
+        Ok(AgentDetail { agent: agent_view(&self.conn, &agent, now)?, keys })
+    }
+
+    pub fn set_agent_enabled(&mut self, name: &str, enabled: bool) -> Result<AgentView> {
+        let now = now_unix();
+        let (tx, version, actor) = self.begin()?;
+        let agent = find_agent(&tx, name)?;
+        tx.execute("UPDATE agents SET enabled = ?1, updated_at = ?2, version = ?3 WHERE id = ?4", params![enabled, now, version, agent.id])?;
+        // Every key of the agent changes in the snapshot (its agent switch), so stamp them too.
+        tx.execute("UPDATE keys SET version = ?1 WHERE agent_id = ?2", params![version, agent.id])?;
+        let action = if enabled { "agent.enable" } else { "agent.disable" };
+        audit(&tx, actor, action, &agent.id, json!({"name": name}), version)?;
+        let view = agent_view(&tx, &find_agent(&tx, name)?, now)?;
+        tx.commit()?;
+        Ok(view)
+    }
+
+    pub fn delete_agent(&mut self, name: &str) -> Result<AgentView> {
+        let now = now_unix();
+        let (tx, version, actor) = self.begin()?;
+        let agent = find_agent(&tx, name)?;
+        let revoked = tx.execute(
+            "UPDATE keys SET revoked_at = ?1, version = ?2 WHERE agent_id = ?3 AND revoked_at IS NULL",
+            params![now, version, agent.id],
+        )?;
+        tx.execute("UPDATE keys SET version = ?1 WHERE agent_id = ?2", params![version, agent.id])?;
+        tx.execute("UPDATE agents SET deleted_at = ?1, enabled = 0, updated_at = ?1, version = ?2 WHERE id = ?3", params![now, version, agent.id])?;
+        audit(&tx, actor, "agent.delete", &agent.id, json!({"name": name, "revoked_keys": revoked}), version)?;
+        let mut view = agent_view(&tx, &agent, now)?;
+        view.enabled = false;
+        tx.commit()?;
+        Ok(view)
+    }
+
+    /// Validates a key request against its agent; returns (agent, scopes override, expiry).
+    fn check_new_key(tx: &Connection, req: &NewKey, key_id: &str, now: i64) -> Result<(AgentRow, Option<Vec<String>>, Option<i64>, String)> {
+        let agent = find_agent(tx, &req.agent)?;
+        let name = req.name.clone().unwrap_or_else(|| key_id.to_string());
+        name_ok("name", &name)?;
+        if let Some(scopes) = &req.scopes {
+            scopes_ok("scopes", scopes)?;
+            subset_ok(scopes, &agent.scopes, &agent.name)?;
+        }
+        let expires_at = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now)?;
+        if let Some(rate) = &req.rate {
+            rate_ok("rate", rate)?;
+        }
+        path_prefixes_ok(&req.path_prefixes)?;
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3))",
+            params![agent.id, name, now],
+            |r| r.get(0),
+        )?;
+        if taken {
+            return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
+        }
+        Ok((agent, req.scopes.clone(), expires_at, name))
+    }
+
+    pub fn create_key(&mut self, req: &NewKey) -> Result<CreatedKey> {
+        let now = now_unix();
+        let secret = generate_key(&self.key_prefix)?;
+        let key_id = format!("key_{}", random_base62(16)?);
+        let prefix = self.key_prefix.clone();
+        let (tx, version, actor) = self.begin()?;
+        let (agent, scopes, expires_at, name) = Store::check_new_key(&tx, req, &key_id, now)?;
+        insert_key(&tx, &key_id, &agent.id, &name, &prefix, &secret, scopes.as_deref(), &req.path_prefixes, req.rate.as_deref(), now, expires_at, None, false, version)?;
+        audit(&tx, actor, "key.create", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.rate, "path_prefixes": req.path_prefixes}), version)?;
+        let key = find_key(&tx, &key_id)?.view(now);
+        tx.commit()?;
+        Ok(CreatedKey { key, secret })
+    }
+
+    pub fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
+        let now = now_unix();
+        let (digest, prefix, last4) = match (&req.secret, &req.digest) {
+            (Some(_), Some(_)) => return Err(invalid("digest", "give the key or its digest, not both")),
+            (None, None) => return Err(invalid("key", "give the existing key (on stdin) or --digest")),
+            (Some(secret), None) => {
+                let secret = secret.trim();
+                if secret.is_empty() || secret.len() > 4096 || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+                    return Err(invalid("key", "the key must be 1 to 4096 printable ASCII characters without spaces or commas"));
+                }
+                let shown = secret.len() >= 16;
+                let prefix = if shown { secret.get(..4).unwrap_or("").to_string() } else { String::new() };
+                let last4 = if shown { secret.get(secret.len() - 4..).unwrap_or("").to_string() } else { String::new() };
+                (Digest::of(secret.as_bytes()).to_hex(), prefix, last4)
+            }
+            (None, Some(d)) => {
+                let digest = Digest::from_hex(d.trim()).ok_or_else(|| invalid("digest", "must be the SHA-256 of the key, 64 hex digits"))?;
+                (digest.to_hex(), String::new(), String::new())
+            }
+        };
+        let key_id = format!("key_{}", random_base62(16)?);
+        let (tx, version, actor) = self.begin()?;
+        let (agent, scopes, expires_at, name) = Store::check_new_key(&tx, &req.key, &key_id, now)?;
+        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE digest = ?1)", [&digest], |r| r.get(0))?;
+        if exists {
+            return Err(Error::Conflict { field: "key", message: "this key is already registered".into() });
+        }
+        tx.execute(
+            "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12)",
+            params![key_id, agent.id, name, prefix, last4, digest, scopes.as_deref().map(to_json), to_json(&req.key.path_prefixes), req.key.rate, now, expires_at, version],
+        )?;
+        audit(&tx, actor, "key.import", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.key.rate}), version)?;
+        let key = find_key(&tx, &key_id)?.view(now);
+        tx.commit()?;
+        Ok(key)
+    }
+
+    fn keys_where(&self, cond: &str, arg: &str, now: i64) -> Result<Vec<KeyView>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE {cond} ORDER BY a.name, k.created_at, k.id"
+        ))?;
+        let rows = stmt.query_map([arg], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows.iter().map(|k| k.view(now)).collect())
+    }
+
+    pub fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>> {
+        let now = now_unix();
+        match agent {
+            Some(name) => {
+                let agent = find_agent(&self.conn, name)?;
+                self.keys_where("k.agent_id = ?1", &agent.id, now)
+            }
+            None => self.keys_where("a.deleted_at IS NULL AND ?1 = ''", "", now),
+        }
+    }
+
+    pub fn revoke_key(&mut self, id: &str) -> Result<KeyView> {
+        let now = now_unix();
+        let (tx, version, actor) = self.begin()?;
+        let key = find_key(&tx, id)?;
+        if key.revoked_at.is_some() {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} is already revoked") });
+        }
+        tx.execute("UPDATE keys SET revoked_at = ?1, version = ?2 WHERE id = ?3", params![now, version, id])?;
+        audit(&tx, actor, "key.revoke", id, json!({"agent": key.agent_name, "name": key.name}), version)?;
+        let view = find_key(&tx, id)?.view(now);
+        tx.commit()?;
+        Ok(view)
+    }
+
+    pub fn rotate_key(&mut self, id: &str, req: &RotateKey) -> Result<Rotated> {
+        let now = now_unix();
+        let grace = parse_duration("grace", req.grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
+        let secret = generate_key(&self.key_prefix)?;
+        let new_id = format!("key_{}", random_base62(16)?);
+        let prefix = self.key_prefix.clone();
+        let (tx, version, actor) = self.begin()?;
+        let old = find_key(&tx, id)?;
+        if old.revoked_at.is_some() {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} is revoked; create a new key instead") });
+        }
+        if old.expires_at.is_some_and(|t| t <= now) {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} has expired; create a new key instead") });
+        }
+        if let Some(next) = &old.rotated_to {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} was already rotated to {next}; rotate that one") });
+        }
+        // The new key lives as long as the old one was meant to, counted from now.
+        let new_expiry = old.expires_at.map(|t| now.saturating_add(t - old.created_at));
+        let old_expiry = now.saturating_add(grace);
+        let old_expiry = old.expires_at.map_or(old_expiry, |t| t.min(old_expiry));
+        insert_key(&tx, &new_id, &old.agent_id, &old.name, &prefix, &secret, old.scopes.as_deref(), &old.path_prefixes, old.rate_limit.as_deref(), now, new_expiry, Some(id), false, version)?;
+        tx.execute("UPDATE keys SET expires_at = ?1, rotated_to = ?2, version = ?3 WHERE id = ?4", params![old_expiry, new_id, version, id])?;
+        audit(&tx, actor, "key.rotate", id, json!({"agent": old.agent_name, "new_key": new_id, "old_expires_at": rfc3339(Some(old_expiry))}), version)?;
+        let old_view = find_key(&tx, id)?.view(now);
+        let new_view = find_key(&tx, &new_id)?.view(now);
+        tx.commit()?;
+        Ok(Rotated { old: old_view, new: CreatedKey { key: new_view, secret } })
+    }
+
+    pub fn status(&mut self) -> Result<StatusView> {
+        let now = now_unix();
+        let agents: i64 = self.conn.query_row("SELECT COUNT(*) FROM agents WHERE deleted_at IS NULL", [], |r| r.get(0))?;
+        let keys: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1)",
+            [now],
+            |r| r.get(0),
+        )?;
+        Ok(StatusView {
+            snapshot_version: self.snapshot_version()?,
+            agents: u64::try_from(agents).unwrap_or(0),
+            active_keys: u64::try_from(keys).unwrap_or(0),
+            envoys: Vec::new(),
+        })
+    }
+
+    pub fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, at, actor, action, target, details, version FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([limit], |r| {
+            Ok(AuditEntry {
+                seq: r.get(0)?,
+                at: keyward_core::time::format_rfc3339(r.get(1)?),
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                details: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+                version: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    /// The whole snapshot the filter enforces: digests and the fields it needs, nothing else.
+    pub fn snapshot(&mut self) -> Result<RawSnapshot> {
+        let tx = self.conn.transaction()?;
+        let version: String = tx.query_row("SELECT value FROM meta WHERE name = 'snapshot_version'", [], |r| r.get(0))?;
+        let mut stmt = tx.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id ORDER BY k.id"))?;
+        let rows = stmt.query_map([], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let keys = rows
+            .iter()
+            .map(|k| RawKeyRecord {
+                digest: k.digest.clone(),
+                id: k.id.clone(),
+                agent: k.agent_name.clone(),
+                status: if k.revoked_at.is_some() { KeyStatus::Revoked } else { KeyStatus::Active },
+                expires_at: k.expires_at.map(RawTime::Unix),
+                agent_enabled: k.agent_enabled,
+                scopes: k.effective_scopes(),
+                path_prefixes: k.path_prefixes.clone(),
+                rate_limit: k.rate_limit.clone().or_else(|| k.agent_rate.clone()),
+            })
+            .collect();
+        drop(stmt);
+        tx.commit()?;
+        Ok(RawSnapshot { version: version.parse().unwrap_or(0), keys })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_key(
+    tx: &Transaction<'_>,
+    id: &str,
+    agent_id: &str,
+    name: &str,
+    prefix: &str,
+    secret: &str,
+    scopes: Option<&[String]>,
+    path_prefixes: &[String],
+    rate: Option<&str>,
+    now: i64,
+    expires_at: Option<i64>,
+    rotated_from: Option<&str>,
+    imported: bool,
+    version: u64,
+) -> Result<()> {
+    let last4 = secret.get(secret.len().saturating_sub(4)..).unwrap_or("");
+    tx.execute(
+        "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, rotated_from, imported, version) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            id,
+            agent_id,
+            name,
+            format!("{prefix}_"),
+            last4,
+            Digest::of(secret.as_bytes()).to_hex(),
+            scopes.map(to_json),
+            to_json(path_prefixes),
+            rate,
+            now,
+            expires_at,
+            rotated_from,
+            imported,
+            version
+        ],
+    )?;
+    Ok(())
+}
+
+fn audit(tx: &Transaction<'_>, actor: &str, action: &str, target: &str, details: serde_json::Value, version: u64) -> Result<()> {
+    tx.execute(
+        "INSERT INTO audit (at, actor, action, target, details, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![now_unix(), actor, action, target, details.to_string(), version],
+    )?;
+    Ok(())
+}
