@@ -4,7 +4,7 @@ use crate::error::{Error, Result};
 use crate::model::{ImportKey, NewAgent, NewKey, RotateKey};
 use crate::store::Store;
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -107,9 +107,16 @@ async fn with_store<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&m
     .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
 }
 
+/// The request body, or a JSON error if it could not be read (too large, cut short).
+type Body = std::result::Result<Bytes, BytesRejection>;
+
 /// Parses a JSON request body; an empty body is `{}`.
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
-    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+fn parse<T: DeserializeOwned>(body: Body) -> Result<T> {
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(MAX_BODY_BYTES),
+        _ => Error::Invalid { field: "request", message: e.body_text() },
+    })?;
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
     serde_json::from_slice(body).map_err(|e| Error::Invalid { field: "request", message: format!("invalid JSON body: {e}") })
 }
 
@@ -126,8 +133,8 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> Result<Response> {
     Ok(ok(StatusCode::OK, with_store(&state, |s| s.list_agents()).await?))
 }
 
-async fn create_agent(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response> {
-    let req: NewAgent = parse(&body)?;
+async fn create_agent(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let req: NewAgent = parse(body)?;
     Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.create_agent(&req)).await?))
 }
 
@@ -161,13 +168,13 @@ async fn list_keys(State(state): State<Arc<AppState>>, q: std::result::Result<Qu
     Ok(ok(StatusCode::OK, with_store(&state, move |s| s.list_keys(q.agent.as_deref())).await?))
 }
 
-async fn create_key(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response> {
-    let req: NewKey = parse(&body)?;
+async fn create_key(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let req: NewKey = parse(body)?;
     Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.create_key(&req)).await?))
 }
 
-async fn import_key(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response> {
-    let req: ImportKey = parse(&body)?;
+async fn import_key(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let req: ImportKey = parse(body)?;
     Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.import_key(&req)).await?))
 }
 
@@ -175,8 +182,8 @@ async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
     Ok(ok(StatusCode::OK, with_store(&state, move |s| s.revoke_key(&id)).await?))
 }
 
-async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, body: Bytes) -> Result<Response> {
-    let req: RotateKey = parse(&body)?;
+async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, body: Body) -> Result<Response> {
+    let req: RotateKey = parse(body)?;
     Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.rotate_key(&id, &req)).await?))
 }
 

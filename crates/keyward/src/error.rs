@@ -13,6 +13,8 @@ pub enum Error {
     Conflict { field: &'static str, message: String },
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
     #[error("database: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -33,6 +35,7 @@ impl Error {
             Error::NotFound { .. } => "NOT_FOUND",
             Error::Conflict { .. } => "CONFLICT",
             Error::Unauthorized(_) => "UNAUTHORIZED",
+            Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
             Error::Store(_) | Error::Internal(_) => "INTERNAL_ERROR",
         }
     }
@@ -43,6 +46,7 @@ impl Error {
             Error::Unauthorized(_) => 401,
             Error::NotFound { .. } => 404,
             Error::Conflict { .. } => 409,
+            Error::TooLarge(_) => 413,
             Error::Store(_) | Error::Internal(_) => 500,
         }
     }
@@ -60,6 +64,7 @@ impl Error {
             Error::Invalid { message, .. } | Error::Conflict { message, .. } => message.clone(),
             Error::NotFound { what, name, .. } => format!("{what} {name:?} not found"),
             Error::Unauthorized(m) | Error::Internal(m) => m.clone(),
+            Error::TooLarge(n) => format!("the request body is larger than {n} bytes"),
             // Storage details stay in the server log.
             Error::Store(_) => "internal storage error".into(),
         }
