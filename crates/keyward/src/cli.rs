@@ -286,6 +286,7 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
             tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     store.actor = "api".into();
