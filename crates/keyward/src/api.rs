@@ -76,7 +76,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(admin)
         .fallback(|| async { Error::NotFound { field: "request", what: "route", name: "no such route".into() } })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Logs each request's method, path, status and latency at debug level. Never headers or
+/// bodies: they carry the admin token and new keys.
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+    resp
 }
 
 /// Constant-time comparison of two digests.

@@ -62,7 +62,14 @@ CREATE TABLE audit (
 );
 CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#,
+// 2: the per-agent name check ran a scan of the agent's keys on every creation.
+r#"
+CREATE INDEX keys_agent_name ON keys(agent_id, name);
 "#];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 
 /// Default display prefix of generated keys.
 pub const DEFAULT_KEY_PREFIX: &str = "kw_live";
@@ -116,6 +123,14 @@ struct AgentRow {
     enabled: bool,
     rate_limit: Option<String>,
     created_at: i64,
+}
+
+/// A validated key request: its agent, scopes override, expiry and name.
+struct CheckedKey {
+    agent: AgentRow,
+    scopes: Option<Vec<String>>,
+    expires_at: Option<i64>,
+    name: String,
 }
 
 struct KeyRow {
@@ -416,8 +431,8 @@ impl Store {
         Ok(view)
     }
 
-    /// Validates a key request against its agent; returns (agent, scopes override, expiry).
-    fn check_new_key(tx: &Connection, req: &NewKey, key_id: &str, now: i64) -> Result<(AgentRow, Option<Vec<String>>, Option<i64>, String)> {
+    /// Validates a key request against its agent.
+    fn check_new_key(tx: &Connection, req: &NewKey, key_id: &str, now: i64) -> Result<CheckedKey> {
         let agent = find_agent(tx, &req.agent)?;
         let name = req.name.clone().unwrap_or_else(|| key_id.to_string());
         name_ok("name", &name)?;
@@ -438,7 +453,7 @@ impl Store {
         if taken {
             return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
         }
-        Ok((agent, req.scopes.clone(), expires_at, name))
+        Ok(CheckedKey { agent, scopes: req.scopes.clone(), expires_at, name })
     }
 
     pub fn create_key(&mut self, req: &NewKey) -> Result<CreatedKey> {
@@ -447,7 +462,7 @@ impl Store {
         let key_id = format!("key_{}", random_base62(16)?);
         let prefix = self.key_prefix.clone();
         let (tx, version, actor) = self.begin()?;
-        let (agent, scopes, expires_at, name) = Store::check_new_key(&tx, req, &key_id, now)?;
+        let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, req, &key_id, now)?;
         insert_key(&tx, &key_id, &agent.id, &name, &prefix, &secret, scopes.as_deref(), &req.path_prefixes, req.rate.as_deref(), now, expires_at, None, false, version)?;
         audit(&tx, actor, "key.create", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.rate, "path_prefixes": req.path_prefixes}), version)?;
         let key = find_key(&tx, &key_id)?.view(now);
@@ -477,7 +492,7 @@ impl Store {
         };
         let key_id = format!("key_{}", random_base62(16)?);
         let (tx, version, actor) = self.begin()?;
-        let (agent, scopes, expires_at, name) = Store::check_new_key(&tx, &req.key, &key_id, now)?;
+        let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, &req.key, &key_id, now)?;
         let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE digest = ?1)", [&digest], |r| r.get(0))?;
         if exists {
             return Err(Error::Conflict { field: "key", message: "this key is already registered".into() });
@@ -663,4 +678,74 @@ fn audit(tx: &Transaction<'_>, actor: &str, action: &str, target: &str, details:
         params![now_unix(), actor, action, target, details.to_string(), version],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(tag: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("keyward-store-{tag}-{}.db", std::process::id()));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+        }
+        p
+    }
+
+    #[test]
+    fn migrations_run_once_and_reopen_cleanly() {
+        let path = temp_db("migrate");
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+        s.create_agent(&NewAgent { name: "a".into(), scopes: vec!["read:all".into()], ..Default::default() }).unwrap();
+        drop(s);
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64);
+        assert_eq!(s.list_agents().unwrap().len(), 1);
+        assert_eq!(s.snapshot_version().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let path = temp_db("newer");
+        drop(Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.to_string().contains("newer than this keyward"), "{err}");
+    }
+
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let mut s = Store::memory().unwrap();
+        s.create_agent(&NewAgent { name: "a".into(), scopes: vec!["read:all".into()], ..Default::default() }).unwrap();
+        assert!(s.conn.execute("UPDATE audit SET actor = 'someone else'", []).is_err());
+        assert!(s.conn.execute("DELETE FROM audit", []).is_err());
+        assert_eq!(s.audit(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn every_change_bumps_the_version_and_stamps_its_rows() {
+        let mut s = Store::memory().unwrap();
+        let a = s.create_agent(&NewAgent { name: "a".into(), scopes: vec!["read:all".into()], ..Default::default() }).unwrap();
+        let k = s.create_key(&NewKey { agent: "a".into(), name: Some("k".into()), ..Default::default() }).unwrap();
+        s.set_agent_enabled("a", false).unwrap();
+        s.revoke_key(&k.key.id).unwrap();
+        assert_eq!(s.snapshot_version().unwrap(), 4);
+        let row_version = |id: &str| -> i64 { s.conn.query_row("SELECT version FROM keys WHERE id = ?1", [id], |r| r.get(0)).unwrap() };
+        assert_eq!(row_version(&a.key.id), 3, "disabling the agent restamps its keys");
+        assert_eq!(row_version(&k.key.id), 4);
+        let versions: Vec<u64> = s.audit(10).unwrap().iter().map(|e| e.version).collect();
+        assert_eq!(versions, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn generated_keys_are_keyward_format_and_distinct() {
+        let a = generate_key("kw_live").unwrap();
+        let b = generate_key("kw_live").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(keyformat::check(&["kw".into()], &a), keyformat::FormatCheck::Valid);
+        assert_eq!(random_base62(16).unwrap().len(), 16);
+    }
 }
