@@ -2,7 +2,8 @@
 
 use crate::host::{self, Host, HostError};
 use keyward_core::response::CODES;
-use keyward_core::{decide, Config, Decision, LocalReply, Request};
+use keyward_core::response::deprecation_headers;
+use keyward_core::{decide, Config, Decision, KeyLookup, LocalReply, Request};
 use proxy_wasm::types::LogLevel;
 
 /// Identity headers the filter sets; every client-sent `x-keyward-*` header is removed first.
@@ -19,6 +20,7 @@ const TLS_VERSION: [&str; 2] = ["connection", "tls_version"];
 pub struct Metrics {
     pub allowed: u32,
     pub public: u32,
+    pub fail_open: u32,
     pub internal_errors: u32,
     /// Indexed like [`CODES`].
     pub denied: [u32; CODES.len()],
@@ -33,6 +35,7 @@ impl Metrics {
         Ok(Metrics {
             allowed: host::define_counter("keyward.allowed")?,
             public: host::define_counter("keyward.public")?,
+            fail_open: host::define_counter("keyward.fail_open")?,
             internal_errors: host::define_counter("keyward.internal_errors")?,
             denied,
         })
@@ -42,14 +45,21 @@ impl Metrics {
 /// What the filter did with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Forward it upstream.
-    Continue,
+    /// Forward it upstream; for an authenticated key, its id and the response headers to add.
+    Continue(Option<Allowed>),
     /// A local reply was sent; stop the request.
     Replied,
 }
 
-/// Judges one request and carries the decision out through `host`.
-pub fn on_request<H: Host>(host: &H, config: &Config, metrics: &Metrics, debug: bool) -> Result<Outcome, HostError> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub key_id: String,
+    pub now: i64,
+    pub response_headers: Vec<(&'static str, String)>,
+}
+
+/// Judges one request against `keys` and carries the decision out through `host`.
+pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, keys: &K, metrics: &Metrics, debug: bool) -> Result<Outcome, HostError> {
     let headers = host.request_headers()?;
     let pseudo = |name: &str| {
         headers
@@ -70,7 +80,7 @@ pub fn on_request<H: Host>(host: &H, config: &Config, metrics: &Metrics, debug: 
         route_scopes,
         now: host.now_unix()?,
     };
-    let decision = decide(config, config.snapshot.as_ref(), &req);
+    let decision = decide(config, keys, &req);
     if let Decision::Deny(denial) = &decision {
         if debug {
             host::log(LogLevel::Debug, &format!("denied {} {} {}", denial.code(), req.method, req.path));
@@ -83,6 +93,7 @@ pub fn on_request<H: Host>(host: &H, config: &Config, metrics: &Metrics, debug: 
     for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(IDENTITY_PREFIX)) {
         host.set_request_header(name, None)?;
     }
+    let mut allowed = None;
     match decision {
         Decision::Allow(id) => {
             host.set_request_header(KEY_ID_HEADER, Some(&id.record.id))?;
@@ -100,10 +111,12 @@ pub fn on_request<H: Host>(host: &H, config: &Config, metrics: &Metrics, debug: 
                 host::log(LogLevel::Debug, &format!("allowed key {} digest {}", id.record.id, id.digest.short()));
             }
             host.increment(metrics.allowed)?;
+            allowed = Some(Allowed { key_id: id.record.id.clone(), now: req.now, response_headers: deprecation_headers(&id.record) });
         }
-        _ => host.increment(metrics.public)?,
+        Decision::FailOpen => host.increment(metrics.fail_open)?,
+        Decision::Public | Decision::Deny(_) => host.increment(metrics.public)?,
     }
-    Ok(Outcome::Continue)
+    Ok(Outcome::Continue(allowed))
 }
 
 /// The reply sent when Envoy refuses a hostcall mid-request: fail closed, say nothing secret.

@@ -30,6 +30,10 @@ pub trait Host {
     /// Unix seconds from Envoy's clock.
     fn now_unix(&self) -> Result<i64, HostError>;
     fn increment(&self, metric: u32) -> Result<(), HostError>;
+    /// Reads a shared-data entry: its value (`None` if absent) and CAS token.
+    fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError>;
+    /// Writes a shared-data entry. With `cas`, returns `Ok(false)` if someone wrote in between.
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError>;
 }
 
 /// The real host: Envoy, through `proxy_wasm::hostcalls`.
@@ -65,6 +69,82 @@ impl Host for Envoy {
     fn increment(&self, metric: u32) -> Result<(), HostError> {
         hostcalls::increment_metric(metric, 1).map_err(host_err("increment_metric"))
     }
+
+    fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        hostcalls::get_shared_data(key).map_err(host_err("get_shared_data"))
+    }
+
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(status) => Err(HostError { op: "set_shared_data", status }),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, from Envoy's clock.
+pub fn now_millis() -> Result<u64, HostError> {
+    let now = hostcalls::get_current_time().map_err(host_err("get_current_time"))?;
+    Ok(now.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+}
+
+pub fn set_tick_period(period: std::time::Duration) -> Result<(), HostError> {
+    hostcalls::set_tick_period(period).map_err(host_err("set_tick_period"))
+}
+
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    body: Option<&[u8]>,
+    timeout: std::time::Duration,
+) -> Result<u32, HostError> {
+    hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout).map_err(host_err("dispatch_http_call"))
+}
+
+/// The `:status` and body of the HTTP call response being delivered.
+pub fn http_call_response(body_size: usize) -> Result<(Option<String>, Vec<u8>), HostError> {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status").map_err(host_err("get_map_value"))?;
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .map_err(host_err("get_buffer"))?
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+pub fn add_response_header(name: &str, value: &str) -> Result<(), HostError> {
+    hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value).map_err(host_err("add_map_value"))
+}
+
+pub fn register_queue(name: &str) -> Result<u32, HostError> {
+    hostcalls::register_shared_queue(name).map_err(host_err("register_shared_queue"))
+}
+
+pub fn resolve_queue(vm_id: &str, name: &str) -> Result<Option<u32>, HostError> {
+    hostcalls::resolve_shared_queue(vm_id, name).map_err(host_err("resolve_shared_queue"))
+}
+
+pub fn enqueue(queue: u32, value: &[u8]) -> Result<(), HostError> {
+    hostcalls::enqueue_shared_queue(queue, Some(value)).map_err(host_err("enqueue_shared_queue"))
+}
+
+pub fn dequeue(queue: u32) -> Result<Option<Vec<u8>>, HostError> {
+    hostcalls::dequeue_shared_queue(queue).map_err(host_err("dequeue_shared_queue"))
+}
+
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+    hostcalls::get_property(path.to_vec()).map_err(host_err("get_property"))
+}
+
+pub fn define_gauge(name: &str) -> Result<u32, HostError> {
+    hostcalls::define_metric(MetricType::Gauge, name).map_err(host_err("define_metric"))
+}
+
+pub fn record_gauge(metric: u32, value: u64) -> Result<(), HostError> {
+    hostcalls::record_metric(metric, value).map_err(host_err("record_metric"))
+}
+
+pub fn increment_counter(metric: u32) {
+    let _ = hostcalls::increment_metric(metric, 1);
 }
 
 /// Logs through Envoy's `wasm` logger; a failure to log is ignored (there is nowhere to report it).

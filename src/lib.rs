@@ -1,15 +1,22 @@
 //! keyward.wasm: the proxy-wasm shell around `keyward-core`.
 //!
 //! It translates between Envoy and the core and does nothing else: read the configuration,
-//! gather each request's headers and properties, and carry out the core's decision.
+//! gather each request's headers and properties, carry out the core's decision, and, with a
+//! control plane, keep the snapshot in shared data current (`fetcher`, `shared`).
 
+pub mod fetcher;
 pub mod filter;
 pub mod host;
+pub mod shared;
 
+use fetcher::{FeedMetrics, Fetcher, UsageCounts};
 use filter::{Metrics, Outcome};
-use keyward_core::Config;
+use host::Host as _;
+use keyward_core::{Config, NoKeys};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use shared::{SharedKeys, State};
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -18,22 +25,38 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         host::log(LogLevel::Critical, &format!("panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| Box::new(KeywardRoot::default()));
+    proxy_wasm::set_root_context(|context_id| Box::new(KeywardRoot { context_id, ..KeywardRoot::default() }));
 }}
 
-/// Per-VM state shared with every request: the compiled configuration and counter ids.
+/// Per-VM state shared with every request: the compiled configuration, counter ids, this
+/// worker's view of the shared snapshot state, and its usage counts.
 struct Shared {
     config: Config,
     metrics: Metrics,
     debug: bool,
+    /// The shared-data state as of the last tick.
+    state: RefCell<State>,
+    usage: RefCell<UsageCounts>,
+    /// Requests with a control plane count usage.
+    count_usage: bool,
+    faults: Cell<u64>,
 }
 
 #[derive(Default)]
 struct KeywardRoot {
+    context_id: u32,
     shared: Option<Rc<Shared>>,
+    fetcher: Option<Fetcher>,
 }
 
-impl Context for KeywardRoot {}
+impl Context for KeywardRoot {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let now = host::now_millis().unwrap_or(0);
+        if let Some(f) = &mut self.fetcher {
+            f.on_http_call_response(token_id, body_size, now);
+        }
+    }
+}
 
 impl RootContext for KeywardRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -46,31 +69,70 @@ impl RootContext for KeywardRoot {
             .map_err(|e| e.to_string())
             .and_then(|bytes| Config::from_json(&bytes).map_err(|e| e.to_string()))
             .and_then(|config| Ok((config, Metrics::define().map_err(|e| e.to_string())?)));
-        match loaded {
-            Ok((config, metrics)) => {
-                let keys = config.snapshot.as_ref().map(|s| s.keys.len());
-                host::log(
-                    LogLevel::Info,
-                    &format!(
-                        "configuration loaded: {} rules, inline snapshot: {}",
-                        config.rules.len(),
-                        keys.map_or("none".to_string(), |n| format!("{n} keys")),
-                    ),
-                );
-                let debug = host::log_enabled(LogLevel::Debug);
-                self.shared = Some(Rc::new(Shared { config, metrics, debug }));
-                true
-            }
+        let (config, metrics) = match loaded {
+            Ok(v) => v,
             Err(e) => {
                 // Envoy refuses the configuration as a whole; the log says which field and why.
                 host::log(LogLevel::Error, &format!("rejecting configuration: {e}"));
-                false
+                return false;
+            }
+        };
+        let source = match (&config.snapshot, &config.control_plane) {
+            (Some(s), _) => format!("inline snapshot of {} keys", s.keys.len()),
+            (None, Some(cp)) => format!("snapshot feed via cluster {}", cp.cluster),
+            (None, None) => "no keys (no snapshot, no control_plane): keyed requests get 503".into(),
+        };
+        host::log(LogLevel::Info, &format!("configuration loaded: {} rules, {source}", config.rules.len()));
+        if let Some(cp) = &config.control_plane {
+            let feed_metrics = match FeedMetrics::define() {
+                Ok(m) => m,
+                Err(e) => {
+                    host::log(LogLevel::Error, &format!("rejecting configuration: {e}"));
+                    return false;
+                }
+            };
+            let seed = host::now_millis().unwrap_or(0) ^ (u64::from(self.context_id) << 48);
+            self.fetcher = Some(Fetcher::new(cp.clone(), config.implications.clone(), feed_metrics, seed));
+            if let Err(e) = host::set_tick_period(fetcher::TICK) {
+                host::log(LogLevel::Error, &format!("rejecting configuration: {e}"));
+                return false;
+            }
+        }
+        let debug = host::log_enabled(LogLevel::Debug);
+        let count_usage = config.control_plane.is_some();
+        self.shared = Some(Rc::new(Shared {
+            config,
+            metrics,
+            debug,
+            state: RefCell::new(State::default()),
+            usage: RefCell::new(UsageCounts::new()),
+            count_usage,
+            faults: Cell::new(0),
+        }));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = host::now_millis().unwrap_or(0);
+        if let Some(shared) = &self.shared {
+            match State::read(&host::Envoy) {
+                Ok(state) => *shared.state.borrow_mut() = state,
+                Err(e) => host::log(LogLevel::Warn, &format!("reading the shared state: {e}")),
+            }
+            if let Some(f) = &mut self.fetcher {
+                f.on_tick(now, &shared.usage);
             }
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Some(f) = &mut self.fetcher {
+            f.on_queue_ready(queue_id);
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(KeywardHttp { shared: self.shared.clone() }))
+        Some(Box::new(KeywardHttp { shared: self.shared.clone(), response_headers: Vec::new() }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -80,28 +142,78 @@ impl RootContext for KeywardRoot {
 
 struct KeywardHttp {
     shared: Option<Rc<Shared>>,
+    response_headers: Vec<(&'static str, String)>,
 }
 
 impl Context for KeywardHttp {}
 
+impl KeywardHttp {
+    fn judge(&self, shared: &Shared) -> Result<Outcome, host::HostError> {
+        let env = host::Envoy;
+        let c = &shared.config;
+        if let Some(snapshot) = &c.snapshot {
+            return filter::on_request(&env, c, snapshot, &shared.metrics, shared.debug);
+        }
+        let Some(cp) = &c.control_plane else {
+            return filter::on_request(&env, c, &NoKeys, &shared.metrics, shared.debug);
+        };
+        let now_ms = host::now_millis()?;
+        let mut usable = shared.state.borrow().usable(now_ms, cp.max_snapshot_age_secs);
+        if !usable {
+            // Before the first load, look again on every request: the first snapshot counts at once.
+            let fresh = State::read(&env)?;
+            usable = fresh.usable(now_ms, cp.max_snapshot_age_secs);
+            *shared.state.borrow_mut() = fresh;
+        }
+        let keys = SharedKeys { host: &env, usable, fault: Cell::new(false) };
+        let outcome = filter::on_request(&env, c, &keys, &shared.metrics, shared.debug)?;
+        if keys.fault.get() {
+            shared.faults.set(shared.faults.get() + 1);
+            host::log(LogLevel::Error, "a shared-data key record could not be read; failing closed");
+            env.increment(shared.metrics.internal_errors)?;
+        }
+        Ok(outcome)
+    }
+}
+
 impl HttpContext for KeywardHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let env = host::Envoy;
-        let Some(shared) = &self.shared else {
+        let Some(shared) = self.shared.clone() else {
             // Unreachable: Envoy creates no stream on a VM whose on_configure failed. Fail closed.
             host::log(LogLevel::Error, "request before configuration");
-            let _ = host::Host::send_reply(&env, &filter::internal_error_reply());
+            let _ = env.send_reply(&filter::internal_error_reply());
             return Action::Pause;
         };
-        match filter::on_request(&env, &shared.config, &shared.metrics, shared.debug) {
-            Ok(Outcome::Continue) => Action::Continue,
+        match self.judge(&shared) {
+            Ok(Outcome::Continue(allowed)) => {
+                if let Some(a) = allowed {
+                    if shared.count_usage {
+                        let mut usage = shared.usage.borrow_mut();
+                        let e = usage.entry(a.key_id).or_insert((0, 0));
+                        e.0 += 1;
+                        e.1 = e.1.max(a.now);
+                    }
+                    self.response_headers = a.response_headers;
+                }
+                Action::Continue
+            }
             Ok(Outcome::Replied) => Action::Pause,
             Err(e) => {
                 host::log(LogLevel::Error, &format!("{e}; failing closed"));
-                let _ = host::Host::increment(&env, shared.metrics.internal_errors);
-                let _ = host::Host::send_reply(&env, &filter::internal_error_reply());
+                let _ = env.increment(shared.metrics.internal_errors);
+                let _ = env.send_reply(&filter::internal_error_reply());
                 Action::Pause
             }
         }
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for (name, value) in self.response_headers.drain(..) {
+            if let Err(e) = host::add_response_header(name, &value) {
+                host::log(LogLevel::Warn, &format!("adding {name}: {e}"));
+            }
+        }
+        Action::Continue
     }
 }

@@ -85,6 +85,62 @@ pub struct RawConfig {
     pub unavailable_retry_after_secs: u32,
     #[serde(default)]
     pub snapshot: Option<RawSnapshot>,
+    #[serde(default)]
+    pub control_plane: Option<RawControlPlane>,
+    /// Let requests through (without identity) while no keys are available. Dangerous.
+    #[serde(default)]
+    pub fail_open: bool,
+}
+
+/// Where the filter's fetcher finds `keyward serve`'s feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControlPlane {
+    /// The Envoy cluster (STATIC or STRICT_DNS) that reaches `keyward serve`.
+    pub cluster: String,
+    /// `:authority` of feed requests.
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// How long the feed may hold a request open before answering "no change".
+    #[serde(default = "default_feed_wait")]
+    pub feed_wait_secs: u32,
+    /// Fail closed once nothing has been heard from the feed for this long.
+    #[serde(default)]
+    pub max_snapshot_age_secs: Option<u32>,
+    /// How often usage counts are reported.
+    #[serde(default = "default_usage_report")]
+    pub usage_report_secs: u32,
+    /// Largest feed response accepted, in bytes.
+    #[serde(default = "default_max_feed_bytes")]
+    pub max_feed_bytes: usize,
+    /// Sent as `Authorization: Bearer <token>` if the feed requires one (`KEYWARD_FEED_TOKEN`).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_authority() -> String {
+    "keyward".into()
+}
+fn default_feed_wait() -> u32 {
+    15
+}
+fn default_usage_report() -> u32 {
+    5
+}
+fn default_max_feed_bytes() -> usize {
+    16 * 1024 * 1024
+}
+
+/// The compiled control-plane settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane {
+    pub cluster: String,
+    pub authority: String,
+    pub feed_wait_secs: u32,
+    pub max_snapshot_age_secs: Option<u32>,
+    pub usage_report_secs: u32,
+    pub max_feed_bytes: usize,
+    pub token: Option<String>,
 }
 
 /// What a rule (or the default) requires: `{"scopes": [...]}` or `{"public": true}`.
@@ -141,6 +197,9 @@ pub struct Config {
     pub unavailable_retry_after_secs: u32,
     /// An inline static snapshot (digests only), for running without the control plane.
     pub snapshot: Option<Snapshot>,
+    /// The feed to subscribe to, instead of an inline snapshot.
+    pub control_plane: Option<ControlPlane>,
+    pub fail_open: bool,
 }
 
 impl Config {
@@ -213,6 +272,10 @@ impl Config {
             .as_ref()
             .map(|s| Snapshot::compile(s, &implications, "snapshot"))
             .transpose()?;
+        let control_plane = raw.control_plane.as_ref().map(compile_control_plane).transpose()?;
+        if snapshot.is_some() && control_plane.is_some() {
+            return Err(field_error("snapshot", "give an inline snapshot or a control_plane, not both"));
+        }
         Ok(Config {
             realm: raw.realm.clone(),
             sources: Sources {
@@ -231,8 +294,52 @@ impl Config {
             route_metadata: raw.route_metadata,
             unavailable_retry_after_secs: raw.unavailable_retry_after_secs,
             snapshot,
+            control_plane,
+            fail_open: raw.fail_open,
         })
     }
+}
+
+fn compile_control_plane(c: &RawControlPlane) -> Result<ControlPlane, ConfigError> {
+    if c.cluster.is_empty() || c.cluster.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        return Err(field_error("control_plane.cluster", format!("{:?} must be the name of an Envoy cluster", c.cluster)));
+    }
+    if c.authority.is_empty() || !c.authority.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(field_error("control_plane.authority", format!("{:?} must be a host name", c.authority)));
+    }
+    if !(1..=60).contains(&c.feed_wait_secs) {
+        return Err(field_error("control_plane.feed_wait_secs", "must be within 1..=60"));
+    }
+    if let Some(age) = c.max_snapshot_age_secs {
+        // The feed answers at least every feed_wait_secs when healthy; leave room for one retry.
+        let floor = c.feed_wait_secs.saturating_mul(2).saturating_add(5);
+        if age < floor {
+            return Err(field_error(
+                "control_plane.max_snapshot_age_secs",
+                format!("{age} is too short: a healthy feed is heard every {}s; use at least {floor}", c.feed_wait_secs),
+            ));
+        }
+    }
+    if !(1..=300).contains(&c.usage_report_secs) {
+        return Err(field_error("control_plane.usage_report_secs", "must be within 1..=300"));
+    }
+    if !(64 * 1024..=256 * 1024 * 1024).contains(&c.max_feed_bytes) {
+        return Err(field_error("control_plane.max_feed_bytes", "must be within 64 KiB..=256 MiB"));
+    }
+    if let Some(t) = &c.token {
+        if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(field_error("control_plane.token", "must be at least 16 printable ASCII characters"));
+        }
+    }
+    Ok(ControlPlane {
+        cluster: c.cluster.clone(),
+        authority: c.authority.clone(),
+        feed_wait_secs: c.feed_wait_secs,
+        max_snapshot_age_secs: c.max_snapshot_age_secs,
+        usage_report_secs: c.usage_report_secs,
+        max_feed_bytes: c.max_feed_bytes,
+        token: c.token.clone(),
+    })
 }
 
 /// RFC 9110 `token`, which header names must be.
@@ -373,6 +480,12 @@ mod tests {
             (r#"{"snapshot": {"keys": [{"digest": "00", "id": "a", "agent": "b"}]}}"#, "snapshot.keys[0].digest"),
             (r#"{"snapshot": {"keys": [{"digest": "00", "id": "a", "agent": "b", "key": "plaintext"}]}}"#, "snapshot.keys[0].key"),
             ("not json", "configuration"),
+            (r#"{"control_plane": {"cluster": ""}}"#, "control_plane.cluster"),
+            (r#"{"control_plane": {"cluster": "kw", "feed_wait_secs": 0}}"#, "control_plane.feed_wait_secs"),
+            (r#"{"control_plane": {"cluster": "kw", "max_snapshot_age_secs": 10}}"#, "control_plane.max_snapshot_age_secs"),
+            (r#"{"control_plane": {"cluster": "kw", "token": "short"}}"#, "control_plane.token"),
+            (r#"{"control_plane": {"cluster": "kw", "colour": 1}}"#, "control_plane.colour"),
+            (r#"{"control_plane": {"cluster": "kw"}, "snapshot": {"keys": []}}"#, "snapshot"),
         ];
         for (json, field) in cases {
             assert_eq!(err(json), field, "{json}");

@@ -6,6 +6,32 @@ use crate::digest::Digest;
 use crate::rules::{path_only, requirement, Requirement};
 use crate::scope::split_list;
 use crate::snapshot::{KeyRecord, KeyStatus, Snapshot};
+use std::borrow::Cow;
+
+/// Keys cannot be consulted: none loaded yet, too stale, or the host refused to read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// Where decisions find key records: an inline snapshot, or Envoy shared data in the shell.
+pub trait KeyLookup {
+    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable>;
+}
+
+impl KeyLookup for Snapshot {
+    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable> {
+        Ok(self.get(digest).map(Cow::Borrowed))
+    }
+}
+
+/// No keys loaded: every lookup is unavailable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoKeys;
+
+impl KeyLookup for NoKeys {
+    fn lookup(&self, _: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable> {
+        Err(Unavailable)
+    }
+}
 
 /// What the filter knows about a request, gathered by the shell.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +78,7 @@ pub enum Denial {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity<'s> {
     pub digest: Digest,
-    pub record: &'s KeyRecord,
+    pub record: Cow<'s, KeyRecord>,
     /// Header names that carried the credential.
     pub credential_headers: Vec<String>,
     /// Replacement `:path` when the credential came from the query string.
@@ -63,12 +89,14 @@ pub struct Identity<'s> {
 pub enum Decision<'s> {
     /// A public route: forward without identity.
     Public,
+    /// Keys are unavailable and `fail_open` is set: forward without identity.
+    FailOpen,
     Allow(Identity<'s>),
     Deny(Denial),
 }
 
 /// Judges one request. `snapshot` is `None` until keys are loaded.
-pub fn decide<'s>(config: &Config, snapshot: Option<&'s Snapshot>, req: &Request<'_>) -> Decision<'s> {
+pub fn decide<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, req: &Request<'_>) -> Decision<'s> {
     if config.require_tls && !is_tls(config, req) {
         return Decision::Deny(Denial::TlsRequired);
     }
@@ -90,16 +118,18 @@ pub fn decide<'s>(config: &Config, snapshot: Option<&'s Snapshot>, req: &Request
         Err(CredentialError::Missing) => return Decision::Deny(Denial::MissingKey),
         Err(CredentialError::Malformed(reason)) => return Decision::Deny(Denial::MalformedKey { reason }),
     };
-    let Some(snapshot) = snapshot else {
-        return Decision::Deny(Denial::KeysUnavailable {
-            retry_after_secs: u64::from(config.unavailable_retry_after_secs),
-        });
-    };
     let digest = Digest::of(credential.key.as_bytes());
-    let Some(record) = snapshot.get(&digest) else {
-        return Decision::Deny(Denial::InvalidKey);
+    let record = match keys.lookup(&digest) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Decision::Deny(Denial::InvalidKey),
+        Err(Unavailable) if config.fail_open => return Decision::FailOpen,
+        Err(Unavailable) => {
+            return Decision::Deny(Denial::KeysUnavailable {
+                retry_after_secs: u64::from(config.unavailable_retry_after_secs),
+            })
+        }
     };
-    if let Some(denial) = judge_record(record, required, path, req.now) {
+    if let Some(denial) = judge_record(&record, required, path, req.now) {
         return Decision::Deny(denial);
     }
     Decision::Allow(Identity {
@@ -181,8 +211,9 @@ mod tests {
     fn run(f: &Fixture, method: &str, path: &str, headers: &[(&str, &str)], route_scopes: Option<&str>) -> Result<String, Denial> {
         let headers: Vec<(String, Vec<u8>)> = headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
         let req = Request { method, path, authority: "api.test", headers: &headers, tls_connection: false, route_scopes, now: NOW };
-        match decide(&f.config, f.config.snapshot.as_ref(), &req) {
-            Decision::Public => Ok("public".into()),
+        let snapshot = f.config.snapshot.clone().unwrap();
+        match decide(&f.config, &snapshot, &req) {
+            Decision::Public | Decision::FailOpen => Ok("public".into()),
             Decision::Allow(id) => Ok(id.record.id.clone()),
             Decision::Deny(d) => Err(d),
         }
@@ -231,7 +262,13 @@ mod tests {
         let f = fixture();
         let headers = vec![("x-api-key".to_string(), b"some-key".to_vec())];
         let req = Request { method: "GET", path: "/", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: NOW };
-        assert_eq!(decide(&f.config, None, &req), Decision::Deny(Denial::KeysUnavailable { retry_after_secs: 5 }));
+        assert_eq!(decide(&f.config, &NoKeys, &req), Decision::Deny(Denial::KeysUnavailable { retry_after_secs: 5 }));
+        let mut open = f.config.clone();
+        open.fail_open = true;
+        assert_eq!(decide(&open, &NoKeys, &req), Decision::FailOpen);
+        // Credential errors still win: fail-open is about the keys, not the request.
+        let bare = Request { headers: &[], ..req };
+        assert_eq!(decide(&open, &NoKeys, &bare), Decision::Deny(Denial::MissingKey));
     }
 
     #[test]
@@ -242,7 +279,8 @@ mod tests {
         let judge = |c: &Config, tls: bool, xfp: &str| {
             let h = hdrs(xfp);
             let req = Request { method: "GET", path: "/v1", authority: "a", headers: &h, tls_connection: tls, route_scopes: None, now: NOW };
-            matches!(decide(c, c.snapshot.as_ref(), &req), Decision::Deny(Denial::TlsRequired))
+            let snapshot = c.snapshot.clone().unwrap();
+            matches!(decide(c, &snapshot, &req), Decision::Deny(Denial::TlsRequired))
         };
         assert!(judge(&f.config, false, "https"), "x-forwarded-proto is not trusted by default");
         assert!(!judge(&f.config, true, "http"));

@@ -7,6 +7,7 @@ pub mod config;
 pub mod credential;
 pub mod decision;
 pub mod digest;
+pub mod feed;
 pub mod keyformat;
 pub mod response;
 pub mod rules;
@@ -16,7 +17,7 @@ pub mod time;
 
 pub use config::{Config, ConfigError};
 pub use credential::{Credential, CredentialError};
-pub use decision::{decide, Decision, Denial, Identity, Request};
+pub use decision::{decide, Decision, Denial, Identity, KeyLookup, NoKeys, Request, Unavailable};
 pub use digest::Digest;
 pub use response::LocalReply;
 pub use snapshot::{KeyRecord, KeyStatus, RateLimit, Snapshot};

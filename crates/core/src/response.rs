@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::decision::Denial;
+use crate::snapshot::KeyRecord;
 use crate::time::format_rfc3339;
 use serde_json::{json, Value};
 
@@ -140,6 +141,19 @@ impl Denial {
         }
         LocalReply { status: self.status(), headers, body }
     }
+}
+
+/// Headers that tell a client its key is being retired: `Deprecation` (RFC 9745, the rotation
+/// time as `@<unix seconds>`) and `Sunset` (RFC 8594, the key's expiry as an HTTP-date).
+pub fn deprecation_headers(record: &KeyRecord) -> Vec<(&'static str, String)> {
+    let Some(at) = record.deprecated_at else {
+        return Vec::new();
+    };
+    let mut headers = vec![("deprecation", format!("@{at}"))];
+    if let Some(exp) = record.expires_at {
+        headers.push(("sunset", crate::time::format_http_date(exp)));
+    }
+    headers
 }
 
 fn missing_message(config: &Config) -> String {

@@ -47,6 +47,10 @@ pub struct RawKeyRecord {
     pub path_prefixes: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// When the key was superseded by a rotation (Unix seconds). Responses to it then carry
+    /// `Deprecation` (RFC 9745) and, with `expires_at`, `Sunset` (RFC 8594).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecated_at: Option<i64>,
 }
 
 fn yes() -> bool {
@@ -112,9 +116,63 @@ pub struct KeyRecord {
     /// If non-empty, the key only works on paths under one of these (segment-aware).
     pub path_prefixes: Vec<String>,
     pub rate_limit: Option<RateLimit>,
+    /// Unix seconds at which a rotation superseded this key.
+    pub deprecated_at: Option<i64>,
 }
 
 impl KeyRecord {
+    /// A compact, tab-separated form for Envoy shared data: cheap to decode on every request.
+    /// Compiled records cannot contain tabs or spaces where they would be ambiguous.
+    pub fn encode(&self) -> String {
+        let opt = |v: Option<i64>| v.map_or(String::new(), |t| t.to_string());
+        let rate = self.rate_limit.map_or(String::new(), |r| format!("{}/{}", r.count, r.period_secs));
+        format!(
+            "1\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            self.id,
+            self.agent,
+            if self.status == KeyStatus::Revoked { "r" } else { "a" },
+            opt(self.expires_at),
+            if self.agent_enabled { "1" } else { "0" },
+            self.scopes_header,
+            self.path_prefixes.join(" "),
+            rate,
+            opt(self.deprecated_at),
+        )
+    }
+
+    /// Decodes [`KeyRecord::encode`]'s output; `None` for anything else.
+    pub fn decode(s: &str) -> Option<KeyRecord> {
+        let mut f = s.split('\t');
+        if f.next()? != "1" {
+            return None;
+        }
+        let id = f.next()?.to_string();
+        let agent = f.next()?.to_string();
+        let status = match f.next()? {
+            "a" => KeyStatus::Active,
+            "r" => KeyStatus::Revoked,
+            _ => return None,
+        };
+        let opt = |v: &str| -> Option<Option<i64>> { if v.is_empty() { Some(None) } else { v.parse().ok().map(Some) } };
+        let expires_at = opt(f.next()?)?;
+        let agent_enabled = f.next()? == "1";
+        let scopes_header = f.next()?.to_string();
+        let scopes = scopes_header.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let path_prefixes = f.next()?.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let rate_limit = match f.next()? {
+            "" => None,
+            r => {
+                let (c, p) = r.split_once('/')?;
+                Some(RateLimit { count: c.parse().ok()?, period_secs: p.parse().ok()? })
+            }
+        };
+        let deprecated_at = opt(f.next()?)?;
+        if f.next().is_some() {
+            return None;
+        }
+        Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at })
+    }
+
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.binary_search_by(|s| s.as_str().cmp(scope)).is_ok()
     }
@@ -169,17 +227,18 @@ pub fn compile_record(
 ) -> Result<(Digest, KeyRecord), (&'static str, String)> {
     let digest = Digest::from_hex(&r.digest)
         .ok_or(("digest", "must be 64 hex digits (the SHA-256 of the key)".to_string()))?;
-    if r.id.is_empty() || r.id.len() > 128 {
-        return Err(("id", "must be 1 to 128 characters".into()));
+    let plain = |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
+    if !plain(&r.id) {
+        return Err(("id", "must be 1 to 128 characters, without control characters".into()));
     }
-    if r.agent.is_empty() || r.agent.len() > 128 {
-        return Err(("agent", "must be 1 to 128 characters".into()));
+    if !plain(&r.agent) {
+        return Err(("agent", "must be 1 to 128 characters, without control characters".into()));
     }
     if let Some(bad) = r.scopes.iter().find(|s| !valid_scope(s)) {
         return Err(("scopes", format!("invalid scope {bad:?}")));
     }
-    if let Some(bad) = r.path_prefixes.iter().find(|p| !p.starts_with('/')) {
-        return Err(("path_prefixes", format!("{bad:?} must start with '/'")));
+    if let Some(bad) = r.path_prefixes.iter().find(|p| !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control())) {
+        return Err(("path_prefixes", format!("{bad:?} must start with '/' and contain no spaces")));
     }
     let expires_at = match &r.expires_at {
         None => None,
@@ -205,6 +264,7 @@ pub fn compile_record(
         scopes,
         path_prefixes: r.path_prefixes.clone(),
         rate_limit,
+        deprecated_at: r.deprecated_at,
     };
     Ok((digest, record))
 }
@@ -263,6 +323,28 @@ mod tests {
             {"digest": d, "id": "a", "agent": "x"}, {"digest": d, "id": "b", "agent": "x"}]}));
         let err = Snapshot::compile(&snap, &Implications::default(), "snapshot").unwrap_err();
         assert_eq!((err.field.as_str(), err.message.as_str()), ("snapshot.keys[1].digest", "duplicate digest"));
+    }
+
+    #[test]
+    fn records_round_trip_through_the_shared_data_encoding() {
+        let d = Digest::of(b"k");
+        let snap = Snapshot::compile(
+            &raw(serde_json::json!({"keys": [
+                {"digest": d.to_hex(), "id": "key_1", "agent": "billing team", "status": "revoked", "expires_at": 1_900_000_000,
+                 "agent_enabled": false, "scopes": ["admin"], "path_prefixes": ["/a", "/b/c"], "rate_limit": "10/min", "deprecated_at": 1_800_000_000},
+                {"digest": Digest::of(b"j").to_hex(), "id": "key_2", "agent": "a"}
+            ]})),
+            &Implications::default(),
+            "snapshot",
+        )
+        .unwrap();
+        for record in snap.keys.values() {
+            let encoded = record.encode();
+            assert_eq!(KeyRecord::decode(&encoded).as_ref(), Some(record), "{encoded}");
+        }
+        for bad in ["", "2\tx", "1\tid", "1\ti\ta\tx\t\t1\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t"] {
+            assert_eq!(KeyRecord::decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

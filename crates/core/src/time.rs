@@ -38,6 +38,23 @@ pub fn format_rfc3339(unix: i64) -> String {
     )
 }
 
+/// Formats Unix seconds as an HTTP-date (RFC 9110 IMF-fixdate): `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn format_http_date(unix: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m as usize).saturating_sub(1).min(11)],
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
 fn digits(s: &[u8]) -> Option<u32> {
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
@@ -122,6 +139,13 @@ mod tests {
             assert_eq!(format_rfc3339(unix), text);
             assert_eq!(parse_rfc3339(text), Some(unix), "{text}");
         }
+    }
+
+    #[test]
+    fn formats_http_dates() {
+        assert_eq!(format_http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(format_http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(format_http_date(1_795_346_766), "Sun, 22 Nov 2026 11:26:06 GMT");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The admin HTTP API: JSON in and out, the same operations as the CLI, behind an admin token.
 
 use crate::error::{Error, Result};
-use crate::model::{ImportKey, NewAgent, NewKey, RotateKey};
+use crate::model::{EnvoyView, ImportKey, NewAgent, NewKey, RotateKey};
+use std::collections::HashMap;
 use crate::store::Store;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -35,7 +36,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/status"),
     ("GET", "/v1/audit"),
     ("GET", "/v1/snapshot"),
+    ("GET", "/v1/usage"),
+    ("GET", "/v1/feed"),
+    ("POST", "/v1/feed/usage"),
 ];
+
+/// Longest a feed request may be held open.
+pub const MAX_FEED_WAIT_SECS: u64 = 60;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -44,6 +51,56 @@ pub struct AppState {
     pub store: Mutex<Store>,
     /// SHA-256 of the admin token; the token itself is never kept.
     pub token_digest: Digest,
+    /// SHA-256 of the feed token, if the feed requires one (`KEYWARD_FEED_TOKEN`).
+    pub feed_token_digest: Option<Digest>,
+    /// The store's snapshot version, as last seen by the watcher.
+    pub version: tokio::sync::watch::Sender<u64>,
+    /// Envoys seen on the feed.
+    pub envoys: Mutex<HashMap<String, EnvoySeen>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EnvoySeen {
+    pub applied: u64,
+    pub last_seen: i64,
+    pub open_polls: u32,
+}
+
+impl AppState {
+    pub fn new(store: Store, token_digest: Digest, feed_token_digest: Option<Digest>) -> Result<AppState> {
+        let version = store.snapshot_version()?;
+        Ok(AppState {
+            store: Mutex::new(store),
+            token_digest,
+            feed_token_digest,
+            version: tokio::sync::watch::channel(version).0,
+            envoys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Re-reads the store's version and wakes feed requests if it moved. Changes made by the
+    /// CLI straight to the file are seen this way too.
+    pub fn refresh_version(&self) -> Result<u64> {
+        let v = self.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?.snapshot_version()?;
+        self.version.send_if_modified(|cur| {
+            let moved = *cur != v;
+            *cur = v;
+            moved
+        });
+        Ok(v)
+    }
+}
+
+/// Watches the store's version every `period`, waking feed requests when it moves.
+pub async fn watch_version(state: Arc<AppState>, period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let s = Arc::clone(&state);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.refresh_version()).await {
+            tracing::warn!(error = %e, "reading the snapshot version");
+        }
+    }
 }
 
 impl IntoResponse for Error {
@@ -69,11 +126,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
         .route("/v1/snapshot", get(snapshot))
+        .route("/v1/usage", get(usage))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_token));
+    let feed = Router::new()
+        .route("/v1/feed", get(feed))
+        .route("/v1/feed/usage", post(feed_usage))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_feed_token));
     Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .merge(admin)
+        .merge(feed)
         .fallback(|| async { Error::NotFound { field: "request", what: "route", name: "no such route".into() } })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(log_request))
@@ -95,12 +158,26 @@ fn digests_equal(a: &Digest, b: &Digest) -> bool {
     a.0.iter().zip(b.0.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let presented = headers
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()));
-    match presented {
+        .and_then(|v| v.get(..7).filter(|s| s.eq_ignore_ascii_case("bearer ")).map(|_| v[7..].trim()))
+}
+
+/// The feed is open unless `KEYWARD_FEED_TOKEN` is set; then Envoys must send it.
+async fn require_feed_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let Some(want) = &state.feed_token_digest else {
+        return next.run(req).await;
+    };
+    match bearer(&headers) {
+        Some(token) if digests_equal(&Digest::of(token.as_bytes()), want) => next.run(req).await,
+        _ => Error::Unauthorized("the feed needs 'Authorization: Bearer <feed token>'".into()).into_response(),
+    }
+}
+
+async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    match bearer(&headers) {
         Some(token) if digests_equal(&Digest::of(token.as_bytes()), &state.token_digest) => next.run(req).await,
         Some(_) => Error::Unauthorized("the admin token is not valid".into()).into_response(),
         None => Error::Unauthorized("send the admin token as 'Authorization: Bearer <token>'".into()).into_response(),
@@ -199,7 +276,108 @@ async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, 
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, |s| s.status()).await?))
+    let mut status = with_store(&state, |s| s.status()).await?;
+    let envoys = state.envoys.lock().map_err(|_| Error::Internal("envoys lock poisoned".into()))?.clone();
+    let now = crate::store::now_unix();
+    let mut list: Vec<EnvoyView> = envoys
+        .into_iter()
+        .map(|(id, e)| EnvoyView {
+            id,
+            applied_version: e.applied,
+            lag: status.snapshot_version.saturating_sub(e.applied),
+            // An open long-poll means it is there right now.
+            last_seen: keyward_core::time::format_rfc3339(if e.open_polls > 0 { now } else { e.last_seen }),
+            connected: e.open_polls > 0,
+        })
+        .collect();
+    list.sort_by(|a, b| a.id.cmp(&b.id));
+    status.envoys = list;
+    Ok(ok(StatusCode::OK, status))
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    agent: Option<String>,
+    since: Option<String>,
+}
+
+async fn usage(State(state): State<Arc<AppState>>, q: std::result::Result<Query<UsageQuery>, QueryRejection>) -> Result<Response> {
+    let q = query(q, "since")?;
+    let window = crate::model::parse_duration("since", q.since.as_deref().unwrap_or("24h"))?;
+    let since = crate::store::now_unix().saturating_sub(window);
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.usage(q.agent.as_deref(), since)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct FeedQuery {
+    #[serde(default)]
+    since: u64,
+    after: Option<String>,
+    envoy: Option<String>,
+    #[serde(default)]
+    wait: u64,
+}
+
+/// Tracks one open feed request of an Envoy; the count drops when the request ends, however.
+struct OpenPoll {
+    state: Arc<AppState>,
+    envoy: String,
+}
+
+impl Drop for OpenPoll {
+    fn drop(&mut self) {
+        if let Ok(mut envoys) = self.state.envoys.lock() {
+            if let Some(e) = envoys.get_mut(&self.envoy) {
+                e.open_polls = e.open_polls.saturating_sub(1);
+                e.last_seen = crate::store::now_unix();
+            }
+        }
+    }
+}
+
+/// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
+/// next change lands or after `wait` seconds, whichever is first. A long-poll: see ARCHITECTURE.md.
+async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<FeedQuery>, QueryRejection>) -> Result<Response> {
+    let q = query(q, "since")?;
+    let envoy = q.envoy.clone().unwrap_or_else(|| "unnamed".into());
+    if envoy.len() > 256 {
+        return Err(Error::Invalid { field: "envoy", message: "at most 256 characters".into() });
+    }
+    let _open = {
+        let mut envoys = state.envoys.lock().map_err(|_| Error::Internal("envoys lock poisoned".into()))?;
+        let e = envoys.entry(envoy.clone()).or_default();
+        // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
+        if q.after.is_none() {
+            e.applied = q.since;
+        }
+        e.last_seen = crate::store::now_unix();
+        e.open_polls += 1;
+        OpenPoll { state: Arc::clone(&state), envoy: envoy.clone() }
+    };
+    let mut rx = state.version.subscribe();
+    let current = *rx.borrow_and_update();
+    if q.after.is_none() && current <= q.since && q.wait > 0 {
+        let wait = std::time::Duration::from_secs(q.wait.min(MAX_FEED_WAIT_SECS));
+        let _ = tokio::time::timeout(wait, async {
+            while *rx.borrow_and_update() <= q.since {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    // A store that went backwards (restored, replaced) gets the whole snapshot again.
+    let since = if q.since > *state.version.borrow() { 0 } else { q.since };
+    let after = if since == q.since { q.after.clone() } else { None };
+    let page = with_store(&state, move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await?;
+    Ok(ok(StatusCode::OK, page))
+}
+
+async fn feed_usage(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let report: keyward_core::feed::UsageReport = parse(body)?;
+    let known = with_store(&state, move |s| s.record_usage(&report)).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({"recorded": known})))
 }
 
 #[derive(Debug, Deserialize)]

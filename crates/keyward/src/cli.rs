@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use std::io::Read as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// keyward control plane: agents and API keys for Envoy, stored as SHA-256 digests.
 ///
@@ -61,6 +61,15 @@ enum Command {
     },
     /// Print the snapshot the filter enforces (digests only), e.g. for a static `snapshot` config
     Snapshot,
+    /// Show requests per key and per hour, as reported by the Envoys
+    Usage {
+        /// Only this agent's keys
+        #[arg(long)]
+        agent: Option<String>,
+        /// How far back, e.g. 24h, 7d
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        since: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => out.status(&backend.status().map_err(wrap)?),
         Command::Audit { limit } => out.audit(&backend.audit(limit).map_err(wrap)?),
         Command::Snapshot => out.json_value(&backend.snapshot().map_err(wrap)?),
+        Command::Usage { agent, since } => out.usage(&backend.usage(agent.as_deref(), &since).map_err(wrap)?),
     }
     Ok(())
 }
@@ -309,9 +319,16 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
             }
         },
     };
-    let state = Arc::new(api::AppState { store: Mutex::new(store), token_digest });
+    let feed_token_digest = match std::env::var("KEYWARD_FEED_TOKEN") {
+        Ok(t) if t.len() >= 16 => Some(keyward_core::Digest::of(t.as_bytes())),
+        Ok(_) => anyhow::bail!("KEYWARD_FEED_TOKEN must be at least 16 characters"),
+        Err(_) => None,
+    };
+    let state = Arc::new(api::AppState::new(store, token_digest, feed_token_digest)?);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        // Changes made by the CLI straight to the file reach the feed through this watcher.
+        tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(50)));
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, db = %db.display(), version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
         axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown()).await?;

@@ -22,6 +22,7 @@ pub trait Admin {
     fn status(&mut self) -> Result<StatusView>;
     fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>>;
     fn snapshot(&mut self) -> Result<RawSnapshot>;
+    fn usage(&mut self, agent: Option<&str>, since: &str) -> Result<Vec<UsageRow>>;
 }
 
 impl Admin for Store {
@@ -63,6 +64,10 @@ impl Admin for Store {
     }
     fn snapshot(&mut self) -> Result<RawSnapshot> {
         Store::snapshot(self)
+    }
+    fn usage(&mut self, agent: Option<&str>, since: &str) -> Result<Vec<UsageRow>> {
+        let window = parse_duration("since", since)?;
+        Store::usage(self, agent, crate::store::now_unix().saturating_sub(window))
     }
 }
 
@@ -157,5 +162,12 @@ impl Admin for Remote {
     }
     fn snapshot(&mut self) -> Result<RawSnapshot> {
         self.get("/v1/snapshot")
+    }
+    fn usage(&mut self, agent: Option<&str>, since: &str) -> Result<Vec<UsageRow>> {
+        let mut path = format!("/v1/usage?since={}", segment(since));
+        if let Some(a) = agent {
+            path.push_str(&format!("&agent={}", segment(a)));
+        }
+        self.get(&path)
     }
 }

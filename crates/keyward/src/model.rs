@@ -74,7 +74,30 @@ pub struct StatusView {
     pub snapshot_version: u64,
     pub agents: u64,
     pub active_keys: u64,
-    pub envoys: Vec<serde_json::Value>,
+    pub envoys: Vec<EnvoyView>,
+}
+
+/// An Envoy seen on the feed by this `keyward serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvoyView {
+    pub id: String,
+    pub applied_version: u64,
+    /// Versions behind the store.
+    pub lag: u64,
+    pub last_seen: String,
+    /// A feed request from it is open right now.
+    pub connected: bool,
+}
+
+/// Requests made with one key in one hour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub key_id: String,
+    pub key_name: String,
+    pub agent: String,
+    /// Start of the hour, RFC 3339.
+    pub hour: String,
+    pub count: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

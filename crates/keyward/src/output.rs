@@ -150,8 +150,37 @@ impl Output {
         println!("agents:           {}", s.agents);
         println!("active keys:      {}", s.active_keys);
         if s.envoys.is_empty() {
-            println!("envoys:           none connected");
+            println!("envoys:           none seen");
+            return;
         }
+        println!();
+        let rows: Vec<Vec<String>> = s
+            .envoys
+            .iter()
+            .map(|e| vec![e.id.clone(), e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), if e.connected { "yes".into() } else { "no".into() }])
+            .collect();
+        table(&["ENVOY", "APPLIED", "LAG", "LAST SEEN", "CONNECTED"], &rows);
+    }
+
+    pub fn usage(&self, rows: &[UsageRow]) {
+        if self.json {
+            return self.json_value(&rows);
+        }
+        let mut table_rows: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| vec![r.key_id.clone(), r.key_name.clone(), r.agent.clone(), r.hour.clone(), r.count.to_string()])
+            .collect();
+        let mut totals: Vec<(String, u64)> = Vec::new();
+        for r in rows {
+            match totals.iter_mut().find(|(id, _)| *id == r.key_id) {
+                Some((_, n)) => *n += r.count,
+                None => totals.push((r.key_id.clone(), r.count)),
+            }
+        }
+        for (id, n) in totals {
+            table_rows.push(vec![id, "(total)".into(), String::new(), String::new(), n.to_string()]);
+        }
+        table(&["KEY ID", "NAME", "AGENT", "HOUR", "REQUESTS"], &table_rows);
     }
 
     pub fn audit(&self, entries: &[AuditEntry]) {

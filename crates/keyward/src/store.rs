@@ -4,6 +4,7 @@
 
 use crate::error::{invalid, Error, Result};
 use crate::model::*;
+use keyward_core::feed::{FeedCursor, FeedMessage, UsageReport};
 use keyward_core::keyformat;
 use keyward_core::snapshot::{KeyStatus, RawKeyRecord, RawSnapshot, RawTime};
 use keyward_core::Digest;
@@ -66,6 +67,17 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 
 // 2: the per-agent name check ran a scan of the agent's keys on every creation.
 r#"
 CREATE INDEX keys_agent_name ON keys(agent_id, name);
+"#,
+// 3: rotation time (for Deprecation headers) and hourly usage reported by the Envoys.
+r#"
+ALTER TABLE keys ADD COLUMN rotated_at INTEGER;
+CREATE TABLE usage (
+    key_id TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key_id, hour)
+) STRICT;
+CREATE INDEX keys_version_id ON keys(version, id);
 "#];
 
 /// The schema version this build writes.
@@ -154,11 +166,13 @@ struct KeyRow {
     rotated_from: Option<String>,
     rotated_to: Option<String>,
     imported: bool,
+    rotated_at: Option<i64>,
+    version: i64,
 }
 
 const KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enabled, a.rate_limit, k.name, k.display_prefix, k.last4, \
     k.digest, k.scopes, k.path_prefixes, k.rate_limit, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, \
-    k.rotated_from, k.rotated_to, k.imported";
+    k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version";
 
 fn json_list(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
@@ -190,10 +204,28 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         rotated_from: r.get(17)?,
         rotated_to: r.get(18)?,
         imported: r.get(19)?,
+        rotated_at: r.get(20)?,
+        version: r.get(21)?,
     })
 }
 
 impl KeyRow {
+    /// The record the filter enforces: digests and the fields it needs, nothing else.
+    fn raw_record(&self) -> RawKeyRecord {
+        RawKeyRecord {
+            digest: self.digest.clone(),
+            id: self.id.clone(),
+            agent: self.agent_name.clone(),
+            status: if self.revoked_at.is_some() { KeyStatus::Revoked } else { KeyStatus::Active },
+            expires_at: self.expires_at.map(RawTime::Unix),
+            agent_enabled: self.agent_enabled,
+            scopes: self.effective_scopes(),
+            path_prefixes: self.path_prefixes.clone(),
+            rate_limit: self.rate_limit.clone().or_else(|| self.agent_rate.clone()),
+            deprecated_at: self.rotated_to.as_ref().and(self.rotated_at),
+        }
+    }
+
     fn effective_scopes(&self) -> Vec<String> {
         self.scopes.clone().unwrap_or_else(|| self.agent_scopes.clone())
     }
@@ -563,7 +595,10 @@ impl Store {
         let old_expiry = now.saturating_add(grace);
         let old_expiry = old.expires_at.map_or(old_expiry, |t| t.min(old_expiry));
         insert_key(&tx, &new_id, &old.agent_id, &old.name, &prefix, &secret, old.scopes.as_deref(), &old.path_prefixes, old.rate_limit.as_deref(), now, new_expiry, Some(id), false, version)?;
-        tx.execute("UPDATE keys SET expires_at = ?1, rotated_to = ?2, version = ?3 WHERE id = ?4", params![old_expiry, new_id, version, id])?;
+        tx.execute(
+            "UPDATE keys SET expires_at = ?1, rotated_to = ?2, rotated_at = ?3, version = ?4 WHERE id = ?5",
+            params![old_expiry, new_id, now, version, id],
+        )?;
         audit(&tx, actor, "key.rotate", id, json!({"agent": old.agent_name, "new_key": new_id, "old_expires_at": rfc3339(Some(old_expiry))}), version)?;
         let old_view = find_key(&tx, id)?.view(now);
         let new_view = find_key(&tx, &new_id)?.view(now);
@@ -611,23 +646,90 @@ impl Store {
         let version: String = tx.query_row("SELECT value FROM meta WHERE name = 'snapshot_version'", [], |r| r.get(0))?;
         let mut stmt = tx.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id ORDER BY k.id"))?;
         let rows = stmt.query_map([], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        let keys = rows
-            .iter()
-            .map(|k| RawKeyRecord {
-                digest: k.digest.clone(),
-                id: k.id.clone(),
-                agent: k.agent_name.clone(),
-                status: if k.revoked_at.is_some() { KeyStatus::Revoked } else { KeyStatus::Active },
-                expires_at: k.expires_at.map(RawTime::Unix),
-                agent_enabled: k.agent_enabled,
-                scopes: k.effective_scopes(),
-                path_prefixes: k.path_prefixes.clone(),
-                rate_limit: k.rate_limit.clone().or_else(|| k.agent_rate.clone()),
-            })
-            .collect();
+        let keys = rows.iter().map(KeyRow::raw_record).collect();
         drop(stmt);
         tx.commit()?;
         Ok(RawSnapshot { version: version.parse().unwrap_or(0), keys })
+    }
+}
+
+/// Records per feed page: bounds the memory of one answer (and of the filter VM applying it).
+pub const FEED_PAGE: usize = 5_000;
+
+impl Store {
+    /// The records changed after `since` (or after `(since, after)` when continuing a page), in
+    /// `(version, id)` order, at most `limit`, read in one transaction with the version they are
+    /// consistent with.
+    pub fn feed_page(&mut self, since: u64, after: Option<&str>, limit: usize) -> Result<FeedMessage> {
+        let tx = self.conn.transaction()?;
+        let version: String = tx.query_row("SELECT value FROM meta WHERE name = 'snapshot_version'", [], |r| r.get(0))?;
+        let version: u64 = version.parse().map_err(|_| Error::Internal(format!("corrupt snapshot_version {version:?}")))?;
+        let since_i = i64::try_from(since).unwrap_or(i64::MAX);
+        let limit_i = i64::try_from(limit + 1).unwrap_or(i64::MAX);
+        let rows = {
+            let (sql, after) = match after {
+                Some(a) => ("(k.version > ?1 OR (k.version = ?1 AND k.id > ?2))", a),
+                None => ("(k.version > ?1 AND ?2 = '')", ""),
+            };
+            let mut stmt = tx.prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE {sql} ORDER BY k.version, k.id LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![since_i, after, limit_i], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        tx.commit()?;
+        let complete = rows.len() <= limit;
+        let page = &rows[..rows.len().min(limit)];
+        let cursor = match (complete, page.last()) {
+            (false, Some(last)) => Some(FeedCursor { version: u64::try_from(last.version).unwrap_or(0), id: last.id.clone() }),
+            _ => None,
+        };
+        Ok(FeedMessage { version, complete, cursor, keys: page.iter().map(KeyRow::raw_record).collect() })
+    }
+
+    /// Adds an Envoy's usage report: hourly counts, and each key's last use.
+    pub fn record_usage(&mut self, report: &UsageReport) -> Result<usize> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut known = 0;
+        for u in &report.usage {
+            let count = i64::try_from(u.count).unwrap_or(i64::MAX);
+            let updated = tx.execute(
+                "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2",
+                params![u.last_used, u.key_id],
+            )?;
+            if updated == 0 {
+                continue; // A key the store no longer has: nothing to attribute it to.
+            }
+            known += 1;
+            tx.execute(
+                "INSERT INTO usage (key_id, hour, count) VALUES (?1, ?2, ?3) ON CONFLICT(key_id, hour) DO UPDATE SET count = count + ?3",
+                params![u.key_id, u.last_used - u.last_used.rem_euclid(3600), count],
+            )?;
+        }
+        tx.commit()?;
+        Ok(known)
+    }
+
+    /// Requests per key and hour since `since` (Unix seconds), optionally for one agent.
+    pub fn usage(&mut self, agent: Option<&str>, since: i64) -> Result<Vec<UsageRow>> {
+        let agent_id = match agent {
+            Some(name) => Some(find_agent(&self.conn, name)?.id),
+            None => None,
+        };
+        let mut stmt = self.conn.prepare(
+            "SELECT u.key_id, k.name, a.name, u.hour, u.count FROM usage u JOIN keys k ON k.id = u.key_id JOIN agents a ON a.id = k.agent_id \
+             WHERE u.hour >= ?1 AND (?2 IS NULL OR k.agent_id = ?2) ORDER BY a.name, k.name, u.key_id, u.hour",
+        )?;
+        let rows = stmt.query_map(params![since - since.rem_euclid(3600), agent_id], |r| {
+            Ok(UsageRow {
+                key_id: r.get(0)?,
+                key_name: r.get(1)?,
+                agent: r.get(2)?,
+                hour: keyward_core::time::format_rfc3339(r.get(3)?),
+                count: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 }
 

@@ -9,7 +9,7 @@ use keyward_control::api::{router, AppState, MAX_BODY_BYTES};
 use keyward_control::store::Store;
 use keyward_core::Digest;
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tower::ServiceExt;
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -22,7 +22,7 @@ struct Api {
 fn api() -> Api {
     let mut store = Store::memory().unwrap();
     store.actor = "api".into();
-    let state = Arc::new(AppState { store: Mutex::new(store), token_digest: Digest::of(TOKEN.as_bytes()) });
+    let state = Arc::new(AppState::new(store, Digest::of(TOKEN.as_bytes()), None).unwrap());
     Api { app: router(Arc::clone(&state)), state }
 }
 

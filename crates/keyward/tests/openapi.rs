@@ -9,7 +9,7 @@ use keyward_control::api::{router, AppState, ROUTES};
 use keyward_control::store::Store;
 use keyward_core::Digest;
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tower::ServiceExt;
 
 fn documented() -> BTreeSet<(String, String)> {
@@ -33,7 +33,7 @@ fn openapi_lists_exactly_the_served_routes() {
 
 #[tokio::test]
 async fn every_documented_route_is_routed() {
-    let state = Arc::new(AppState { store: Mutex::new(Store::memory().unwrap()), token_digest: Digest::of(b"token-0123456789abcdef") });
+    let state = Arc::new(AppState::new(Store::memory().unwrap(), Digest::of(b"token-0123456789abcdef"), None).unwrap());
     let app = router(state);
     for (method, path) in documented() {
         let uri = path.replace("{name}", "nobody").replace("{id}", "key_nobody");

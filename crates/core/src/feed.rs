@@ -1,0 +1,127 @@
+//! The snapshot feed's wire format, shared by `keyward serve` (which writes it) and the filter
+//! (which validates a whole page before applying any of it).
+
+use crate::digest::Digest;
+use crate::scope::Implications;
+use crate::snapshot::{compile_record, KeyRecord, RawKeyRecord};
+use serde::{Deserialize, Serialize};
+
+/// Where the next page of a delta starts: records after `(version, id)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedCursor {
+    pub version: u64,
+    pub id: String,
+}
+
+/// One answer of `GET /v1/feed`: the records changed since the requested version, in
+/// `(version, id)` order, at most a page of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedMessage {
+    /// The store's snapshot version this answer is consistent with.
+    pub version: u64,
+    /// This page ends the delta: once applied, the filter has applied `version`.
+    pub complete: bool,
+    /// When not complete: where to continue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<FeedCursor>,
+    pub keys: Vec<RawKeyRecord>,
+}
+
+/// A validated page, ready to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedPage {
+    pub version: u64,
+    pub complete: bool,
+    pub cursor: Option<FeedCursor>,
+    pub records: Vec<(Digest, KeyRecord)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    #[error("feed message of {size} bytes exceeds max_feed_bytes ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("feed message is not valid JSON: {0}")]
+    Json(String),
+    #[error("feed record keys[{index}].{field}: {message}")]
+    Record { index: usize, field: &'static str, message: String },
+    #[error("feed message is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// Parses and validates a whole page. Nothing of a bad page may be applied.
+pub fn parse_page(bytes: &[u8], max_bytes: usize, implications: &Implications) -> Result<FeedPage, FeedError> {
+    if bytes.len() > max_bytes {
+        return Err(FeedError::TooLarge { size: bytes.len(), max: max_bytes });
+    }
+    let msg: FeedMessage = serde_json::from_slice(bytes).map_err(|e| FeedError::Json(e.to_string()))?;
+    match (&msg.cursor, msg.complete) {
+        (Some(_), true) => return Err(FeedError::Inconsistent("a complete page carries a cursor")),
+        (None, false) => return Err(FeedError::Inconsistent("an incomplete page has no cursor")),
+        (Some(c), false) if c.version > msg.version => return Err(FeedError::Inconsistent("the cursor is ahead of the version")),
+        _ => {}
+    }
+    let records = msg
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(index, r)| compile_record(r, implications).map_err(|(field, message)| FeedError::Record { index, field, message }))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(FeedPage { version: msg.version, complete: msg.complete, cursor: msg.cursor, records })
+}
+
+/// Usage one Envoy reports: per key, requests since the last report and the last use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageReport {
+    pub envoy: String,
+    pub usage: Vec<KeyUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyUsage {
+    pub key_id: String,
+    pub count: u64,
+    /// Unix seconds.
+    pub last_used: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn page(v: serde_json::Value) -> Result<FeedPage, FeedError> {
+        parse_page(v.to_string().as_bytes(), 1 << 20, &Implications::default())
+    }
+
+    #[test]
+    fn valid_pages_parse() {
+        let d = Digest::of(b"k").to_hex();
+        let p = page(json!({"version": 9, "complete": true, "keys": [{"digest": d, "id": "k1", "agent": "a", "scopes": ["admin"]}]})).unwrap();
+        assert_eq!((p.version, p.complete, p.records.len()), (9, true, 1));
+        assert_eq!(p.records[0].1.scopes_header, "admin read:all write:all");
+        let p = page(json!({"version": 9, "complete": false, "cursor": {"version": 4, "id": "k1"}, "keys": []})).unwrap();
+        assert_eq!(p.cursor, Some(FeedCursor { version: 4, id: "k1".into() }));
+    }
+
+    #[test]
+    fn bad_pages_are_refused_whole() {
+        let d = Digest::of(b"k").to_hex();
+        let good = json!({"digest": d, "id": "k1", "agent": "a"});
+        let check = |v: serde_json::Value, want: &str| {
+            let err = page(v).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        };
+        check(json!({"version": 1, "complete": true, "keys": [good, {"digest": "zz", "id": "k2", "agent": "a"}]}), "keys[1].digest");
+        check(json!({"version": 1, "complete": true, "keys": [{"digest": d, "id": "k", "agent": "a", "key": "plain"}]}), "unknown field");
+        check(json!({"version": 1, "complete": true, "cursor": {"version": 1, "id": "x"}, "keys": []}), "carries a cursor");
+        check(json!({"version": 1, "complete": false, "keys": []}), "no cursor");
+        check(json!({"version": 1, "complete": false, "cursor": {"version": 2, "id": "x"}, "keys": []}), "ahead");
+        check(json!({"version": "one", "complete": true, "keys": []}), "not valid JSON");
+        let err = parse_page(&[b' '; 100], 10, &Implications::default()).unwrap_err();
+        assert_eq!(err, FeedError::TooLarge { size: 100, max: 10 });
+    }
+}

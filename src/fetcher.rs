@@ -1,0 +1,375 @@
+//! The fetcher: one VM per Envoy, the holder of a CAS lease in shared data, long-polls the
+//! control plane's feed, validates each page whole, writes it to shared data, and reports the
+//! usage every worker gathered.
+//!
+//! A lease instead of a bootstrap singleton, because Istio's `WasmPlugin` gives no custom
+//! bootstrap: whichever VM holds the lease fetches, and if it dies the lease lapses and another
+//! VM takes over within `LEASE_MS`.
+
+use crate::host::{self, Envoy, Host, HostError};
+use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY, STATE_KEY, USAGE_QUEUE};
+use keyward_core::config::ControlPlane;
+use keyward_core::feed::{parse_page, FeedError, KeyUsage, UsageReport};
+use keyward_core::scope::Implications;
+use keyward_core::Digest;
+use proxy_wasm::types::LogLevel;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long a lease lasts without renewal.
+pub const LEASE_MS: u64 = 2_000;
+/// Tick period of every VM: lease renewal, state refresh, usage flush.
+pub const TICK: Duration = Duration::from_millis(200);
+const BACKOFF_MIN_MS: u64 = 250;
+const BACKOFF_MAX_MS: u64 = 10_000;
+
+/// Requests per key id since the last flush, and the last use (Unix seconds).
+pub type UsageCounts = HashMap<String, (u64, i64)>;
+
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Host(#[from] HostError),
+    #[error("feed answered HTTP {0}")]
+    Status(String),
+    #[error("{0}")]
+    Feed(#[from] FeedError),
+}
+
+/// Counter and gauge ids of the fetcher, under `wasmcustom.keyward.feed.*`.
+#[derive(Debug, Clone, Default)]
+pub struct FeedMetrics {
+    pub pages: u32,
+    pub rejected: u32,
+    pub errors: u32,
+    pub version: u32,
+    pub usage_reports: u32,
+}
+
+impl FeedMetrics {
+    pub fn define() -> Result<FeedMetrics, HostError> {
+        Ok(FeedMetrics {
+            pages: host::define_counter("keyward.feed.pages_applied")?,
+            rejected: host::define_counter("keyward.feed.pages_rejected")?,
+            errors: host::define_counter("keyward.feed.errors")?,
+            version: host::define_gauge("keyward.feed.applied_version")?,
+            usage_reports: host::define_counter("keyward.feed.usage_reports")?,
+        })
+    }
+}
+
+pub struct Fetcher {
+    cp: ControlPlane,
+    implications: Implications,
+    metrics: FeedMetrics,
+    /// This VM's identity for the lease.
+    owner: String,
+    leader: bool,
+    envoy_id: Option<String>,
+    poll: Option<u32>,
+    full_sync_started_ms: Option<u64>,
+    next_poll_ms: u64,
+    backoff_ms: u64,
+    report: Option<(u32, UsageCounts)>,
+    last_report_ms: u64,
+    /// The usage queue this VM consumes (leader) or feeds (others).
+    consumer_queue: Option<u32>,
+    producer_queue: Option<u32>,
+    /// Usage gathered for the next report (leader) or the next enqueue (others).
+    pending: UsageCounts,
+    last_flush_ms: u64,
+}
+
+fn merge(into: &mut UsageCounts, from: UsageCounts) {
+    for (id, (count, last)) in from {
+        let e = into.entry(id).or_insert((0, 0));
+        e.0 += count;
+        e.1 = e.1.max(last);
+    }
+}
+
+/// Query-string encoding for ids.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Fetcher {
+    pub fn new(cp: ControlPlane, implications: Implications, metrics: FeedMetrics, seed: u64) -> Fetcher {
+        Fetcher {
+            cp,
+            implications,
+            metrics,
+            owner: Digest::of(&seed.to_le_bytes()).short(),
+            leader: false,
+            envoy_id: None,
+            poll: None,
+            full_sync_started_ms: None,
+            next_poll_ms: 0,
+            backoff_ms: BACKOFF_MIN_MS,
+            report: None,
+            last_report_ms: 0,
+            consumer_queue: None,
+            producer_queue: None,
+            pending: UsageCounts::new(),
+            last_flush_ms: 0,
+        }
+    }
+
+    pub fn on_tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>) {
+        if let Err(e) = self.tick(now_ms, usage) {
+            host::log(LogLevel::Warn, &format!("fetcher tick: {e}"));
+        }
+    }
+
+    fn tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>) -> Result<(), HostError> {
+        let was_leader = self.leader;
+        self.leader = self.hold_lease(now_ms)?;
+        if self.leader && !was_leader {
+            host::log(LogLevel::Info, &format!("this VM ({}) now fetches the snapshot feed", self.owner));
+            self.consumer_queue = Some(host::register_queue(USAGE_QUEUE)?);
+            self.next_poll_ms = now_ms;
+        }
+        // Gather this worker's usage once a second.
+        if now_ms.saturating_sub(self.last_flush_ms) >= 1_000 {
+            self.last_flush_ms = now_ms;
+            let local = std::mem::take(&mut *usage.borrow_mut());
+            merge(&mut self.pending, local);
+            if !self.leader && !self.pending.is_empty() {
+                self.enqueue_pending()?;
+            }
+        }
+        if !self.leader {
+            return Ok(());
+        }
+        if self.poll.is_none() && now_ms >= self.next_poll_ms {
+            if let Err(e) = self.start_poll(now_ms) {
+                self.fail(now_ms, &e.to_string());
+            }
+        }
+        let due = now_ms.saturating_sub(self.last_report_ms) >= u64::from(self.cp.usage_report_secs) * 1000;
+        if due && self.report.is_none() && !self.pending.is_empty() {
+            self.last_report_ms = now_ms;
+            self.start_report()?;
+        }
+        Ok(())
+    }
+
+    /// Takes or renews the lease; true if this VM holds it.
+    fn hold_lease(&mut self, now_ms: u64) -> Result<bool, HostError> {
+        let (value, cas) = Envoy.shared_get(LEASE_KEY)?;
+        let current = value.as_deref().and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| {
+            let (owner, exp) = v.split_once(' ')?;
+            Some((owner.to_string(), exp.parse::<u64>().ok()?))
+        });
+        if let Some((owner, expiry)) = &current {
+            if *owner != self.owner && *expiry > now_ms {
+                return Ok(false);
+            }
+        }
+        let claim = format!("{} {}", self.owner, now_ms + LEASE_MS);
+        if !Envoy.shared_set(LEASE_KEY, claim.as_bytes(), cas)? {
+            return Ok(false);
+        }
+        // Without a CAS token (no lease yet) two VMs may both write: the last write wins.
+        let (value, _) = Envoy.shared_get(LEASE_KEY)?;
+        Ok(value.as_deref() == Some(claim.as_bytes()))
+    }
+
+    /// This Envoy's name in `keyward status`: `node.id`, or a random id shared by its VMs.
+    fn envoy_id(&mut self, now_ms: u64) -> Result<String, HostError> {
+        if let Some(id) = &self.envoy_id {
+            return Ok(id.clone());
+        }
+        let node = host::property(&["node", "id"])?.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty());
+        let id = match node {
+            Some(id) => id,
+            None => {
+                let (value, _) = Envoy.shared_get(ENVOY_ID_KEY)?;
+                match value.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty()) {
+                    Some(id) => id,
+                    None => {
+                        let id = format!("envoy-{}", Digest::of(format!("{}{now_ms}", self.owner).as_bytes()).short());
+                        Envoy.shared_set(ENVOY_ID_KEY, id.as_bytes(), None)?;
+                        id
+                    }
+                }
+            }
+        };
+        self.envoy_id = Some(id.clone());
+        Ok(id)
+    }
+
+    fn headers<'a>(&'a self, method: &'a str, path: &'a str, auth: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut h = vec![(":method", method), (":path", path), (":authority", self.cp.authority.as_str()), ("accept", "application/json")];
+        if self.cp.token.is_some() {
+            h.push(("authorization", auth));
+        }
+        if method == "POST" {
+            h.push(("content-type", "application/json"));
+        }
+        h
+    }
+
+    fn start_poll(&mut self, now_ms: u64) -> Result<(), HostError> {
+        let state = State::read(&Envoy)?;
+        let envoy = self.envoy_id(now_ms)?;
+        // Until a snapshot is loaded, do not wait: ask for everything now.
+        let wait = if state.loaded { self.cp.feed_wait_secs } else { 0 };
+        let mut path = format!("/v1/feed?envoy={}&wait={wait}", encode(&envoy));
+        match &state.cursor {
+            Some(c) => path.push_str(&format!("&since={}&after={}", c.version, encode(&c.id))),
+            None => path.push_str(&format!("&since={}", if state.loaded { state.applied } else { 0 })),
+        }
+        if !state.loaded && state.cursor.is_none() {
+            self.full_sync_started_ms = Some(now_ms);
+        }
+        let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
+        let headers = self.headers("GET", &path, &auth);
+        let timeout = Duration::from_secs(u64::from(wait) + 10);
+        self.poll = Some(host::dispatch_http_call(&self.cp.cluster, headers, None, timeout)?);
+        Ok(())
+    }
+
+    fn fail(&mut self, now_ms: u64, why: &str) {
+        host::log(LogLevel::Warn, &format!("snapshot feed: {why}; retrying in {} ms", self.backoff_ms));
+        host::increment_counter(self.metrics.errors);
+        self.next_poll_ms = now_ms + self.backoff_ms;
+        self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
+    }
+
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize, now_ms: u64) {
+        if self.poll == Some(token) {
+            self.poll = None;
+            match self.apply_response(body_size, now_ms) {
+                Ok(()) => {
+                    self.backoff_ms = BACKOFF_MIN_MS;
+                    self.next_poll_ms = now_ms;
+                    if self.leader {
+                        if let Err(e) = self.start_poll(now_ms) {
+                            self.fail(now_ms, &e.to_string());
+                        }
+                    }
+                }
+                Err(FetchError::Feed(e)) => {
+                    host::log(LogLevel::Error, &format!("snapshot feed: rejected a page, keeping the last good snapshot: {e}"));
+                    host::increment_counter(self.metrics.rejected);
+                    self.fail(now_ms, "page rejected");
+                }
+                Err(e) => self.fail(now_ms, &e.to_string()),
+            }
+        } else if self.report.as_ref().is_some_and(|(t, _)| *t == token) {
+            if let Some((_, sent)) = self.report.take() {
+                match host::http_call_response(0) {
+                    Ok((Some(status), _)) if status == "200" || status == "204" => host::increment_counter(self.metrics.usage_reports),
+                    other => {
+                        host::log(LogLevel::Warn, &format!("usage report failed ({other:?}); keeping the counts for the next one"));
+                        merge(&mut self.pending, sent);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_response(&mut self, body_size: usize, now_ms: u64) -> Result<(), FetchError> {
+        if body_size > self.cp.max_feed_bytes {
+            return Err(FeedError::TooLarge { size: body_size, max: self.cp.max_feed_bytes }.into());
+        }
+        let (status, body) = host::http_call_response(body_size)?;
+        match status.as_deref() {
+            Some("200") => {}
+            other => return Err(FetchError::Status(other.unwrap_or("(no response)").to_string())),
+        }
+        // Validate the whole page before writing any of it.
+        let page = parse_page(&body, self.cp.max_feed_bytes, &self.implications)?;
+        for (digest, record) in &page.records {
+            Envoy.shared_set(&shared::record_key(digest), record.encode().as_bytes(), None)?;
+        }
+        let mut state = State::read(&Envoy)?;
+        let changed = !page.records.is_empty() || state.applied != page.version || !state.loaded;
+        state.last_heard_ms = now_ms;
+        if page.complete {
+            state.loaded = true;
+            state.applied = page.version;
+            state.cursor = None;
+        } else {
+            state.cursor = page.cursor.clone();
+        }
+        Envoy.shared_set(STATE_KEY, state.encode().as_bytes(), None)?;
+        host::increment_counter(self.metrics.pages);
+        let _ = host::record_gauge(self.metrics.version, state.applied);
+        if changed {
+            host::log(
+                LogLevel::Info,
+                &format!("snapshot feed: applied {} records, version {}{}", page.records.len(), page.version, if page.complete { "" } else { " (more to come)" }),
+            );
+            if page.complete {
+                if let Some(started) = self.full_sync_started_ms.take() {
+                    host::log(LogLevel::Info, &format!("full snapshot version {} applied in {} ms", page.version, now_ms.saturating_sub(started)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue_pending(&mut self) -> Result<(), HostError> {
+        if self.producer_queue.is_none() {
+            let vm_id = host::property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+            self.producer_queue = host::resolve_queue(&vm_id, USAGE_QUEUE)?;
+        }
+        let Some(queue) = self.producer_queue else {
+            return Ok(()); // No fetcher yet: keep counting.
+        };
+        let mut msg = String::new();
+        for (id, (count, last)) in &self.pending {
+            msg.push_str(&format!("{id}\t{count}\t{last}\n"));
+        }
+        match host::enqueue(queue, msg.as_bytes()) {
+            Ok(()) => self.pending.clear(),
+            // The consumer moved or vanished: resolve again next time.
+            Err(_) => self.producer_queue = None,
+        }
+        Ok(())
+    }
+
+    pub fn on_queue_ready(&mut self, queue: u32) {
+        if Some(queue) != self.consumer_queue {
+            return;
+        }
+        while let Ok(Some(msg)) = host::dequeue(queue) {
+            let text = String::from_utf8_lossy(&msg);
+            for line in text.lines() {
+                let mut f = line.split('\t');
+                if let (Some(id), Some(Ok(count)), Some(Ok(last))) = (f.next(), f.next().map(str::parse::<u64>), f.next().map(str::parse::<i64>)) {
+                    merge(&mut self.pending, UsageCounts::from([(id.to_string(), (count, last))]));
+                }
+            }
+        }
+    }
+
+    fn start_report(&mut self) -> Result<(), HostError> {
+        let now = self.last_report_ms;
+        let envoy = self.envoy_id(now)?;
+        let sent = std::mem::take(&mut self.pending);
+        let report = UsageReport {
+            envoy,
+            usage: sent.iter().map(|(id, (count, last))| KeyUsage { key_id: id.clone(), count: *count, last_used: *last }).collect(),
+        };
+        let body = serde_json::to_vec(&report).unwrap_or_default();
+        let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
+        let headers = self.headers("POST", "/v1/usage", &auth);
+        match host::dispatch_http_call(&self.cp.cluster, headers, Some(&body), Duration::from_secs(10)) {
+            Ok(token) => self.report = Some((token, sent)),
+            Err(e) => {
+                merge(&mut self.pending, sent);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}

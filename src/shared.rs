@@ -1,0 +1,130 @@
+//! The snapshot in Envoy shared data: one entry per digest, a state entry, and the fetcher lease.
+//!
+//! Shared data is one host-side map per `vm_id`, seen by every worker's VM: memory is paid once
+//! per Envoy, and a request reads exactly one entry, its own digest's, whatever the key count.
+//! There is no delete, so nothing here is keyed by time: the key space is the set of digests the
+//! control plane ever sent (a revoked key stays as a `revoked` record, which is what it is), plus
+//! three fixed entries.
+
+use crate::host::{Host, HostError};
+use keyward_core::decision::{KeyLookup, Unavailable};
+use keyward_core::feed::FeedCursor;
+use keyward_core::{Digest, KeyRecord};
+use std::borrow::Cow;
+
+/// Prefix of every entry: plugins on one Istio proxy share a namespace (no `vm_id` there).
+pub const PREFIX: &str = "keyward.";
+pub const STATE_KEY: &str = "keyward.state";
+pub const LEASE_KEY: &str = "keyward.lease";
+pub const ENVOY_ID_KEY: &str = "keyward.envoy";
+pub const USAGE_QUEUE: &str = "keyward.usage";
+
+pub fn record_key(digest: &Digest) -> String {
+    format!("{PREFIX}k.{}", digest.to_hex())
+}
+
+/// What the fetcher has applied, as every worker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    /// A complete snapshot has been applied at least once.
+    pub loaded: bool,
+    /// The last completely applied version.
+    pub applied: u64,
+    /// When the feed last answered (ms since the epoch).
+    pub last_heard_ms: u64,
+    /// Mid-delta position, when a delta spans pages.
+    pub cursor: Option<FeedCursor>,
+}
+
+impl State {
+    pub fn encode(&self) -> String {
+        let (cv, cid) = match &self.cursor {
+            Some(c) => (c.version.to_string(), c.id.clone()),
+            None => ("-".into(), "-".into()),
+        };
+        format!("{} {} {} {cv} {cid}", if self.loaded { "L" } else { "-" }, self.applied, self.last_heard_ms)
+    }
+
+    pub fn decode(s: &str) -> Option<State> {
+        let mut f = s.split(' ');
+        let loaded = match f.next()? {
+            "L" => true,
+            "-" => false,
+            _ => return None,
+        };
+        let applied = f.next()?.parse().ok()?;
+        let last_heard_ms = f.next()?.parse().ok()?;
+        let cursor = match (f.next()?, f.next()?) {
+            ("-", "-") => None,
+            (v, id) => Some(FeedCursor { version: v.parse().ok()?, id: id.to_string() }),
+        };
+        Some(State { loaded, applied, last_heard_ms, cursor })
+    }
+
+    pub fn read<H: Host>(host: &H) -> Result<State, HostError> {
+        let (value, _) = host.shared_get(STATE_KEY)?;
+        Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(State::decode)).unwrap_or_default())
+    }
+
+    /// Whether requests may use the shared keys now.
+    pub fn usable(&self, now_ms: u64, max_age_secs: Option<u32>) -> bool {
+        self.loaded && max_age_secs.is_none_or(|max| now_ms.saturating_sub(self.last_heard_ms) <= u64::from(max) * 1000)
+    }
+}
+
+/// Per-request key lookup in shared data: one `get` of one entry.
+pub struct SharedKeys<'h, H: Host> {
+    pub host: &'h H,
+    pub usable: bool,
+    /// Set when an entry could not be read or decoded.
+    pub fault: std::cell::Cell<bool>,
+}
+
+impl<H: Host> KeyLookup for SharedKeys<'_, H> {
+    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable> {
+        if !self.usable {
+            return Err(Unavailable);
+        }
+        let (value, _) = self.host.shared_get(&record_key(digest)).map_err(|_| {
+            self.fault.set(true);
+            Unavailable
+        })?;
+        match value {
+            None => Ok(None),
+            Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode) {
+                Some(record) => Ok(Some(Cow::Owned(record))),
+                None => {
+                    // Fail closed on an entry we cannot read; the fetcher only writes valid ones.
+                    self.fault.set(true);
+                    Err(Unavailable)
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips() {
+        for s in [
+            State::default(),
+            State { loaded: true, applied: 42, last_heard_ms: 1_800_000_000_000, cursor: None },
+            State { loaded: false, applied: 0, last_heard_ms: 5, cursor: Some(FeedCursor { version: 7, id: "key_x".into() }) },
+        ] {
+            assert_eq!(State::decode(&s.encode()), Some(s.clone()));
+        }
+        assert_eq!(State::decode("garbage"), None);
+    }
+
+    #[test]
+    fn usable_needs_a_load_and_respects_max_age() {
+        let s = State { loaded: true, applied: 1, last_heard_ms: 10_000, cursor: None };
+        assert!(s.usable(10_000, None));
+        assert!(s.usable(40_000, Some(30)));
+        assert!(!s.usable(40_001, Some(30)));
+        assert!(!State::default().usable(0, None));
+    }
+}
