@@ -181,12 +181,13 @@ impl Fetcher {
         Ok(value.as_deref() == Some(claim.as_bytes()))
     }
 
-    /// This Envoy's name in `keyward status`: `node.id`, or a random id shared by its VMs.
+    /// This Envoy's name in `keyward status`: its bootstrap `node.id`, or a random id shared by
+    /// its VMs.
     fn envoy_id(&mut self, now_ms: u64) -> Result<String, HostError> {
         if let Some(id) = &self.envoy_id {
             return Ok(id.clone());
         }
-        let node = host::property(&["node", "id"])?.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty());
+        let node = host::property(&["xds", "node", "id"])?.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty());
         let id = match node {
             Some(id) => id,
             None => {

@@ -91,7 +91,14 @@ impl RootContext for KeywardRoot {
                     return false;
                 }
             };
-            let seed = host::now_millis().unwrap_or(0) ^ (u64::from(self.context_id) << 48);
+            // Each VM needs its own lease identity: RandomState draws its keys from WASI random_get.
+            let seed = {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(host::now_millis().unwrap_or(0));
+                h.write_u32(self.context_id);
+                h.finish()
+            };
             self.fetcher = Some(Fetcher::new(cp.clone(), config.implications.clone(), feed_metrics, seed));
             if let Err(e) = host::set_tick_period(fetcher::TICK) {
                 host::log(LogLevel::Error, &format!("rejecting configuration: {e}"));

@@ -1,8 +1,7 @@
 //! The admin HTTP API: JSON in and out, the same operations as the CLI, behind an admin token.
 
 use crate::error::{Error, Result};
-use crate::model::{EnvoyView, ImportKey, NewAgent, NewKey, RotateKey};
-use std::collections::HashMap;
+use crate::model::{ImportKey, NewAgent, NewKey, RotateKey};
 use crate::store::Store;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -55,15 +54,6 @@ pub struct AppState {
     pub feed_token_digest: Option<Digest>,
     /// The store's snapshot version, as last seen by the watcher.
     pub version: tokio::sync::watch::Sender<u64>,
-    /// Envoys seen on the feed.
-    pub envoys: Mutex<HashMap<String, EnvoySeen>>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct EnvoySeen {
-    pub applied: u64,
-    pub last_seen: i64,
-    pub open_polls: u32,
 }
 
 impl AppState {
@@ -74,7 +64,6 @@ impl AppState {
             token_digest,
             feed_token_digest,
             version: tokio::sync::watch::channel(version).0,
-            envoys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -199,6 +188,15 @@ async fn with_store<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&m
 type Body = std::result::Result<Bytes, BytesRejection>;
 
 /// Parses a JSON request body; an empty body is `{}`.
+/// Runs a changing store operation, then wakes the feed at once (rather than at the watcher's
+/// next look).
+async fn mutate<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static) -> Result<T> {
+    let out = with_store(state, op).await?;
+    let s = Arc::clone(state);
+    let _ = tokio::task::spawn_blocking(move || s.refresh_version()).await;
+    Ok(out)
+}
+
 fn parse<T: DeserializeOwned>(body: Body) -> Result<T> {
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(MAX_BODY_BYTES),
@@ -223,7 +221,7 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> Result<Response> {
 
 async fn create_agent(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: NewAgent = parse(body)?;
-    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.create_agent(&req)).await?))
+    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.create_agent(&req)).await?))
 }
 
 async fn show_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
@@ -231,15 +229,15 @@ async fn show_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>
 }
 
 async fn delete_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.delete_agent(&name)).await?))
+    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.delete_agent(&name)).await?))
 }
 
 async fn disable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.set_agent_enabled(&name, false)).await?))
+    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.set_agent_enabled(&name, false)).await?))
 }
 
 async fn enable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.set_agent_enabled(&name, true)).await?))
+    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.set_agent_enabled(&name, true)).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,41 +256,25 @@ async fn list_keys(State(state): State<Arc<AppState>>, q: std::result::Result<Qu
 
 async fn create_key(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: NewKey = parse(body)?;
-    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.create_key(&req)).await?))
+    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.create_key(&req)).await?))
 }
 
 async fn import_key(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: ImportKey = parse(body)?;
-    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.import_key(&req)).await?))
+    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.import_key(&req)).await?))
 }
 
 async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.revoke_key(&id)).await?))
+    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.revoke_key(&id)).await?))
 }
 
 async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, body: Body) -> Result<Response> {
     let req: RotateKey = parse(body)?;
-    Ok(ok(StatusCode::CREATED, with_store(&state, move |s| s.rotate_key(&id, &req)).await?))
+    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.rotate_key(&id, &req)).await?))
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Result<Response> {
-    let mut status = with_store(&state, |s| s.status()).await?;
-    let envoys = state.envoys.lock().map_err(|_| Error::Internal("envoys lock poisoned".into()))?.clone();
-    let now = crate::store::now_unix();
-    let mut list: Vec<EnvoyView> = envoys
-        .into_iter()
-        .map(|(id, e)| EnvoyView {
-            id,
-            applied_version: e.applied,
-            lag: status.snapshot_version.saturating_sub(e.applied),
-            // An open long-poll means it is there right now.
-            last_seen: keyward_core::time::format_rfc3339(if e.open_polls > 0 { now } else { e.last_seen }),
-            connected: e.open_polls > 0,
-        })
-        .collect();
-    list.sort_by(|a, b| a.id.cmp(&b.id));
-    status.envoys = list;
-    Ok(ok(StatusCode::OK, status))
+    Ok(ok(StatusCode::OK, with_store(&state, |s| s.status()).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,23 +300,6 @@ struct FeedQuery {
     wait: u64,
 }
 
-/// Tracks one open feed request of an Envoy; the count drops when the request ends, however.
-struct OpenPoll {
-    state: Arc<AppState>,
-    envoy: String,
-}
-
-impl Drop for OpenPoll {
-    fn drop(&mut self) {
-        if let Ok(mut envoys) = self.state.envoys.lock() {
-            if let Some(e) = envoys.get_mut(&self.envoy) {
-                e.open_polls = e.open_polls.saturating_sub(1);
-                e.last_seen = crate::store::now_unix();
-            }
-        }
-    }
-}
-
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
 /// next change lands or after `wait` seconds, whichever is first. A long-poll: see ARCHITECTURE.md.
 async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<FeedQuery>, QueryRejection>) -> Result<Response> {
@@ -343,21 +308,16 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     if envoy.len() > 256 {
         return Err(Error::Invalid { field: "envoy", message: "at most 256 characters".into() });
     }
-    let _open = {
-        let mut envoys = state.envoys.lock().map_err(|_| Error::Internal("envoys lock poisoned".into()))?;
-        let e = envoys.entry(envoy.clone()).or_default();
-        // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
-        if q.after.is_none() {
-            e.applied = q.since;
-        }
-        e.last_seen = crate::store::now_unix();
-        e.open_polls += 1;
-        OpenPoll { state: Arc::clone(&state), envoy: envoy.clone() }
-    };
+    // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
+    let applied = if q.after.is_none() { Some(q.since) } else { None };
+    let wait = q.wait.min(MAX_FEED_WAIT_SECS);
+    let open_until = crate::store::now_unix() + i64::try_from(wait).unwrap_or(0) + 2;
+    let id = envoy.clone();
+    with_store(&state, move |s| s.envoy_seen(&id, applied, open_until)).await?;
     let mut rx = state.version.subscribe();
     let current = *rx.borrow_and_update();
-    if q.after.is_none() && current <= q.since && q.wait > 0 {
-        let wait = std::time::Duration::from_secs(q.wait.min(MAX_FEED_WAIT_SECS));
+    if q.after.is_none() && current <= q.since && wait > 0 {
+        let wait = std::time::Duration::from_secs(wait);
         let _ = tokio::time::timeout(wait, async {
             while *rx.borrow_and_update() <= q.since {
                 if rx.changed().await.is_err() {
@@ -370,7 +330,13 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     // A store that went backwards (restored, replaced) gets the whole snapshot again.
     let since = if q.since > *state.version.borrow() { 0 } else { q.since };
     let after = if since == q.since { q.after.clone() } else { None };
-    let page = with_store(&state, move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await?;
+    let page = with_store(&state, move |s| {
+        let page = s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)?;
+        // Answered: connected for as long as it takes to ask again.
+        s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)?;
+        Ok(page)
+    })
+    .await?;
     Ok(ok(StatusCode::OK, page))
 }
 

@@ -78,6 +78,12 @@ CREATE TABLE usage (
     PRIMARY KEY (key_id, hour)
 ) STRICT;
 CREATE INDEX keys_version_id ON keys(version, id);
+CREATE TABLE envoys (
+    id TEXT PRIMARY KEY,
+    applied_version INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    open_until INTEGER NOT NULL
+) STRICT;
 "#];
 
 /// The schema version this build writes.
@@ -606,6 +612,38 @@ impl Store {
         Ok(Rotated { old: old_view, new: CreatedKey { key: new_view, secret } })
     }
 
+    /// Notes an Envoy's feed request: it has applied `applied` (if known), and is connected until
+    /// `open_until` unless it asks again.
+    pub fn envoy_seen(&mut self, id: &str, applied: Option<u64>, open_until: i64) -> Result<()> {
+        let now = now_unix();
+        let applied = applied.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        self.conn.execute(
+            "INSERT INTO envoys (id, applied_version, last_seen, open_until) VALUES (?1, COALESCE(?2, 0), ?3, ?4) \
+             ON CONFLICT(id) DO UPDATE SET applied_version = COALESCE(?2, applied_version), last_seen = ?3, open_until = ?4",
+            params![id, applied, now, open_until],
+        )?;
+        Ok(())
+    }
+
+    fn envoys(&self, version: u64, now: i64) -> Result<Vec<EnvoyView>> {
+        let mut stmt = self.conn.prepare("SELECT id, applied_version, last_seen, open_until FROM envoys ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, applied, last_seen, open_until) = row?;
+            let applied = u64::try_from(applied).unwrap_or(0);
+            let connected = now <= open_until;
+            out.push(EnvoyView {
+                id,
+                applied_version: applied,
+                lag: version.saturating_sub(applied),
+                last_seen: keyward_core::time::format_rfc3339(if connected { now } else { last_seen }),
+                connected,
+            });
+        }
+        Ok(out)
+    }
+
     pub fn status(&mut self) -> Result<StatusView> {
         let now = now_unix();
         let agents: i64 = self.conn.query_row("SELECT COUNT(*) FROM agents WHERE deleted_at IS NULL", [], |r| r.get(0))?;
@@ -614,11 +652,12 @@ impl Store {
             [now],
             |r| r.get(0),
         )?;
+        let version = self.snapshot_version()?;
         Ok(StatusView {
-            snapshot_version: self.snapshot_version()?,
+            snapshot_version: version,
             agents: u64::try_from(agents).unwrap_or(0),
             active_keys: u64::try_from(keys).unwrap_or(0),
-            envoys: Vec::new(),
+            envoys: self.envoys(version, now)?,
         })
     }
 

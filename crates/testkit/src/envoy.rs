@@ -19,11 +19,24 @@ pub struct EnvoyOptions {
     pub extra_args: Vec<String>,
     /// Serve TLS on the listener with this (certificate, private key) PEM pair.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Add a `keyward` cluster reaching `keyward serve` on this loopback port.
+    pub control_plane_port: Option<u16>,
+    /// The bootstrap's `node.id`.
+    pub node_id: String,
 }
 
 impl EnvoyOptions {
     pub fn new(plugin_config: Value, upstream_port: u16) -> Self {
-        EnvoyOptions { plugin_config, routes: None, upstream_port, concurrency: 2, extra_args: Vec::new(), tls: None }
+        EnvoyOptions {
+            plugin_config,
+            routes: None,
+            upstream_port,
+            concurrency: 2,
+            extra_args: Vec::new(),
+            tls: None,
+            control_plane_port: None,
+            node_id: "keyward-test".into(),
+        }
     }
 }
 
@@ -55,6 +68,7 @@ pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
 pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
     let routes = opts.routes.clone().unwrap_or_else(|| json!([{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
     let mut config = json!({
+        "node": {"id": opts.node_id, "cluster": "keyward-test"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "listeners": [{
@@ -84,6 +98,16 @@ pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
             }]
         }
     });
+    if let Some(port) = opts.control_plane_port {
+        if let Some(clusters) = config["static_resources"]["clusters"].as_array_mut() {
+            clusters.push(json!({
+                "name": "keyward",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "keyward", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+            }));
+        }
+    }
     if let Some((cert, key)) = &opts.tls {
         config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",

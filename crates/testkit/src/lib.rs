@@ -5,10 +5,12 @@
 mod echo;
 mod envoy;
 mod http;
+mod keyward;
 
 pub use echo::Echo;
 pub use envoy::{envoy_bootstrap, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
+pub use keyward::{keyward_bin, Keyward, ADMIN_TOKEN};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

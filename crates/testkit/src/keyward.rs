@@ -1,0 +1,152 @@
+//! The real `keyward` binary: `keyward serve` as a process, and CLI runs against its store.
+
+use crate::{poll_until, request, workspace_root, TempDir};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The `keyward` binary: `$KEYWARD_BIN`, else `target/debug/keyward`. Panics with directions.
+pub fn keyward_bin() -> PathBuf {
+    let path = std::env::var_os("KEYWARD_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/debug/keyward"));
+    assert!(
+        path.is_file(),
+        "the keyward binary was not found at {}.\nRun `cargo xtask test` (it builds it), or `cargo build -p keyward`, or set KEYWARD_BIN.",
+        path.display()
+    );
+    path
+}
+
+/// The admin token every test server accepts.
+pub const ADMIN_TOKEN: &str = "keyward-test-admin-token-0123456789";
+
+/// A `keyward serve` process with its own database. Killed on drop; restartable on the same file.
+pub struct Keyward {
+    dir: TempDir,
+    child: Option<Child>,
+    pub port: u16,
+    run: u32,
+}
+
+impl Keyward {
+    /// Starts `keyward serve` on a free port with a fresh database.
+    pub fn start() -> Keyward {
+        let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let mut k = Keyward { dir, child: None, port: 0, run: 0 };
+        k.spawn(0);
+        k
+    }
+
+    /// A stopped server whose database exists, to start later (`restart`) on a chosen port.
+    pub fn stopped(port: u16) -> Keyward {
+        let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        Keyward { dir, child: None, port, run: 0 }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("keyward.db")
+    }
+
+    fn log_path(&self, run: u32) -> PathBuf {
+        self.dir.path().join(format!("serve-{run}.log"))
+    }
+
+    fn spawn(&mut self, port: u16) {
+        self.run += 1;
+        let log_path = self.log_path(self.run);
+        let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{}: {e}", log_path.display()));
+        let child = Command::new(keyward_bin())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+            .arg(self.db())
+            .env("KEYWARD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("KEYWARD_LOG", "info")
+            .env_remove("KEYWARD_FEED_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start keyward serve: {e}"));
+        self.child = Some(child);
+        let found = poll_until(Duration::from_secs(20), "keyward serve to listen", || {
+            let text = std::fs::read_to_string(&log_path).ok()?;
+            let addr = text.lines().find_map(|l| l.split("address=").nth(1))?.split_whitespace().next()?.to_string();
+            addr.rsplit(':').next()?.parse::<u16>().ok()
+        });
+        self.port = found;
+    }
+
+    /// Restarts on the same port and database.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let port = self.port;
+        self.spawn(port);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        (1..=self.run).map(|r| std::fs::read_to_string(self.log_path(r)).unwrap_or_default()).collect()
+    }
+
+    /// Runs `keyward --db <db> args…` (the CLI straight on the file) and returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli_in(&self.db(), args, None)
+    }
+
+    /// Runs the CLI with `stdin`.
+    pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> String {
+        cli_in(&self.db(), args, Some(stdin))
+    }
+
+    /// `GET path` on the admin API, as JSON.
+    pub fn api_get(&self, path: &str) -> serde_json::Value {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        request(self.port, "GET", path, &[("authorization", auth.as_bytes())])
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+    }
+
+    /// `POST path` with a JSON body on the admin API.
+    pub fn api_post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let text = body.to_string();
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nhost: keyward\r\nconnection: close\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        crate::send_raw(self.port, raw.as_bytes()).unwrap_or_else(|e| panic!("POST {path}: {e}")).json()
+    }
+}
+
+fn cli_in(db: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new(keyward_bin())
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("KEYWARD_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("keyward {args:?}: {e}"));
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let _ = pipe.write_all(input.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("keyward {args:?}: {e}"));
+    assert!(out.status.success(), "keyward {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Drop for Keyward {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
