@@ -363,7 +363,7 @@ impl Fetcher {
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
-        let headers = self.headers("POST", "/v1/usage", &auth);
+        let headers = self.headers("POST", "/v1/feed/usage", &auth);
         match host::dispatch_http_call(&self.cp.cluster, headers, Some(&body), Duration::from_secs(10)) {
             Ok(token) => self.report = Some((token, sent)),
             Err(e) => {

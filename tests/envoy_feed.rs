@@ -84,3 +84,286 @@ fn a_key_created_by_the_cli_works_through_envoy_at_once_and_status_shows_the_app
     let text = stack.keyward.cli(&["status"]);
     assert!(text.contains("envoy-feed-test"), "{text}");
 }
+
+/// Per-worker accepted connections of the listener, from Envoy's stats.
+fn worker_connections(envoy: &Envoy) -> Vec<u64> {
+    let stats = request(envoy.admin_port, "GET", "/stats?filter=worker_.*downstream_cx_total", &[]).unwrap();
+    let text = String::from_utf8_lossy(&stats.body).to_string();
+    let mut per: Vec<(String, u64)> = text
+        .lines()
+        .filter(|l| l.starts_with("listener.127.0.0.1_") && l.contains(".worker_"))
+        .filter_map(|l| {
+            let (name, v) = l.split_once(": ")?;
+            Some((name.split(".worker_").nth(1)?.to_string(), v.trim().parse().ok()?))
+        })
+        .collect();
+    per.sort();
+    per.into_iter().map(|(_, v)| v).collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Waits until `key` gets `code` from Envoy, probing on fresh connections; returns when.
+fn refused_at(stack: &Stack, key: &str, code: &str, from: Instant) -> Duration {
+    poll_until(Duration::from_secs(10), &format!("{code} for the changed key"), || {
+        (stack.get(key).code().as_deref() == Some(code)).then(|| from.elapsed())
+    })
+}
+
+/// After a change is seen once, 20 more fresh connections must all see it: both workers.
+fn assert_refused_everywhere(stack: &Stack, key: &str, code: &str) {
+    let before = worker_connections(&stack.envoy);
+    for _ in 0..20 {
+        let r = stack.get(key);
+        assert_eq!(r.code().as_deref(), Some(code), "a worker still accepts the key: {} {}", r.status, String::from_utf8_lossy(&r.body));
+    }
+    let after = worker_connections(&stack.envoy);
+    assert_eq!(after.len(), 2, "expected two workers: {after:?}");
+    let served: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(served.iter().all(|&n| n > 0), "both workers must be exercised, got {served:?}");
+}
+
+#[test]
+fn revocation_is_enforced_on_both_workers_within_a_second() {
+    let stack = start();
+    stack.create_agent("rev", "read:all");
+    let mut took = Vec::new();
+    for i in 0..50 {
+        let k = stack.keyward.api_post("/v1/keys", &json!({"agent": "rev", "name": format!("k{i}")}));
+        let (id, secret) = (k["key"]["id"].as_str().unwrap().to_string(), k["secret"].as_str().unwrap().to_string());
+        poll_until(Duration::from_secs(5), "the new key", || (stack.get(&secret).status == 200).then_some(()));
+        let t0 = Instant::now();
+        let revoked = stack.keyward.api_post(&format!("/v1/keys/{id}/revoke"), &json!({}));
+        assert_eq!(revoked["status"], "revoked");
+        took.push(refused_at(&stack, &secret, "REVOKED_API_KEY", t0).as_secs_f64() * 1000.0);
+        assert_refused_everywhere(&stack, &secret, "REVOKED_API_KEY");
+    }
+    took.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = (percentile(&took, 0.5), percentile(&took, 0.99));
+    eprintln!("revocation to refusal over 50 revocations: p50 {p50:.1} ms, p99 {p99:.1} ms, max {:.1} ms", took[took.len() - 1]);
+    assert!(p99 <= 1000.0, "p99 {p99:.0} ms exceeds the one-second promise");
+}
+
+#[test]
+fn disable_rotation_and_expiry_changes_propagate_and_both_keys_work_during_grace() {
+    let stack = start();
+    let (id, secret) = stack.create_agent("acme", "read:all");
+    poll_until(Duration::from_secs(5), "the key", || (stack.get(&secret).status == 200).then_some(()));
+
+    let t0 = Instant::now();
+    stack.keyward.api_post("/v1/agents/acme/disable", &json!({}));
+    let disabled = refused_at(&stack, &secret, "ACCESS_DISABLED", t0);
+    assert_refused_everywhere(&stack, &secret, "ACCESS_DISABLED");
+    stack.keyward.api_post("/v1/agents/acme/enable", &json!({}));
+    poll_until(Duration::from_secs(5), "re-enabled", || (stack.get(&secret).status == 200).then_some(()));
+
+    // Rotation with a grace period: both keys work, the old one says it is going away.
+    let rotated = stack.keyward.api_post(&format!("/v1/keys/{id}/rotate"), &json!({"grace": "1h"}));
+    let new_secret = rotated["new"]["secret"].as_str().unwrap().to_string();
+    let new_id = rotated["new"]["key"]["id"].as_str().unwrap().to_string();
+    poll_until(Duration::from_secs(5), "the rotated key", || (stack.get(&new_secret).status == 200).then_some(()));
+    let old = poll_until(Duration::from_secs(5), "Deprecation on the old key", || {
+        let r = stack.get(&secret);
+        r.header("deprecation").is_some().then_some(r)
+    });
+    assert_eq!(old.status, 200, "the old key works during the grace period");
+    assert!(old.header("deprecation").unwrap().starts_with('@'), "{:?}", old.header("deprecation"));
+    let sunset = old.header("sunset").expect("Sunset on the old key");
+    assert!(sunset.ends_with(" GMT"), "{sunset}");
+    let new = stack.get(&new_secret);
+    assert!(new.header("deprecation").is_none() && new.header("sunset").is_none());
+
+    // Expiry change: rotating again with no grace expires the current key at once.
+    let t0 = Instant::now();
+    stack.keyward.api_post(&format!("/v1/keys/{new_id}/rotate"), &json!({"grace": "0s"}));
+    let expired = refused_at(&stack, &new_secret, "EXPIRED_API_KEY", t0);
+    assert_refused_everywhere(&stack, &new_secret, "EXPIRED_API_KEY");
+    eprintln!("disable propagated in {:.1} ms, expiry change in {:.1} ms", disabled.as_secs_f64() * 1000.0, expired.as_secs_f64() * 1000.0);
+    assert!(disabled < Duration::from_secs(1) && expired < Duration::from_secs(1));
+}
+
+#[test]
+fn usage_flows_back_to_key_list_and_keyward_usage() {
+    let stack = start();
+    let (id, secret) = stack.create_agent("metered", "read:all");
+    poll_until(Duration::from_secs(5), "the key", || (stack.get(&secret).status == 200).then_some(()));
+    let before = worker_connections(&stack.envoy);
+    for _ in 0..9 {
+        assert_eq!(stack.get(&secret).status, 200);
+    }
+    let after = worker_connections(&stack.envoy);
+    // Both workers counted requests, so the non-fetching worker's counts crossed the queue.
+    assert!(after.iter().zip(&before).all(|(a, b)| a > b), "{before:?} -> {after:?}");
+    let listed = poll_until(Duration::from_secs(10), "last used in key list", || {
+        let keys: Value = serde_json::from_str(&stack.keyward.cli(&["key", "list", "--json"])).ok()?;
+        let k = keys.as_array()?.iter().find(|k| k["id"] == id.as_str())?.clone();
+        k["last_used_at"].is_string().then_some(k)
+    });
+    assert!(listed["last_used_at"].as_str().unwrap().ends_with('Z'));
+    let usage = poll_until(Duration::from_secs(10), "all ten requests counted", || {
+        let rows: Value = serde_json::from_str(&stack.keyward.cli(&["usage", "--agent", "metered", "--json"])).ok()?;
+        let total: u64 = rows.as_array()?.iter().filter(|r| r["key_id"] == id.as_str()).map(|r| r["count"].as_u64().unwrap_or(0)).sum();
+        (total == 10).then_some(rows)
+    });
+    assert_eq!(usage[0]["agent"], "metered");
+    let text = stack.keyward.cli(&["usage"]);
+    assert!(text.contains(&id) && text.contains("(total)"), "{text}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn envoy_started_before_the_control_plane_answers_503_until_the_first_snapshot() {
+    let mut keyward = Keyward::stopped(free_port());
+    let echo = Echo::start(0).unwrap();
+    let mut opts = EnvoyOptions::new(feed_config(json!({})), echo.port());
+    opts.control_plane_port = Some(keyward.port);
+    opts.node_id = "envoy-feed-test".into();
+    let envoy = Envoy::start(&opts);
+    let r = envoy.get("/v1/things", &[("x-api-key", b"some-imported-key-123")]);
+    assert_denied(&r, 503, "KEYS_UNAVAILABLE", b"some-imported-key-123", "before the first snapshot");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    // Credential problems are still reported as such.
+    assert_denied(&envoy.get("/v1/things", &[]), 401, "MISSING_API_KEY", b"", "no key");
+    assert_eq!(envoy.get("/healthz", &[]).status, 200, "public routes need no keys");
+    keyward.restart();
+    let (_, secret) = {
+        let out: Value = serde_json::from_str(&keyward.cli(&["agent", "create", "late", "--scopes", "read:all", "--json"])).unwrap();
+        (out["key"]["id"].as_str().unwrap().to_string(), out["secret"].as_str().unwrap().to_string())
+    };
+    let t0 = Instant::now();
+    poll_until(Duration::from_secs(20), "the first snapshot", || (envoy.get("/v1/things", &[("x-api-key", secret.as_bytes())]).status == 200).then_some(()));
+    eprintln!("first snapshot served {:.1} s after the control plane started", t0.elapsed().as_secs_f64());
+}
+
+#[test]
+fn fail_open_lets_requests_through_while_no_snapshot_is_loaded() {
+    let keyward = Keyward::stopped(free_port());
+    let echo = Echo::start(0).unwrap();
+    let mut config = feed_config(json!({}));
+    config["fail_open"] = json!(true);
+    let mut opts = EnvoyOptions::new(config, echo.port());
+    opts.control_plane_port = Some(keyward.port);
+    let envoy = Envoy::start(&opts);
+    let r = envoy.get("/v1/things", &[("x-api-key", b"anything-at-all-1234"), ("x-keyward-agent", b"spoofed")]);
+    assert_eq!(r.status, 200, "fail_open forwards: {}", String::from_utf8_lossy(&r.body));
+    assert!(r.upstream_headers().iter().all(|(n, _)| !n.starts_with("x-keyward-")), "no identity, spoofed or not");
+    assert_eq!(envoy.stat("wasmcustom.keyward.fail_open"), Some(1));
+}
+
+#[test]
+fn envoy_keeps_enforcing_through_a_control_plane_outage_and_catches_up_with_exact_deltas() {
+    let mut stack = start();
+    let (_, alive) = stack.create_agent("alive", "read:all");
+    let (doomed_id, doomed) = stack.create_agent("doomed", "read:all");
+    poll_until(Duration::from_secs(5), "the keys", || (stack.get(&doomed).status == 200 && stack.get(&alive).status == 200).then_some(()));
+    stack.keyward.kill9();
+    for _ in 0..10 {
+        assert_eq!(stack.get(&alive).status, 200, "the last snapshot stays in force");
+    }
+    assert_denied(&stack.get("never-issued-key-xyz"), 401, "INVALID_API_KEY", b"never-issued-key-xyz", "unknown while down");
+    // Changes made while the control plane is down, straight to its store.
+    stack.keyward.cli(&["key", "revoke", &doomed_id]);
+    let out: Value = serde_json::from_str(&stack.keyward.cli(&["agent", "create", "newcomer", "--scopes", "read:all", "--json"])).unwrap();
+    let newcomer = out["secret"].as_str().unwrap().to_string();
+    assert_eq!(stack.get(&doomed).status, 200, "nothing has told Envoy yet");
+    std::thread::sleep(Duration::from_secs(2));
+    stack.keyward.restart();
+    let status = stack.wait_applied();
+    assert_denied(&stack.get(&doomed), 401, "REVOKED_API_KEY", doomed.as_bytes(), "caught up: revoked");
+    assert_eq!(stack.get(&newcomer).status, 200, "caught up: created");
+    // Exactly the two changed records crossed the wire after the restart, not the snapshot.
+    let log = stack.envoy.log();
+    let applied: Vec<&str> = log.lines().filter_map(|l| l.split("snapshot feed: applied ").nth(1)).collect();
+    assert_eq!(applied.last().copied(), Some(format!("2 records, version {}", status["snapshot_version"]).as_str()), "{applied:?}");
+    assert!(stack.envoy.stat("wasmcustom.keyward.feed.errors").unwrap_or(0) >= 1, "the outage was noticed");
+}
+
+#[test]
+fn max_snapshot_age_fails_closed_when_the_feed_goes_quiet() {
+    let keyward = Keyward::start();
+    let mut stack = start_with(keyward, feed_config(json!({"feed_wait_secs": 1, "max_snapshot_age_secs": 7})));
+    stack.wait_applied();
+    let (_, secret) = stack.create_agent("aging", "read:all");
+    poll_until(Duration::from_secs(5), "the key", || (stack.get(&secret).status == 200).then_some(()));
+    stack.keyward.kill9();
+    let t0 = Instant::now();
+    let r = poll_until(Duration::from_secs(15), "the snapshot to go stale", || {
+        let r = stack.get(&secret);
+        (r.status != 200).then_some(r)
+    });
+    let stale_after = t0.elapsed();
+    assert_denied(&r, 503, "KEYS_UNAVAILABLE", secret.as_bytes(), "stale snapshot");
+    assert!(stale_after >= Duration::from_secs(5), "went stale after only {stale_after:?}");
+    stack.keyward.restart();
+    poll_until(Duration::from_secs(20), "fresh again", || (stack.get(&secret).status == 200).then_some(()));
+}
+
+/// A feed that answers from a script: each request gets the next body (the last repeats).
+fn scripted_feed(bodies: Vec<Vec<u8>>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            // Usage reports do not consume the script.
+            if buf.starts_with(b"POST") {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+                continue;
+            }
+            let body = &bodies[n.min(bodies.len() - 1)];
+            n += 1;
+            if n > bodies.len() {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(body);
+        }
+    });
+    port
+}
+
+#[test]
+fn malformed_or_oversized_feed_messages_are_rejected_and_the_last_good_snapshot_stays() {
+    let good = keyward_core::Digest::of(b"feed-test-key-0001").to_hex();
+    let record = |digest: &str| json!({"digest": digest, "id": "key_feed", "agent": "feed", "scopes": ["read:all"]});
+    let full = json!({"version": 1, "complete": true, "keys": [record(&good)]}).to_string().into_bytes();
+    let heartbeat = json!({"version": 1, "complete": true, "keys": []}).to_string().into_bytes();
+    let bodies = vec![
+        full,
+        b"{not json".to_vec(),
+        json!({"version": 2, "complete": true, "keys": [record("not-a-digest")]}).to_string().into_bytes(),
+        json!({"version": 2, "complete": true, "keys": [{"digest": good, "id": "key_feed", "agent": "feed", "key": "plaintext"}]}).to_string().into_bytes(),
+        vec![b' '; 100 * 1024],
+        heartbeat,
+    ];
+    let port = scripted_feed(bodies);
+    let echo = Echo::start(0).unwrap();
+    let mut opts = EnvoyOptions::new(feed_config(json!({"max_feed_bytes": 65536})), echo.port());
+    opts.control_plane_port = Some(port);
+    let envoy = Envoy::start(&opts);
+    poll_until(Duration::from_secs(10), "the good snapshot", || (envoy.get("/v1/x", &[("x-api-key", b"feed-test-key-0001")]).status == 200).then_some(()));
+    poll_until(Duration::from_secs(20), "four rejected pages", || (envoy.stat("wasmcustom.keyward.feed.pages_rejected")? >= 4).then_some(()));
+    assert_eq!(envoy.get("/v1/x", &[("x-api-key", b"feed-test-key-0001")]).status, 200, "the last good snapshot stays in force");
+    let log = envoy.log();
+    for why in ["not valid JSON", "keys[0].digest", "unknown field `key`", "exceeds max_feed_bytes"] {
+        assert!(log.contains(why), "the log does not say {why:?}");
+    }
+    assert!(!log.contains("plaintext"), "a rejected page's content reached the log");
+}

@@ -85,6 +85,8 @@ pub struct Identity<'s> {
     pub stripped_path: Option<String>,
 }
 
+// Returned by value once per request; boxing `Allow` would add an allocation to the hot path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'s> {
     /// A public route: forward without identity.
