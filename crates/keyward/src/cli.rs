@@ -147,8 +147,12 @@ enum KeyCommand {
         #[command(flatten)]
         key: KeyOptions,
         /// SHA-256 of the key, 64 hex digits, instead of the key on stdin
-        #[arg(long, value_name = "HEX")]
+        #[arg(long, value_name = "HEX", conflicts_with = "batch")]
         digest: Option<String>,
+        /// Import many keys in one change: one per stdin line, a key or `sha256:<hex>`;
+        /// they are named `<name>-<line>`
+        #[arg(long)]
+        batch: bool,
     },
     /// List keys, masked, with expiry, last use and status
     List {
@@ -265,7 +269,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(AgentCommand::Enable { name }) => out.agent_changed("Enabled", &backend.set_agent_enabled(&name, true).map_err(wrap)?),
         Command::Agent(AgentCommand::Delete { name }) => out.agent_changed("Deleted", &backend.delete_agent(&name).map_err(wrap)?),
         Command::Key(KeyCommand::Create(opts)) => out.created_key(&backend.create_key(&opts.into_new_key()).map_err(wrap)?),
-        Command::Key(KeyCommand::Import { key, digest }) => {
+        Command::Key(KeyCommand::Import { key, batch: true, .. }) => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("reading keys from stdin")?;
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let ids = backend.import_batch(&key.into_new_key(), &lines).map_err(wrap)?;
+            out.imported_batch(&ids)
+        }
+        Command::Key(KeyCommand::Import { key, digest, .. }) => {
             let secret = match digest {
                 Some(_) => None,
                 None => {

@@ -1,7 +1,7 @@
 //! The CLI's two backends behind one trait: the database file directly, or the admin API
 //! (`--url`). The same validation runs either way: the API calls the same `Store`.
 
-use crate::error::{Error, Result};
+use crate::error::{invalid, Error, Result};
 use crate::model::*;
 use crate::store::Store;
 use keyward_core::snapshot::RawSnapshot;
@@ -16,6 +16,7 @@ pub trait Admin {
     fn delete_agent(&mut self, name: &str) -> Result<AgentView>;
     fn create_key(&mut self, req: &NewKey) -> Result<CreatedKey>;
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView>;
+    fn import_batch(&mut self, template: &NewKey, lines: &[String]) -> Result<Vec<String>>;
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>>;
     fn revoke_key(&mut self, id: &str) -> Result<KeyView>;
     fn rotate_key(&mut self, id: &str, req: &RotateKey) -> Result<Rotated>;
@@ -46,6 +47,9 @@ impl Admin for Store {
     }
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         Store::import_key(self, req)
+    }
+    fn import_batch(&mut self, template: &NewKey, lines: &[String]) -> Result<Vec<String>> {
+        Store::import_batch(self, template, lines)
     }
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>> {
         Store::list_keys(self, agent)
@@ -141,6 +145,10 @@ impl Admin for Remote {
     }
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         self.call("POST", "/v1/keys/import", Some(req))
+    }
+    fn import_batch(&mut self, _template: &NewKey, _lines: &[String]) -> Result<Vec<String>> {
+        // A batch can be far larger than an API body; it is a migration step run on the store.
+        Err(invalid("request", "--batch works on the database file; run it without --url"))
     }
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>> {
         match agent {

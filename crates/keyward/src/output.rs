@@ -70,6 +70,13 @@ impl Output {
         );
     }
 
+    pub fn imported_batch(&self, ids: &[String]) {
+        if self.json {
+            return self.json_value(&serde_json::json!({"imported": ids.len(), "ids": ids}));
+        }
+        println!("Imported {} keys in one change.", ids.len());
+    }
+
     pub fn key_changed(&self, what: &str, k: &KeyView) {
         if self.json {
             return self.json_value(k);

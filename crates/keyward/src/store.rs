@@ -488,7 +488,8 @@ impl Store {
             params![agent.id, name, now],
             |r| r.get(0),
         )?;
-        if taken {
+        // A batch checks each of its own names instead (`key_id` is empty then).
+        if taken && !key_id.is_empty() {
             return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
         }
         Ok(CheckedKey { agent, scopes: req.scopes.clone(), expires_at, name })
@@ -510,24 +511,7 @@ impl Store {
 
     pub fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         let now = now_unix();
-        let (digest, prefix, last4) = match (&req.secret, &req.digest) {
-            (Some(_), Some(_)) => return Err(invalid("digest", "give the key or its digest, not both")),
-            (None, None) => return Err(invalid("key", "give the existing key (on stdin) or --digest")),
-            (Some(secret), None) => {
-                let secret = secret.trim();
-                if secret.is_empty() || secret.len() > 4096 || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
-                    return Err(invalid("key", "the key must be 1 to 4096 printable ASCII characters without spaces or commas"));
-                }
-                let shown = secret.len() >= 16;
-                let prefix = if shown { secret.get(..4).unwrap_or("").to_string() } else { String::new() };
-                let last4 = if shown { secret.get(secret.len() - 4..).unwrap_or("").to_string() } else { String::new() };
-                (Digest::of(secret.as_bytes()).to_hex(), prefix, last4)
-            }
-            (None, Some(d)) => {
-                let digest = Digest::from_hex(d.trim()).ok_or_else(|| invalid("digest", "must be the SHA-256 of the key, 64 hex digits"))?;
-                (digest.to_hex(), String::new(), String::new())
-            }
-        };
+        let (digest, prefix, last4) = imported_digest(req.secret.as_deref(), req.digest.as_deref())?;
         let key_id = format!("key_{}", random_base62(16)?);
         let (tx, version, actor) = self.begin()?;
         let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, &req.key, &key_id, now)?;
@@ -544,6 +528,58 @@ impl Store {
         let key = find_key(&tx, &key_id)?.view(now);
         tx.commit()?;
         Ok(key)
+    }
+
+    /// Imports many existing keys in one transaction (one version, one audit entry): each line
+    /// is a key, or `sha256:<hex>` for its digest. Keys are named `<name>-<line>`. Any bad line
+    /// refuses the whole batch, naming the line.
+    pub fn import_batch(&mut self, template: &NewKey, lines: &[String]) -> Result<Vec<String>> {
+        let now = now_unix();
+        let base = template.name.clone().unwrap_or_else(|| "imported".into());
+        name_ok("name", &base)?;
+        let mut rows = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let parsed = match line.strip_prefix("sha256:") {
+                Some(hex) => imported_digest(None, Some(hex)),
+                None => imported_digest(Some(line), None),
+            };
+            let (digest, prefix, last4) = parsed.map_err(|e| invalid("key", format!("line {}: {}", i + 1, e.message())))?;
+            rows.push((format!("{base}-{}", i + 1), format!("key_{}", random_base62(16)?), digest, prefix, last4));
+        }
+        if rows.is_empty() {
+            return Err(invalid("key", "no keys on stdin"));
+        }
+        let (tx, version, actor) = self.begin()?;
+        let probe = NewKey { name: Some(base.clone()), ..template.clone() };
+        let CheckedKey { agent, scopes, expires_at, .. } = Store::check_new_key(&tx, &probe, "", now)?;
+        {
+            let mut exists = tx.prepare("SELECT EXISTS(SELECT 1 FROM keys WHERE digest = ?1)")?;
+            let mut taken = tx.prepare(
+                "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3))",
+            )?;
+            let mut insert = tx.prepare(
+                "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12)",
+            )?;
+            let scopes_json = scopes.as_deref().map(to_json);
+            let paths_json = to_json(&template.path_prefixes);
+            for (name, id, digest, prefix, last4) in &rows {
+                if exists.query_row([digest], |r| r.get::<_, bool>(0))? {
+                    return Err(Error::Conflict { field: "key", message: format!("{name}: this key is already registered") });
+                }
+                if taken.query_row(params![agent.id, name, now], |r| r.get::<_, bool>(0))? {
+                    return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
+                }
+                insert.execute(params![id, agent.id, name, prefix, last4, digest, scopes_json, paths_json, template.rate, now, expires_at, version])?;
+            }
+        }
+        audit(&tx, actor, "key.import_batch", &agent.id, json!({"agent": agent.name, "count": rows.len(), "name": base}), version)?;
+        tx.commit()?;
+        Ok(rows.into_iter().map(|r| r.1).collect())
     }
 
     fn keys_where(&self, cond: &str, arg: &str, now: i64) -> Result<Vec<KeyView>> {
@@ -769,6 +805,29 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+/// The digest, display prefix and last four of an imported key (by value or by digest).
+fn imported_digest(secret: Option<&str>, digest: Option<&str>) -> Result<(String, String, String)> {
+    match (secret, digest) {
+        (Some(_), Some(_)) => Err(invalid("digest", "give the key or its digest, not both")),
+        (None, None) => Err(invalid("key", "give the existing key (on stdin) or --digest")),
+        (Some(secret), None) => {
+            let secret = secret.trim();
+            if secret.is_empty() || secret.len() > 4096 || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+                return Err(invalid("key", "the key must be 1 to 4096 printable ASCII characters without spaces or commas"));
+            }
+            // Short keys show nothing: eight characters of a 12-character key is too much.
+            let shown = secret.len() >= 16;
+            let prefix = if shown { secret.get(..4).unwrap_or("").to_string() } else { String::new() };
+            let last4 = if shown { secret.get(secret.len() - 4..).unwrap_or("").to_string() } else { String::new() };
+            Ok((Digest::of(secret.as_bytes()).to_hex(), prefix, last4))
+        }
+        (None, Some(d)) => {
+            let digest = Digest::from_hex(d.trim()).ok_or_else(|| invalid("digest", "must be the SHA-256 of the key, 64 hex digits"))?;
+            Ok((digest.to_hex(), String::new(), String::new()))
+        }
     }
 }
 

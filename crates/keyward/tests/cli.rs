@@ -81,11 +81,24 @@ fn key_commands_work_end_to_end() {
     let by_agent = kw(&dir, &["key", "list", "--agent", "crm", "--json"]).ok().json();
     assert_eq!(by_agent.as_array().unwrap().len(), 7);
 
+    // A batch migration: one change, many keys; one bad line refuses all of it.
+    let before = version(&dir);
+    let lines = format!("legacy-key-aaaaaaaaaaaaaaaa\n# a comment\nsha256:{}\n\n", keyward_core::Digest::of(b"legacy-key-b").to_hex());
+    let bad = format!("{lines}not a key\n");
+    let out = kw_in(&dir.0, &["key", "import", "--agent", "crm", "--batch", "--name", "kong"], Some(&bad));
+    assert!(out.stderr.starts_with("error: the key on stdin: line 5:"), "{}", out.stderr);
+    assert_eq!(version(&dir), before, "a refused batch changed the store");
+    let out = kw_in(&dir.0, &["key", "import", "--agent", "crm", "--batch", "--name", "kong", "--json"], Some(&lines)).ok().json();
+    assert_eq!(out["imported"], 2);
+    assert_eq!(version(&dir), before + 1, "a batch is one change");
+    let names: Vec<String> = kw(&dir, &["key", "list", "--json"]).ok().json().as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap().to_string()).collect();
+    assert!(names.contains(&"kong-1".to_string()) && names.contains(&"kong-3".to_string()), "{names:?}");
+
     let status = kw(&dir, &["status"]).ok().stdout;
     assert!(status.contains("snapshot version:") && status.contains("envoys:"), "{status}");
     let audit = kw(&dir, &["audit", "--json"]).ok().json();
     let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["agent.create", "key.create", "key.create", "key.rotate", "key.rotate", "key.revoke", "key.import", "key.import"]);
+    assert_eq!(actions, ["agent.create", "key.create", "key.create", "key.rotate", "key.rotate", "key.revoke", "key.import", "key.import", "key.import_batch"]);
     assert!(audit.as_array().unwrap().iter().all(|e| e["actor"] == "cli:tester"));
     let text = kw(&dir, &["audit"]).ok().stdout;
     assert!(text.contains("key.revoke"));

@@ -195,6 +195,24 @@ impl Envoy {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Envoy's resident memory in bytes, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// `allocated` from the admin `/memory` endpoint (tcmalloc's view of Envoy's heap).
+    pub fn heap_allocated(&self) -> u64 {
+        request(self.admin_port, "GET", "/memory", &[])
+            .ok()
+            .and_then(|r| r.json()["allocated"].as_str().and_then(|s| s.parse().ok()))
+            .unwrap_or(0)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("envoy.log")
     }
