@@ -56,7 +56,7 @@ fn every_envoy_yaml_in_the_repo_passes_envoy_validate() {
 
 #[test]
 fn demo_keys_printed_by_xtask_match_the_local_stack_digests() {
-    let local = std::fs::read_to_string(workspace_root().join("envoy/local.yaml")).unwrap();
+    let local = std::fs::read_to_string(workspace_root().join("envoy/static.yaml")).unwrap();
     let xtask = std::fs::read_to_string(workspace_root().join("xtask/src/main.rs")).unwrap();
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
     let keys: Vec<&str> = xtask
@@ -67,8 +67,8 @@ fn demo_keys_printed_by_xtask_match_the_local_stack_digests() {
     assert_eq!(keys.len(), 2);
     for key in keys {
         let digest = keyward_core::Digest::of(key.as_bytes()).to_hex();
-        assert!(local.contains(&digest), "envoy/local.yaml lacks the digest of {key}");
-        assert!(!local.contains(key), "envoy/local.yaml holds a plaintext key");
+        assert!(local.contains(&digest), "envoy/static.yaml lacks the digest of {key}");
+        assert!(!local.contains(key), "envoy/static.yaml holds a plaintext key");
         assert!(readme.contains(key), "README.md does not show the demo key {key}");
     }
 }

@@ -8,8 +8,10 @@ const HELP: &str = "\
 cargo xtask <command>
 
 Commands:
-  up        Start the local stack: Envoy with keyward.wasm on 127.0.0.1:10000 (admin :9901)
-            in front of an echo upstream on 127.0.0.1:10080. Ctrl-C stops it.
+  up        Start the local stack on the embedded SQLite store: `keyward serve` on
+            127.0.0.1:7070, Envoy with keyward.wasm on 127.0.0.1:10000 (admin :9901) subscribed
+            to its feed, and an echo upstream on 127.0.0.1:10080. Ctrl-C stops it.
+            `up --static` runs envoy/static.yaml instead: an inline snapshot, no sidecar.
   test      Install Envoy if absent, build keyward.wasm, run clippy and every test
             (unit and real-Envoy).
   wasm      Build the release keyward.wasm and print its size.
@@ -28,7 +30,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("up") => up(),
+        Some("up") => up(args.get(1).map(String::as_str) == Some("--static")),
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
@@ -158,13 +160,19 @@ fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
         .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them)."))
 }
 
+fn build_keyward() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "keyward", "--bin", "keyward"]))?;
+    Ok(workspace_root().join("target/debug/keyward"))
+}
+
 fn test(extra: &[String]) -> Result {
     ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl")])?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
+    let keyward = build_keyward()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm);
+    cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
     // One closing line for the whole suite, whatever order cargo ran the test binaries in.
     println!("keyward: {passed} passed, {failed} failed");
@@ -206,31 +214,70 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-fn up() -> Result {
+fn up(static_only: bool) -> Result {
     let envoy = ensure_envoy()?;
     build_wasm()?;
     let echo = Echo::start(10080).map_err(|e| format!("cannot start the echo upstream on 127.0.0.1:10080: {e}"))?;
+    let mut serve = None;
+    let config = if static_only {
+        "envoy/static.yaml"
+    } else {
+        let keyward = build_keyward()?;
+        // No --db: the same default store the CLI uses when run with no connection flags.
+        let child = Command::new(&keyward)
+            .args(["serve", "--listen", "127.0.0.1:7070"])
+            .current_dir(workspace_root())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", keyward.display()))?;
+        serve = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while keyward_testkit::request(7070, "GET", "/healthz", &[]).map_or(true, |r| r.status != 200) {
+            if std::time::Instant::now() > deadline {
+                return Err("keyward serve did not answer on 127.0.0.1:7070 (is the port taken?)".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        "envoy/local.yaml"
+    };
     let mut child = Command::new(&envoy)
-        .args(["-c", "envoy/local.yaml", "--concurrency", "2", "--disable-hot-restart", "--log-level", "warn"])
+        .args(["-c", config, "--concurrency", "2", "--disable-hot-restart", "--log-level", "warn"])
         .args(["--component-log-level", "wasm:info"])
         .current_dir(workspace_root())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", envoy.display()))?;
-    println!(
-        "\nkeyward local stack:\n\
-         \x20 Envoy + keyward.wasm  http://127.0.0.1:10000   (admin http://127.0.0.1:9901)\n\
-         \x20 echo upstream         http://127.0.0.1:10080\n\
-         \x20 control plane: see the next issues (keys come from the inline snapshot in envoy/local.yaml)\n\n\
-         Try it:\n\
-         \x20 curl -i -H 'x-api-key: {DEMO_KEY}' 127.0.0.1:10000/v1/hello\n\
-         \x20 curl -i -H 'Authorization: Bearer {DEMO_KEY}' 127.0.0.1:10000/v1/hello\n\
-         \x20 curl -i 127.0.0.1:10000/v1/hello                      # 401 MISSING_API_KEY\n\
-         \x20 curl -i -H 'x-api-key: {DEMO_KEY}' 127.0.0.1:10000/admin   # 403 INSUFFICIENT_SCOPE\n\
-         \x20 curl -i -H 'x-api-key: {DEMO_ADMIN_KEY}' 127.0.0.1:10000/admin\n\
-         \x20 curl -s 127.0.0.1:9901/stats | grep wasmcustom.keyward\n\n\
-         Ctrl-C stops the stack.\n"
-    );
+    if static_only {
+        println!(
+            "\nkeyward local stack (static snapshot, no sidecar):\n\
+             \x20 Envoy + keyward.wasm  http://127.0.0.1:10000   (admin http://127.0.0.1:9901)\n\
+             \x20 echo upstream         http://127.0.0.1:10080\n\n\
+             Try it:\n\
+             \x20 curl -i -H 'x-api-key: {DEMO_KEY}' 127.0.0.1:10000/v1/hello\n\
+             \x20 curl -i 127.0.0.1:10000/v1/hello                      # 401 MISSING_API_KEY\n\
+             \x20 curl -i -H 'x-api-key: {DEMO_KEY}' 127.0.0.1:10000/admin   # 403 INSUFFICIENT_SCOPE\n\
+             \x20 curl -i -H 'x-api-key: {DEMO_ADMIN_KEY}' 127.0.0.1:10000/admin\n\n\
+             Ctrl-C stops the stack.\n"
+        );
+    } else {
+        println!(
+            "\nkeyward local stack:\n\
+             \x20 keyward serve         http://127.0.0.1:7070    (store: the CLI's default, see `keyward --help`)\n\
+             \x20 Envoy + keyward.wasm  http://127.0.0.1:10000   (admin http://127.0.0.1:9901), fed by keyward serve\n\
+             \x20 echo upstream         http://127.0.0.1:10080\n\n\
+             Try it, in another terminal at the repository root:\n\
+             \x20 target/debug/keyward agent create demo --scopes read:all     # prints a key, once\n\
+             \x20 curl -i -H 'x-api-key: <that key>' 127.0.0.1:10000/v1/hello   # 200, with x-keyward-* upstream\n\
+             \x20 curl -i 127.0.0.1:10000/v1/hello                            # 401 MISSING_API_KEY\n\
+             \x20 curl -i -X POST -H 'x-api-key: <that key>' 127.0.0.1:10000/v1/hello   # 403 INSUFFICIENT_SCOPE\n\
+             \x20 target/debug/keyward status                                  # this Envoy and its applied version\n\
+             \x20 target/debug/keyward key list                                # last used, within seconds\n\n\
+             Ctrl-C stops the stack.\n"
+        );
+    }
     let status = child.wait().map_err(|e| e.to_string())?;
+    if let Some(mut s) = serve {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
     drop(echo);
     Err(format!("Envoy exited: {status}"))
 }
