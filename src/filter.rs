@@ -2,7 +2,9 @@
 
 use crate::host::{self, Host, HostError};
 use keyward_core::response::CODES;
+use keyward_core::ratelimit::{self, Verdict};
 use keyward_core::response::deprecation_headers;
+use keyward_core::Denial;
 use keyward_core::{decide, Config, Decision, KeyLookup, LocalReply, Request};
 use proxy_wasm::types::LogLevel;
 
@@ -24,6 +26,12 @@ pub struct Metrics {
     pub internal_errors: u32,
     /// Indexed like [`CODES`].
     pub denied: [u32; CODES.len()],
+    /// Requests by the number of CAS attempts their bucket update took: 1, 2, 3, 4 or more.
+    pub rl_attempts: [u32; 4],
+    /// Requests let through because the CAS retry bound was hit (fail open on contention).
+    pub rl_contention_allowed: u32,
+    /// Buckets written for the first time: flat once every key has been used.
+    pub rl_buckets_created: u32,
 }
 
 impl Metrics {
@@ -38,6 +46,14 @@ impl Metrics {
             fail_open: host::define_counter("keyward.fail_open")?,
             internal_errors: host::define_counter("keyward.internal_errors")?,
             denied,
+            rl_attempts: [
+                host::define_counter("keyward.rate_limit.cas_attempts_1")?,
+                host::define_counter("keyward.rate_limit.cas_attempts_2")?,
+                host::define_counter("keyward.rate_limit.cas_attempts_3")?,
+                host::define_counter("keyward.rate_limit.cas_attempts_4_or_more")?,
+            ],
+            rl_contention_allowed: host::define_counter("keyward.rate_limit.contention_allowed")?,
+            rl_buckets_created: host::define_counter("keyward.rate_limit.buckets_created")?,
         })
     }
 }
@@ -80,13 +96,43 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
         route_scopes,
         now: host.now_unix()?,
     };
-    let decision = decide(config, keys, &req);
+    let mut decision = decide(config, keys, &req);
+    let mut rate_headers = Vec::new();
+    if let Decision::Allow(id) = &decision {
+        if let (Some(limit), Some(bucket)) = (id.record.rate_limit, id.record.rate_bucket.as_deref()) {
+            let store = host::SharedStore(host);
+            let now_us = host.now_micros()?;
+            let o = ratelimit::check(&store, bucket, now_us, limit, config.rate_limit_burst, config.rate_limit_max_attempts)?;
+            host.increment(metrics.rl_attempts[(o.attempts.max(1) as usize - 1).min(3)])?;
+            if o.contended {
+                host.increment(metrics.rl_contention_allowed)?;
+            }
+            if o.created {
+                host.increment(metrics.rl_buckets_created)?;
+            }
+            match o.verdict {
+                Verdict::Allow { remaining, reset_us, .. } => {
+                    if config.rate_limit_headers {
+                        rate_headers.extend(ratelimit::headers(limit, remaining, reset_us));
+                    }
+                }
+                Verdict::Limit { retry_after_us, reset_us } => {
+                    if config.rate_limit_headers {
+                        rate_headers.extend(ratelimit::headers(limit, 0, reset_us));
+                    }
+                    decision = Decision::Deny(Denial::RateLimited { retry_after_secs: ratelimit::whole_seconds_up(retry_after_us) });
+                }
+            }
+        }
+    }
     if let Decision::Deny(denial) = &decision {
         if debug {
             host::log(LogLevel::Debug, &format!("denied {} {} {}", denial.code(), req.method, req.path));
         }
         host.increment(metrics.denied[denial.code_index()])?;
-        host.send_reply(&denial.reply(config))?;
+        let mut reply = denial.reply(config);
+        reply.headers.append(&mut rate_headers);
+        host.send_reply(&reply)?;
         return Ok(Outcome::Replied);
     }
     // Anything the client sent under our prefix is spoofed identity.
@@ -111,7 +157,9 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
                 host::log(LogLevel::Debug, &format!("allowed key {} digest {}", id.record.id, id.digest.short()));
             }
             host.increment(metrics.allowed)?;
-            allowed = Some(Allowed { key_id: id.record.id.clone(), now: req.now, response_headers: deprecation_headers(&id.record) });
+            let mut response_headers = deprecation_headers(&id.record);
+            response_headers.append(&mut rate_headers);
+            allowed = Some(Allowed { key_id: id.record.id.clone(), now: req.now, response_headers });
         }
         Decision::FailOpen => host.increment(metrics.fail_open)?,
         Decision::Public | Decision::Deny(_) => host.increment(metrics.public)?,

@@ -27,8 +27,12 @@ pub trait Host {
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
     fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
+    /// Microseconds since the Unix epoch, from Envoy's clock.
+    fn now_micros(&self) -> Result<u64, HostError>;
     /// Unix seconds from Envoy's clock.
-    fn now_unix(&self) -> Result<i64, HostError>;
+    fn now_unix(&self) -> Result<i64, HostError> {
+        Ok(i64::try_from(self.now_micros()? / 1_000_000).unwrap_or(i64::MAX))
+    }
     fn increment(&self, metric: u32) -> Result<(), HostError>;
     /// Reads a shared-data entry: its value (`None` if absent) and CAS token.
     fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError>;
@@ -59,11 +63,11 @@ impl Host for Envoy {
             .map_err(host_err("send_http_response"))
     }
 
-    fn now_unix(&self) -> Result<i64, HostError> {
+    fn now_micros(&self) -> Result<u64, HostError> {
         let now = hostcalls::get_current_time().map_err(host_err("get_current_time"))?;
-        // A clock before 1970 is reported as 0: every expiry check then errs on "not expired"
-        // only for keys that expire before 1970, which cannot be created.
-        Ok(now.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)))
+        // A clock before 1970 reads as 0: expiry checks then err on "not expired" only for keys
+        // that expire before 1970, which cannot be created.
+        Ok(now.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)))
     }
 
     fn increment(&self, metric: u32) -> Result<(), HostError> {
@@ -166,4 +170,19 @@ pub fn plugin_configuration() -> Result<Vec<u8>, HostError> {
 
 pub fn define_counter(name: &str) -> Result<u32, HostError> {
     hostcalls::define_metric(MetricType::Counter, name).map_err(host_err("define_metric"))
+}
+
+/// The rate limiter's store: Envoy shared data, through the host boundary.
+pub struct SharedStore<'h, H: Host>(pub &'h H);
+
+impl<H: Host> keyward_core::ratelimit::Store for SharedStore<'_, H> {
+    type Error = HostError;
+
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+        self.0.shared_get(key)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, HostError> {
+        self.0.shared_set(key, value, cas)
+    }
 }

@@ -5,6 +5,7 @@
 
 use crate::credential::Sources;
 use crate::keyformat::valid_prefix;
+use crate::ratelimit::Burst;
 use crate::rules::{HostMatch, PathMatch, Requirement, Rule};
 use crate::scope::{valid_scope, Implications};
 use crate::snapshot::{RawSnapshot, Snapshot};
@@ -90,6 +91,19 @@ pub struct RawConfig {
     /// Let requests through (without identity) while no keys are available. Dangerous.
     #[serde(default)]
     pub fail_open: bool,
+    /// Requests admitted back to back after an idle period: a number, or "limit" for N.
+    #[serde(default)]
+    pub rate_limit_burst: Option<serde_json::Value>,
+    /// Send the IETF `RateLimit-Policy` and `RateLimit` fields.
+    #[serde(default = "yes")]
+    pub rate_limit_headers: bool,
+    /// Compare-and-swap attempts before a contended request is let through.
+    #[serde(default = "default_cas_attempts")]
+    pub rate_limit_max_attempts: u32,
+}
+
+fn default_cas_attempts() -> u32 {
+    8
 }
 
 /// Where the filter's fetcher finds `keyward serve`'s feed.
@@ -200,6 +214,9 @@ pub struct Config {
     /// The feed to subscribe to, instead of an inline snapshot.
     pub control_plane: Option<ControlPlane>,
     pub fail_open: bool,
+    pub rate_limit_burst: Burst,
+    pub rate_limit_headers: bool,
+    pub rate_limit_max_attempts: u32,
 }
 
 impl Config {
@@ -276,6 +293,17 @@ impl Config {
         if snapshot.is_some() && control_plane.is_some() {
             return Err(field_error("snapshot", "give an inline snapshot or a control_plane, not both"));
         }
+        let rate_limit_burst = match &raw.rate_limit_burst {
+            None => Burst::default(),
+            Some(serde_json::Value::String(s)) if s == "limit" => Burst::Limit,
+            Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n >= 1) {
+                Some(n) => Burst::Requests(n),
+                None => return Err(field_error("rate_limit_burst", format!("{v} must be a number of requests (at least 1) or \"limit\""))),
+            },
+        };
+        if !(1..=64).contains(&raw.rate_limit_max_attempts) {
+            return Err(field_error("rate_limit_max_attempts", "must be within 1..=64"));
+        }
         Ok(Config {
             realm: raw.realm.clone(),
             sources: Sources {
@@ -296,6 +324,9 @@ impl Config {
             snapshot,
             control_plane,
             fail_open: raw.fail_open,
+            rate_limit_burst,
+            rate_limit_headers: raw.rate_limit_headers,
+            rate_limit_max_attempts: raw.rate_limit_max_attempts,
         })
     }
 }
@@ -481,6 +512,9 @@ mod tests {
             (r#"{"snapshot": {"keys": [{"digest": "00", "id": "a", "agent": "b", "key": "plaintext"}]}}"#, "snapshot.keys[0].key"),
             ("not json", "configuration"),
             (r#"{"control_plane": {"cluster": ""}}"#, "control_plane.cluster"),
+            (r#"{"rate_limit_burst": 0}"#, "rate_limit_burst"),
+            (r#"{"rate_limit_burst": "lots"}"#, "rate_limit_burst"),
+            (r#"{"rate_limit_max_attempts": 0}"#, "rate_limit_max_attempts"),
             (r#"{"control_plane": {"cluster": "kw", "feed_wait_secs": 0}}"#, "control_plane.feed_wait_secs"),
             (r#"{"control_plane": {"cluster": "kw", "max_snapshot_age_secs": 10}}"#, "control_plane.max_snapshot_age_secs"),
             (r#"{"control_plane": {"cluster": "kw", "token": "short"}}"#, "control_plane.token"),

@@ -9,6 +9,7 @@ pub mod decision;
 pub mod digest;
 pub mod feed;
 pub mod keyformat;
+pub mod ratelimit;
 pub mod response;
 pub mod rules;
 pub mod scope;

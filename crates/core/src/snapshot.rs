@@ -51,6 +51,10 @@ pub struct RawKeyRecord {
     /// `Deprecation` (RFC 9745) and, with `expires_at`, `Sunset` (RFC 8594).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deprecated_at: Option<i64>,
+    /// Which budget the rate limit draws on. Keys with the same bucket share it: all keys of an
+    /// agent with an agent limit, and every key of one rotation lineage. Default: the key's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bucket: Option<String>,
 }
 
 fn yes() -> bool {
@@ -118,6 +122,8 @@ pub struct KeyRecord {
     pub rate_limit: Option<RateLimit>,
     /// Unix seconds at which a rotation superseded this key.
     pub deprecated_at: Option<i64>,
+    /// The budget the rate limit draws on (set whenever `rate_limit` is).
+    pub rate_bucket: Option<String>,
 }
 
 impl KeyRecord {
@@ -127,7 +133,7 @@ impl KeyRecord {
         let opt = |v: Option<i64>| v.map_or(String::new(), |t| t.to_string());
         let rate = self.rate_limit.map_or(String::new(), |r| format!("{}/{}", r.count, r.period_secs));
         format!(
-            "1\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "1\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             self.id,
             self.agent,
             if self.status == KeyStatus::Revoked { "r" } else { "a" },
@@ -137,6 +143,7 @@ impl KeyRecord {
             self.path_prefixes.join(" "),
             rate,
             opt(self.deprecated_at),
+            self.rate_bucket.as_deref().unwrap_or(""),
         )
     }
 
@@ -167,10 +174,14 @@ impl KeyRecord {
             }
         };
         let deprecated_at = opt(f.next()?)?;
+        let rate_bucket = match f.next()? {
+            "" => None,
+            b => Some(b.to_string()),
+        };
         if f.next().is_some() {
             return None;
         }
-        Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at })
+        Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at, rate_bucket })
     }
 
     pub fn has_scope(&self, scope: &str) -> bool {
@@ -253,6 +264,12 @@ pub fn compile_record(
         .map(RateLimit::parse)
         .transpose()
         .map_err(|e| ("rate_limit", e))?;
+    if let Some(b) = &r.rate_bucket {
+        if b.is_empty() || b.len() > 160 || !b.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(("rate_bucket", format!("{b:?} must be 1 to 160 printable ASCII characters")));
+        }
+    }
+    let rate_bucket = rate_limit.map(|_| r.rate_bucket.clone().unwrap_or_else(|| format!("k:{}", r.id)));
     let scopes = implications.expand(r.scopes.iter().map(String::as_str));
     let record = KeyRecord {
         id: r.id.clone(),
@@ -265,6 +282,7 @@ pub fn compile_record(
         path_prefixes: r.path_prefixes.clone(),
         rate_limit,
         deprecated_at: r.deprecated_at,
+        rate_bucket,
     };
     Ok((digest, record))
 }
@@ -331,7 +349,9 @@ mod tests {
         let snap = Snapshot::compile(
             &raw(serde_json::json!({"keys": [
                 {"digest": d.to_hex(), "id": "key_1", "agent": "billing team", "status": "revoked", "expires_at": 1_900_000_000,
-                 "agent_enabled": false, "scopes": ["admin"], "path_prefixes": ["/a", "/b/c"], "rate_limit": "10/min", "deprecated_at": 1_800_000_000},
+                 "agent_enabled": false, "scopes": ["admin"], "path_prefixes": ["/a", "/b/c"], "rate_limit": "10/min", "deprecated_at": 1_800_000_000,
+                 "rate_bucket": "a:agt_1"},
+                {"digest": Digest::of(b"m").to_hex(), "id": "key_3", "agent": "a", "rate_limit": "1/s"},
                 {"digest": Digest::of(b"j").to_hex(), "id": "key_2", "agent": "a"}
             ]})),
             &Implications::default(),
@@ -342,7 +362,9 @@ mod tests {
             let encoded = record.encode();
             assert_eq!(KeyRecord::decode(&encoded).as_ref(), Some(record), "{encoded}");
         }
-        for bad in ["", "2\tx", "1\tid", "1\ti\ta\tx\t\t1\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t"] {
+        let k3 = snap.get(&Digest::of(b"m")).unwrap();
+        assert_eq!(k3.rate_bucket.as_deref(), Some("k:key_3"), "a limited key has its own bucket by default");
+        for bad in ["", "2\tx", "1\tid", "1\ti\ta\tx\t\t1\t\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t\t", "1\ti\ta\ta\t\t1\t\t\t\t\t\tx"] {
             assert_eq!(KeyRecord::decode(bad), None, "{bad:?}");
         }
     }

@@ -84,6 +84,11 @@ CREATE TABLE envoys (
     last_seen INTEGER NOT NULL,
     open_until INTEGER NOT NULL
 ) STRICT;
+"#,
+// 4: a rotation lineage per key, so the keys of one rotation share a rate-limit budget.
+r#"
+ALTER TABLE keys ADD COLUMN lineage TEXT;
+UPDATE keys SET lineage = id WHERE lineage IS NULL;
 "#];
 
 /// The schema version this build writes.
@@ -174,11 +179,12 @@ struct KeyRow {
     imported: bool,
     rotated_at: Option<i64>,
     version: i64,
+    lineage: String,
 }
 
 const KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enabled, a.rate_limit, k.name, k.display_prefix, k.last4, \
     k.digest, k.scopes, k.path_prefixes, k.rate_limit, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, \
-    k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version";
+    k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version, COALESCE(k.lineage, k.id)";
 
 fn json_list(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
@@ -212,6 +218,7 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         imported: r.get(19)?,
         rotated_at: r.get(20)?,
         version: r.get(21)?,
+        lineage: r.get(22)?,
     })
 }
 
@@ -229,6 +236,13 @@ impl KeyRow {
             path_prefixes: self.path_prefixes.clone(),
             rate_limit: self.rate_limit.clone().or_else(|| self.agent_rate.clone()),
             deprecated_at: self.rotated_to.as_ref().and(self.rotated_at),
+            // A key's own limit is shared along its rotation lineage; an agent's limit by all
+            // of the agent's keys.
+            rate_bucket: match (&self.rate_limit, &self.agent_rate) {
+                (Some(_), _) => Some(format!("k:{}", self.lineage)),
+                (None, Some(_)) => Some(format!("a:{}", self.agent_id)),
+                (None, None) => None,
+            },
         }
     }
 
@@ -641,6 +655,7 @@ impl Store {
             "UPDATE keys SET expires_at = ?1, rotated_to = ?2, rotated_at = ?3, version = ?4 WHERE id = ?5",
             params![old_expiry, new_id, now, version, id],
         )?;
+        tx.execute("UPDATE keys SET lineage = ?1 WHERE id = ?2", params![old.lineage, new_id])?;
         audit(&tx, actor, "key.rotate", id, json!({"agent": old.agent_name, "new_key": new_id, "old_expires_at": rfc3339(Some(old_expiry))}), version)?;
         let old_view = find_key(&tx, id)?.view(now);
         let new_view = find_key(&tx, &new_id)?.view(now);
