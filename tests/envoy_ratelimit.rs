@@ -196,7 +196,7 @@ fn rate_limit_state_does_not_grow_with_time() {
 fn cas_retries_under_contention_stay_within_the_bound() {
     // A limit too high to bind: every request updates the bucket, from both workers at once.
     let key = "rate-contention-key-0123456789";
-    let (envoy, _echo) = inline(vec![record(key, "key_c", json!({"rate_limit": "100000/s"}))], json!({}));
+    let (envoy, _echo) = inline(vec![record(key, "key_c", json!({"rate_limit": "100000/s"}))], json!({"rate_limit_burst": "limit"}));
     let port = envoy.port;
     let clients: Vec<_> = (0..8)
         .map(|_| {
@@ -209,7 +209,9 @@ fn cas_retries_under_contention_stay_within_the_bound() {
         })
         .collect();
     for c in clients {
-        c.join().unwrap();
+        if c.join().is_err() {
+            panic!("a client failed; Envoy log:\n{}", envoy.log().lines().filter(|l| !l.contains("server.cc")).collect::<Vec<_>>().join("\n"));
+        }
     }
     let attempts: Vec<u64> = ["cas_attempts_1", "cas_attempts_2", "cas_attempts_3", "cas_attempts_4_or_more"].iter().map(|n| stat(&envoy, &format!("rate_limit.{n}"))).collect();
     let contended = stat(&envoy, "rate_limit.contention_allowed");

@@ -1,68 +1,123 @@
 //! An echo upstream: answers every request with 200 and a JSON account of what it received.
+//! One thread per connection, keep-alive, `Content-Length` and chunked request bodies.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// A running echo server on a loopback port. Stops on drop.
 pub struct Echo {
-    server: Arc<tiny_http::Server>,
     port: u16,
-    workers: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl Echo {
     /// Starts on `127.0.0.1:port` (0 for a free port).
     pub fn start(port: u16) -> std::io::Result<Echo> {
-        let server = tiny_http::Server::http(("127.0.0.1", port)).map_err(std::io::Error::other)?;
-        let port = server.server_addr().to_ip().map_or(port, |a| a.port());
-        let server = Arc::new(server);
-        let workers = (0..4)
-            .map(|_| {
-                let server = Arc::clone(&server);
-                std::thread::spawn(move || {
-                    while let Ok(mut req) = server.recv() {
-                        let mut body = String::new();
-                        let _ = std::io::Read::read_to_string(req.as_reader(), &mut body);
-                        let headers: Vec<(String, String)> = req
-                            .headers()
-                            .iter()
-                            .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.as_str().to_string()))
-                            .collect();
-                        let reply = serde_json::json!({
-                            "method": req.method().as_str(),
-                            "path": req.url(),
-                            "headers": headers,
-                            "body_bytes": body.len(),
-                        });
-                        let response = tiny_http::Response::from_string(reply.to_string()).with_header(
-                            tiny_http::Header::from_bytes(&b"content-type"[..], &b"application/json"[..])
-                                .unwrap_or_else(|_| unreachable!()),
-                        );
-                        let _ = req.respond(response);
-                    }
-                })
-            })
-            .collect();
-        Ok(Echo { server, port, workers })
+        let listener = TcpListener::bind(("127.0.0.1", port))?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let acceptor = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(conn) = conn {
+                    std::thread::spawn(move || serve(conn));
+                }
+            }
+        });
+        Ok(Echo { port, stop, acceptor: Some(acceptor) })
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Blocks until the server is stopped from elsewhere (used by `cargo xtask up`).
+    /// Blocks until the server stops (used by `cargo xtask up`).
     pub fn wait(mut self) {
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
         }
     }
 }
 
 impl Drop for Echo {
     fn drop(&mut self) {
-        self.server.unblock();
-        for _ in 1..self.workers.len() {
-            self.server.unblock();
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the acceptor so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve(conn: TcpStream) {
+    let _ = conn.set_nodelay(true);
+    let Ok(mut out) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let request_line = String::from_utf8_lossy(&line).trim_end().to_string();
+        let mut parts = request_line.split(' ');
+        let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+        let mut headers: Vec<(String, String)> = Vec::new();
+        loop {
+            let mut h = Vec::new();
+            if reader.read_until(b'\n', &mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = String::from_utf8_lossy(&h).trim_end().to_string();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+            }
+        }
+        let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut body_bytes = 0usize;
+        if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            let mut body = vec![0u8; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            body_bytes = len;
+        } else if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let mut size = String::new();
+                if reader.read_line(&mut size).unwrap_or(0) == 0 {
+                    return;
+                }
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+                let mut chunk = vec![0u8; n + 2];
+                if reader.read_exact(&mut chunk).is_err() {
+                    return;
+                }
+                body_bytes += n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        let reply = serde_json::json!({"method": method, "path": path, "headers": headers, "body_bytes": body_bytes}).to_string();
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            reply.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        // One write: a head and a body in two segments meet Nagle and delayed ACKs (40 ms).
+        let mut response = head.into_bytes();
+        response.extend_from_slice(reply.as_bytes());
+        if out.write_all(&response).is_err() || close {
+            return;
         }
     }
 }

@@ -65,6 +65,7 @@ pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &[u8])]) -
 /// Writes `raw` to `127.0.0.1:port` and parses the response (the server must close or frame it).
 pub fn send_raw(port: u16, raw: &[u8]) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(raw)?;
     let mut buf = Vec::new();
