@@ -178,7 +178,7 @@ pub struct SharedStore<'h, H: Host>(pub &'h H);
 impl<H: Host> keyward_core::ratelimit::Store for SharedStore<'_, H> {
     type Error = HostError;
 
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+    fn get(&self, key: &str) -> Result<keyward_core::ratelimit::Versioned, HostError> {
         self.0.shared_get(key)
     }
 

@@ -79,11 +79,14 @@ pub fn headers(limit: RateLimit, remaining: u64, reset_us: u64) -> [(&'static st
     ]
 }
 
+/// A stored value and its CAS token (`None` if absent).
+pub type Versioned = (Option<Vec<u8>>, Option<u32>);
+
 /// The shared store the limiter's state lives in (Envoy shared data in the filter).
 pub trait Store {
     type Error;
-    /// The value and its CAS token; `None` if absent.
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Self::Error>;
+    /// The value and its CAS token.
+    fn get(&self, key: &str) -> Result<Versioned, Self::Error>;
     /// Writes if `cas` still matches (or unconditionally with `None`); `Ok(false)` on mismatch.
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, Self::Error>;
 }
@@ -171,7 +174,7 @@ mod tests {
             times.extend((0..2000u64).map(|i| 3 * period + i * (period / 400 + 1)));
             let admitted = run(&times, limit, burst);
             let b = effective_burst(limit, burst) as usize;
-            assert!(max_in_any_window(&admitted, period) <= limit.count as usize + b - 1, "{limit:?} {burst:?}");
+            assert!(max_in_any_window(&admitted, period) < limit.count as usize + b, "{limit:?} {burst:?}");
         }
     }
 
@@ -215,7 +218,7 @@ mod tests {
 
     impl Store for Mem {
         type Error = ();
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), ()> {
+        fn get(&self, key: &str) -> Result<Versioned, ()> {
             Ok(self.map.borrow().get(key).map_or((None, None), |(v, c)| (Some(v.clone()), Some(*c))))
         }
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, ()> {
