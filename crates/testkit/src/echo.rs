@@ -1,5 +1,6 @@
 //! An echo upstream: answers every request with 200 and a JSON account of what it received.
-//! One thread per connection, keep-alive, `Content-Length` and chunked request bodies.
+//! One thread per connection, keep-alive, `Content-Length` and chunked request bodies. The same
+//! loop serves `AuthServer`, the bench's minimal `ext_authz` service.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -14,9 +15,29 @@ pub struct Echo {
     acceptor: Option<JoinHandle<()>>,
 }
 
+/// What a handler sees of a request.
+pub struct Seen<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(String, String)],
+    pub body_bytes: usize,
+}
+
+type Handler = Arc<dyn Fn(&Seen<'_>) -> (u16, String) + Send + Sync>;
+
+fn echo_handler(seen: &Seen<'_>) -> (u16, String) {
+    let reply = serde_json::json!({"method": seen.method, "path": seen.path, "headers": seen.headers, "body_bytes": seen.body_bytes});
+    (200, reply.to_string())
+}
+
 impl Echo {
     /// Starts on `127.0.0.1:port` (0 for a free port).
     pub fn start(port: u16) -> std::io::Result<Echo> {
+        Echo::start_with(port, Arc::new(echo_handler))
+    }
+
+    /// A server answering with `handler` instead of echoing.
+    pub fn start_with(port: u16, handler: Handler) -> std::io::Result<Echo> {
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -27,7 +48,8 @@ impl Echo {
                     break;
                 }
                 if let Ok(conn) = conn {
-                    std::thread::spawn(move || serve(conn));
+                    let handler = Arc::clone(&handler);
+                    std::thread::spawn(move || serve(conn, &*handler));
                 }
             }
         });
@@ -54,7 +76,7 @@ impl Drop for Echo {
     }
 }
 
-fn serve(conn: TcpStream) {
+fn serve(conn: TcpStream, handler: &(dyn Fn(&Seen<'_>) -> (u16, String) + Send + Sync)) {
     let _ = conn.set_nodelay(true);
     let Ok(mut out) = conn.try_clone() else { return };
     let mut reader = BufReader::new(conn);
@@ -106,10 +128,11 @@ fn serve(conn: TcpStream) {
                 }
             }
         }
-        let reply = serde_json::json!({"method": method, "path": path, "headers": headers, "body_bytes": body_bytes}).to_string();
+        let (status, reply) = handler(&Seen { method: &method, path: &path, headers: &headers, body_bytes });
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            if status == 200 { "OK" } else { "Denied" },
             reply.len(),
             if close { "connection: close\r\n" } else { "" }
         );
@@ -120,4 +143,19 @@ fn serve(conn: TcpStream) {
             return;
         }
     }
+}
+
+/// A minimal `ext_authz` HTTP service: 200 if `x-api-key` is one of `keys`, else 403.
+pub fn auth_server(keys: std::collections::HashSet<String>) -> std::io::Result<Echo> {
+    Echo::start_with(
+        0,
+        Arc::new(move |seen: &Seen<'_>| {
+            let ok = seen.headers.iter().any(|(n, v)| n == "x-api-key" && keys.contains(v));
+            if ok {
+                (200, String::new())
+            } else {
+                (403, String::new())
+            }
+        }),
+    )
 }

@@ -23,6 +23,10 @@ pub struct EnvoyOptions {
     pub control_plane_port: Option<u16>,
     /// The bootstrap's `node.id`.
     pub node_id: String,
+    /// Run Envoy under `taskset -c <cpus>`.
+    pub pin_cpus: Option<String>,
+    /// A complete bootstrap to run instead of the generated one (listener must be named "main").
+    pub bootstrap: Option<Value>,
 }
 
 impl EnvoyOptions {
@@ -36,6 +40,8 @@ impl EnvoyOptions {
             tls: None,
             control_plane_port: None,
             node_id: "keyward-test".into(),
+            pin_cpus: None,
+            bootstrap: None,
         }
     }
 }
@@ -142,8 +148,15 @@ fn spawn(dir: &TempDir, config: &Value, opts: &EnvoyOptions) -> std::io::Result<
     let cfg = dir.path().join("envoy.json");
     std::fs::write(&cfg, serde_json::to_vec_pretty(config)?)?;
     let log = std::fs::File::create(dir.path().join("envoy.log"))?;
-    Command::new(envoy_bin())
-        .arg("-c")
+    let mut cmd = match &opts.pin_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpus]).arg(envoy_bin());
+            c
+        }
+        None => Command::new(envoy_bin()),
+    };
+    cmd.arg("-c")
         .arg(&cfg)
         .args(["--concurrency", &opts.concurrency.to_string(), "--disable-hot-restart", "--log-level", "info"])
         .arg("--admin-address-path")
@@ -159,7 +172,10 @@ impl Envoy {
     /// Starts Envoy and waits until its listener serves. Returns `Err` with the log if it exits.
     pub fn try_start(opts: &EnvoyOptions) -> Result<Envoy, Failed> {
         let dir = TempDir::new("envoy").map_err(|e| Failed { status: None, log: e.to_string() })?;
-        let config = envoy_bootstrap(&wasm_path(), opts);
+        let config = match &opts.bootstrap {
+            Some(b) => b.clone(),
+            None => envoy_bootstrap(&wasm_path(), opts),
+        };
         let child = spawn(&dir, &config, opts).map_err(|e| Failed { status: None, log: e.to_string() })?;
         let mut envoy = Envoy { child, dir, admin_port: 0, port: 0 };
         let ready = poll_until(Duration::from_secs(60), "Envoy to become ready or exit", || {
@@ -211,6 +227,19 @@ impl Envoy {
             .ok()
             .and_then(|r| r.json()["allocated"].as_str().and_then(|s| s.parse().ok()))
             .unwrap_or(0)
+    }
+
+    /// The Envoy process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User plus system CPU time of the Envoy process, in seconds (from `/proc`).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -7,7 +7,7 @@ mod envoy;
 mod http;
 mod keyward;
 
-pub use echo::Echo;
+pub use echo::{auth_server, Echo, Seen};
 pub use envoy::{envoy_bootstrap, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
 pub use keyward::{keyward_bin, Keyward, ADMIN_TOKEN};

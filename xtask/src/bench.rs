@@ -1,0 +1,575 @@
+//! `cargo xtask bench`: keyward side by side with every alternative, in one run, on the same
+//! Envoy 1.40 binary, the same proxied route and the same upstream.
+//!
+//! Method: each Envoy under test runs with `--concurrency 1`, pinned to CPU 0; `wrk`, the
+//! upstream (a direct-response Envoy), the ext_authz server and `keyward serve` share CPU 1.
+//! After a warm-up, every configuration runs once per round in rotating order; each run
+//! measures throughput (closed loop) and then latency at a fixed moderate rate. Envoy's CPU
+//! time comes from `/proc/<pid>/stat`. Ratios are computed per round, then the median is taken.
+
+use keyward_core::{keyformat, Digest};
+use keyward_testkit::{auth_server, poll_until, request, Envoy, EnvoyOptions, Keyward, TempDir};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+pub struct Options {
+    pub quick: bool,
+    /// Where the report goes.
+    pub out: PathBuf,
+}
+
+struct Plan {
+    rounds: usize,
+    throughput_secs: u32,
+    latency_secs: u32,
+    /// Keys loaded for configurations 6, 7 and 8.
+    sizes: [usize; 3],
+    /// Requests per second of the latency runs.
+    moderate_rate: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan { rounds: 2, throughput_secs: 1, latency_secs: 1, sizes: [1_000, 5_000, 10_000], moderate_rate: 500 }
+        } else {
+            Plan { rounds: 7, throughput_secs: 3, latency_secs: 2, sizes: [1_000, 100_000, 1_000_000], moderate_rate: 1_000 }
+        }
+    }
+}
+
+/// Deterministic keyward-format keys (valid checksums), so every run presents the same set.
+fn keys(n: usize, salt: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let seed = Digest::of(format!("bench {salt} {i}").as_bytes());
+            let bytes = seed.0.iter().chain(Digest::of(&seed.0).0.iter()).copied().collect::<Vec<u8>>();
+            keyformat::generate("kw_live", bytes.into_iter().cycle()).unwrap_or_default()
+        })
+        .collect()
+}
+
+fn route(cluster: &str) -> Value {
+    json!([{"match": {"prefix": "/"}, "route": {"cluster": cluster}}])
+}
+
+fn cluster(name: &str, port: u16) -> Value {
+    json!({
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+    })
+}
+
+/// A bootstrap with one listener through `filters` (then the router) to `upstream`.
+fn bootstrap(node: &str, filters: Vec<Value>, clusters: Vec<Value>) -> Value {
+    let mut http_filters = filters;
+    http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
+    json!({
+        "node": {"id": node, "cluster": "bench"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "bench",
+                        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": route("upstream")}]},
+                        "http_filters": http_filters
+                    }
+                }]}]
+            }],
+            "clusters": clusters
+        }
+    })
+}
+
+fn wasm(name: &str, file: &Path, config: &Value) -> Value {
+    json!({
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": name, "root_id": name,
+                "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": file.display().to_string()}}},
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config.to_string()},
+                "failure_policy": "FAIL_RELOAD"
+            }
+        }
+    })
+}
+
+fn api_key_auth(keys: &[String]) -> Value {
+    let credentials: Vec<Value> = keys.iter().enumerate().map(|(i, k)| json!({"key": k, "client": format!("client-{i}")})).collect();
+    json!({
+        "name": "envoy.filters.http.api_key_auth",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+            "credentials": credentials,
+            "key_sources": [{"header": "x-api-key"}]
+        }
+    })
+}
+
+fn lua(keys: &[String]) -> Value {
+    let mut code = String::from("local keys = {\n");
+    for k in keys {
+        let _ = writeln!(code, "  [\"{k}\"] = true,");
+    }
+    code.push_str(
+        "}\nfunction envoy_on_request(handle)\n  local key = handle:headers():get(\"x-api-key\")\n  if key == nil or not keys[key] then\n    handle:respond({[\":status\"] = \"401\"}, \"invalid key\")\n  end\nend\n",
+    );
+    json!({
+        "name": "envoy.filters.http.lua",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua", "default_source_code": {"inline_string": code}}
+    })
+}
+
+fn ext_authz() -> Value {
+    json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": {
+                "server_uri": {"uri": "http://127.0.0.1", "cluster": "authz", "timeout": "1s"},
+                "authorization_request": {"allowed_headers": {"patterns": [{"exact": "x-api-key"}]}}
+            },
+            "transport_api_version": "V3"
+        }
+    })
+}
+
+/// The upstream every configuration proxies to: an Envoy answering 200 itself, on CPU 1.
+fn upstream() -> Result<Envoy> {
+    let config = json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": [{
+            "name": "main",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "upstream",
+                    "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+                }
+            }]}]
+        }]}
+    });
+    start(config, 1, "1")
+}
+
+fn start(config: Value, concurrency: u32, cpus: &str) -> Result<Envoy> {
+    let mut opts = EnvoyOptions::new(json!({}), 0);
+    opts.bootstrap = Some(config);
+    opts.concurrency = concurrency;
+    opts.pin_cpus = Some(cpus.to_string());
+    opts.extra_args = vec!["--component-log-level".into(), "wasm:info".into()];
+    Envoy::try_start(&opts).map_err(|f| format!("Envoy did not start ({:?}):\n{}", f.status, f.log))
+}
+
+/// One configuration under test.
+struct Subject {
+    name: String,
+    envoy: Envoy,
+    /// The keys wrk presents (a sample of the loaded set for the largest).
+    keys_file: PathBuf,
+    start_secs: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    cpu_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn wrk_scripts(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let common = r#"
+local keys = {}
+for line in io.lines(os.getenv("KW_KEYS")) do keys[#keys + 1] = line end
+local i = math.random(#keys)
+request = function()
+  i = i % #keys + 1
+  return wrk.format("GET", "/bench", {["x-api-key"] = keys[i]})
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("KWJSON {\"requests\":%d,\"duration_us\":%d,\"errors\":%d,\"non2xx\":%d,\"p50\":%d,\"p99\":%d}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+    let throughput = dir.join("throughput.lua");
+    let paced = dir.join("paced.lua");
+    std::fs::write(&throughput, common).map_err(|e| e.to_string())?;
+    let pacing = "\nlocal pace = tonumber(os.getenv(\"KW_DELAY_MS\"))\ndelay = function() return pace end\n";
+    std::fs::write(&paced, format!("{common}{pacing}")).map_err(|e| e.to_string())?;
+    Ok((throughput, paced))
+}
+
+fn wrk(script: &Path, keys: &Path, port: u16, connections: u32, secs: u32, delay_ms: Option<u32>) -> Result<Value> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "-s"])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}/bench"))
+        .env("KW_KEYS", keys);
+    if let Some(d) = delay_ms {
+        cmd.env("KW_DELAY_MS", d.to_string());
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("KWJSON ")).ok_or_else(|| format!("wrk said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+fn measure(s: &Subject, plan: &Plan, scripts: &(PathBuf, PathBuf)) -> Result<Sample> {
+    let cpu0 = s.envoy.cpu_seconds();
+    let t = wrk(&scripts.0, &s.keys_file, s.envoy.port, 16, plan.throughput_secs, None)?;
+    let cpu1 = s.envoy.cpu_seconds();
+    let requests = t["requests"].as_f64().unwrap_or(0.0);
+    let non2xx = t["non2xx"].as_u64().unwrap_or(0) + t["errors"].as_u64().unwrap_or(0);
+    if requests == 0.0 || non2xx > 0 {
+        return Err(format!("{}: {non2xx} failed requests of {requests}: {t}", s.name));
+    }
+    let rps = requests / (t["duration_us"].as_f64().unwrap_or(1.0) / 1e6);
+    let connections = 8;
+    let delay_ms = connections * 1000 / plan.moderate_rate;
+    let l = wrk(&scripts.1, &s.keys_file, s.envoy.port, connections, plan.latency_secs, Some(delay_ms))?;
+    Ok(Sample { rps, cpu_us: (cpu1 - cpu0) * 1e6 / requests, p50_us: l["p50"].as_f64().unwrap_or(0.0), p99_us: l["p99"].as_f64().unwrap_or(0.0) })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn write_keys(dir: &Path, name: &str, keys: &[String], max: usize) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.keys"));
+    let step = keys.len().div_ceil(max).max(1);
+    let body: String = keys.iter().step_by(step).map(|k| format!("{k}\n")).collect();
+    std::fs::write(&path, body).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// A `keyward serve` with `keys` imported for one agent; `rate` adds a per-key limit.
+fn control_plane(keys: &[String], rate: Option<&str>) -> Result<Keyward> {
+    let keyward = Keyward::start();
+    keyward.cli(&["agent", "create", "bench", "--scopes", "read:all"]);
+    if !keys.is_empty() {
+        let mut args = vec!["key", "import", "--agent", "bench", "--batch"];
+        if let Some(r) = rate {
+            args.extend(["--rate", r]);
+        }
+        let lines: String = keys.iter().map(|k| format!("{k}\n")).collect();
+        keyward.cli_stdin(&args, &lines);
+    }
+    Ok(keyward)
+}
+
+pub fn run(opts: &Options) -> Result {
+    let plan = Plan::new(opts.quick);
+    let dir = TempDir::new("bench").map_err(|e| e.to_string())?;
+    let scripts = wrk_scripts(dir.path())?;
+    let t_total = Instant::now();
+    eprintln!("bench: generating keys");
+    let small = keys(plan.sizes[0], "a");
+    let mid = keys(plan.sizes[1], "b");
+    let large = keys(plan.sizes[2], "c");
+    let up = upstream()?;
+    let up_port = up.port;
+    let authz = auth_server(small.iter().cloned().collect()).map_err(|e| e.to_string())?;
+
+    let mut subjects: Vec<Subject> = Vec::new();
+    let small_file = write_keys(dir.path(), "small", &small, 100_000)?;
+    let plain = |name: &str, filters: Vec<Value>, extra: Vec<Value>| -> Result<Subject> {
+        let mut clusters = vec![cluster("upstream", up_port)];
+        clusters.extend(extra);
+        let started = Instant::now();
+        let envoy = start(bootstrap(name, filters, clusters), 1, "0")?;
+        Ok(Subject { name: name.to_string(), envoy, keys_file: small_file.clone(), start_secs: started.elapsed().as_secs_f64() })
+    };
+    eprintln!("bench: starting the five reference configurations");
+    subjects.push(plain("1 no auth filter", vec![], vec![])?);
+    let noop = keyward_testkit::workspace_root().join("target/wasm32-wasip1/release/noop.wasm");
+    subjects.push(plain("2 no-op wasm (floor)", vec![wasm("noop", &noop, &json!({}))], vec![])?);
+    subjects.push(plain("3 api_key_auth", vec![api_key_auth(&small)], vec![])?);
+    subjects.push(plain("4 Lua lookup", vec![lua(&small)], vec![])?);
+    subjects.push(plain("5 ext_authz (HTTP)", vec![ext_authz()], vec![cluster("authz", authz.port())])?);
+
+    let mut serves = Vec::new();
+    let mut apply_ms = Vec::new();
+    for (i, (set, scoped)) in [(&small, false), (&mid, false), (&large, true)].into_iter().enumerate() {
+        let n = set.len();
+        eprintln!("bench: loading {n} keys into keyward serve");
+        let t = Instant::now();
+        let serve = control_plane(set, scoped.then_some("1000000/s"))?;
+        let import_s = t.elapsed().as_secs_f64();
+        let label = if scoped { format!("{} keyward, {n} keys, scopes + rate limit", 6 + i) } else { format!("{} keyward, {n} keys", 6 + i) };
+        let node = format!("bench-{n}");
+        // Fix the upstream port in the bootstrap after the fact.
+        let (envoy, ready) = {
+            let mut config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
+            if scoped {
+                config["rules"] = json!([{"methods": ["GET"], "scopes": ["read:all"]}]);
+                config["rate_limit_burst"] = json!("limit");
+            }
+            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![cluster("upstream", up_port), cluster("keyward", serve.port)]);
+            let started = Instant::now();
+            let envoy = start(boot, 1, "0")?;
+            let ready = started.elapsed().as_secs_f64();
+            poll_until(Duration::from_secs(900), "the snapshot to be applied", || {
+                let status = serve.api_get("/v1/status");
+                let e = status["envoys"].as_array()?.iter().find(|e| e["id"] == node.as_str())?.clone();
+                (e["applied_version"] == status["snapshot_version"]).then_some(())
+            });
+            (envoy, ready)
+        };
+        let log = envoy.log();
+        let applied = log.lines().find_map(|l| l.split("full snapshot version ").nth(1)?.split(" applied in ").nth(1)?.split(' ').next()?.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        apply_ms.push((n + 1, applied, import_s));
+        let keys_file = write_keys(dir.path(), &format!("set{i}"), set, 100_000)?;
+        subjects.push(Subject { name: label, envoy, keys_file, start_secs: ready });
+        serves.push(serve);
+    }
+
+    eprintln!("bench: warm-up");
+    for s in &subjects {
+        wrk(&scripts.0, &s.keys_file, s.envoy.port, 16, 1, None)?;
+    }
+    let n = subjects.len();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); n];
+    for round in 0..plan.rounds {
+        eprintln!("bench: round {} of {}", round + 1, plan.rounds);
+        for k in 0..n {
+            let i = (round + k) % n;
+            samples[i].push(measure(&subjects[i], &plan, &scripts)?);
+        }
+    }
+
+    eprintln!("bench: scale measurements");
+    let scale = scale(&plan, &small, &mid, &large, up_port)?;
+    let propagation = propagation(&serves, &subjects[5..])?;
+    drop(up);
+    drop(authz);
+
+    let report = report(&plan, &subjects, &samples, &apply_ms, &scale, &propagation, t_total.elapsed());
+    print!("{report}");
+    std::fs::write(&opts.out, &report).map_err(|e| format!("{}: {e}", opts.out.display()))?;
+    eprintln!("bench: wrote {} in {:.0} s", opts.out.display(), t_total.elapsed().as_secs_f64());
+    Ok(())
+}
+
+struct Scale {
+    /// (keys, RSS MiB at concurrency 1, RSS MiB at concurrency 2)
+    memory: Vec<(usize, f64, f64)>,
+}
+
+fn rss_mib(e: &Envoy) -> f64 {
+    std::thread::sleep(Duration::from_millis(300));
+    e.rss_bytes() as f64 / 1_048_576.0
+}
+
+fn scale(plan: &Plan, small: &[String], mid: &[String], large: &[String], up_port: u16) -> Result<Scale> {
+    let mut memory = Vec::new();
+    let sets: [&[String]; 4] = [&[], small, mid, large];
+    for set in sets {
+        let serve = control_plane(set, None)?;
+        let mut rss = [0.0; 2];
+        for (slot, concurrency) in [1u32, 2].into_iter().enumerate() {
+            let node = format!("scale-{}-{concurrency}", set.len());
+            let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
+            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![cluster("upstream", up_port), cluster("keyward", serve.port)]);
+            let envoy = start(boot, concurrency, if concurrency == 1 { "0" } else { "0,1" })?;
+            poll_until(Duration::from_secs(900), "the snapshot to be applied", || {
+                let status = serve.api_get("/v1/status");
+                let e = status["envoys"].as_array()?.iter().find(|e| e["id"] == node.as_str())?.clone();
+                (e["applied_version"] == status["snapshot_version"]).then_some(())
+            });
+            rss[slot] = rss_mib(&envoy);
+        }
+        memory.push((set.len(), rss[0], rss[1]));
+        let _ = plan;
+    }
+    Ok(Scale { memory })
+}
+
+/// Revokes keys of the running control planes and times the refusal at the Envoy under test.
+fn propagation(serves: &[Keyward], subjects: &[Subject]) -> Result<Vec<(usize, f64)>> {
+    let mut out = Vec::new();
+    for (serve, subject) in serves.iter().zip(subjects) {
+        let keys: Vec<Value> = serve.api_get("/v1/keys?agent=bench").as_array().cloned().unwrap_or_default();
+        let key_file = std::fs::read_to_string(&subject.keys_file).map_err(|e| e.to_string())?;
+        let presented: Vec<&str> = key_file.lines().take(5).collect();
+        let mut times = Vec::new();
+        for key in presented {
+            let digest = Digest::of(key.as_bytes()).to_hex();
+            // Find the key id by its masked form is not possible; use the snapshot instead.
+            let snapshot = serve.api_get("/v1/snapshot");
+            let id = snapshot["keys"].as_array().and_then(|ks| ks.iter().find(|k| k["digest"] == digest.as_str())).and_then(|k| k["id"].as_str().map(str::to_string));
+            let Some(id) = id else { continue };
+            let t0 = Instant::now();
+            serve.api_post(&format!("/v1/keys/{id}/revoke"), &json!({}));
+            poll_until(Duration::from_secs(10), "the revocation", || {
+                let r = request(subject.envoy.port, "GET", "/bench", &[("x-api-key", key.as_bytes())]).ok()?;
+                (r.status == 401).then_some(())
+            });
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        let _ = keys;
+        out.push((subject.name.split(' ').nth(2).and_then(|n| n.trim_end_matches(',').parse().ok()).unwrap_or(0), median(times)));
+    }
+    Ok(out)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total = mem.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} × {model}, {:.0} GiB", total / 1_048_576.0)
+}
+
+fn git_commit() -> String {
+    let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(keyward_testkit::workspace_root()).output();
+    let dirty = Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).current_dir(keyward_testkit::workspace_root()).output();
+    let rev = out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let dirty = dirty.map(|o| !o.stdout.is_empty()).unwrap_or(false);
+    if dirty {
+        format!("{rev} (with uncommitted changes)")
+    } else {
+        rev
+    }
+}
+
+fn report(plan: &Plan, subjects: &[Subject], samples: &[Vec<Sample>], apply: &[(usize, f64, f64)], scale: &Scale, propagation: &[(usize, f64)], took: Duration) -> String {
+    let mut r = String::new();
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let _ = writeln!(r, "# keyward benchmarks\n");
+    let _ = writeln!(
+        r,
+        "Written by `cargo xtask bench{}` on {date}, commit {}, machine: {}. Envoy {} (`--concurrency 1`, pinned to CPU 0); wrk, the upstream (a direct-response Envoy), the ext_authz server and `keyward serve` on CPU 1. {} interleaved rounds after a warm-up; throughput: wrk, 1 thread, 16 connections, {} s; latency: 8 connections paced to {} requests/s for {} s. Every request presents a different valid key drawn from the loaded set. Took {:.0} s.\n",
+        if plan.rounds < 7 { " --quick" } else { "" },
+        git_commit(),
+        machine(),
+        keyward_testkit::ENVOY_VERSION,
+        plan.rounds,
+        plan.throughput_secs,
+        plan.moderate_rate,
+        plan.latency_secs,
+        took.as_secs_f64()
+    );
+    let _ = writeln!(r, "## Per request\n");
+    let _ = writeln!(r, "Medians over rounds. Ratios are computed per round, then the median is taken: `/1` against no filter, `/2` against the no-op wasm floor. CPU is Envoy's only (the ext_authz server's own CPU is not counted).\n");
+    let _ = writeln!(r, "| configuration | req/s | /1 | /2 | Envoy CPU µs/req | /1 | /2 | p50 µs | /1 | /2 | p99 µs | /1 | /2 |");
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let ratio = |i: usize, base: usize, f: fn(&Sample) -> f64| median(samples[i].iter().zip(&samples[base]).map(|(a, b)| f(a) / f(b)).collect());
+    for (i, s) in subjects.iter().enumerate() {
+        let m = |f: fn(&Sample) -> f64| median(samples[i].iter().map(f).collect());
+        let rps: fn(&Sample) -> f64 = |x| x.rps;
+        let cpu: fn(&Sample) -> f64 = |x| x.cpu_us;
+        let p50: fn(&Sample) -> f64 = |x| x.p50_us;
+        let p99: fn(&Sample) -> f64 = |x| x.p99_us;
+        let _ = writeln!(
+            r,
+            "| {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            s.name,
+            m(rps),
+            ratio(i, 0, rps),
+            ratio(i, 1, rps),
+            m(cpu),
+            ratio(i, 0, cpu),
+            ratio(i, 1, cpu),
+            m(p50),
+            ratio(i, 0, p50),
+            ratio(i, 1, p50),
+            m(p99),
+            ratio(i, 0, p99),
+            ratio(i, 1, p99),
+        );
+    }
+    let _ = writeln!(r, "\n## Scale\n");
+    let _ = writeln!(r, "| keys in the snapshot | Envoy RSS, 1 worker (MiB) | Envoy RSS, 2 workers (MiB) | per extra worker (MiB) |");
+    let _ = writeln!(r, "|---|---|---|---|");
+    for (n, c1, c2) in &scale.memory {
+        let _ = writeln!(r, "| {n} | {c1:.1} | {c2:.1} | {:.1} |", c2 - c1);
+    }
+    let _ = writeln!(r, "\n| keys (incl. the agent's first key) | full snapshot applied in (ms, filter log) | `key import --batch` (s) |");
+    let _ = writeln!(r, "|---|---|---|");
+    for (n, ms, import) in apply {
+        let _ = writeln!(r, "| {n} | {ms:.0} | {import:.1} |");
+    }
+    let _ = writeln!(r, "\n| keys | one revocation to refusal at Envoy, median of 5 (ms) |");
+    let _ = writeln!(r, "|---|---|");
+    for (n, ms) in propagation {
+        let _ = writeln!(r, "| {n} | {ms:.1} |");
+    }
+    let size = |f: &str| std::fs::metadata(keyward_testkit::workspace_root().join(f)).map(|m| m.len()).unwrap_or(0);
+    let _ = writeln!(
+        r,
+        "\n`keyward.wasm`: {} bytes; `noop.wasm`: {} bytes. Envoy start to ready (one start each): no filter {:.2} s, no-op wasm {:.2} s, keyward (1,000 keys, before the snapshot) {:.2} s: the VM start (V8 compile and instantiate, per worker plus the main thread) is about the difference.",
+        size("target/wasm32-wasip1/release/keyward.wasm"),
+        size("target/wasm32-wasip1/release/noop.wasm"),
+        subjects[0].start_secs,
+        subjects[1].start_secs,
+        subjects[5].start_secs
+    );
+    r
+}
+
+/// The reference configurations, for `envoy --mode validate` in the tests.
+#[cfg(test)]
+pub fn reference_bootstraps(keys: &[String], noop: &Path) -> Vec<(&'static str, Value)> {
+    vec![
+        ("no filter", bootstrap("v", vec![], vec![cluster("upstream", 1)])),
+        ("noop", bootstrap("v", vec![wasm("noop", noop, &json!({}))], vec![cluster("upstream", 1)])),
+        ("api_key_auth", bootstrap("v", vec![api_key_auth(keys)], vec![cluster("upstream", 1)])),
+        ("lua", bootstrap("v", vec![lua(keys)], vec![cluster("upstream", 1)])),
+        ("ext_authz", bootstrap("v", vec![ext_authz()], vec![cluster("upstream", 1), cluster("authz", 2)])),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_configurations_pass_envoy_validate() {
+        let dir = TempDir::new("bench-validate").unwrap();
+        let noop = keyward_testkit::workspace_root().join("target/wasm32-wasip1/release/noop.wasm");
+        for (name, config) in reference_bootstraps(&keys(3, "v"), &noop) {
+            if name == "noop" && !noop.is_file() {
+                continue; // Built by `cargo xtask bench`; the other four need nothing.
+            }
+            let file = dir.path().join(format!("{name}.json"));
+            std::fs::write(&file, config.to_string()).unwrap();
+            let out = Command::new(keyward_testkit::envoy_bin()).args(["--mode", "validate", "-c"]).arg(&file).output().unwrap();
+            assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    #[test]
+    fn bench_keys_are_valid_keyward_keys_and_stable() {
+        let a = keys(3, "x");
+        assert_eq!(a, keys(3, "x"));
+        for k in &a {
+            assert_eq!(keyformat::check(&["kw".into()], k), keyformat::FormatCheck::Valid, "{k}");
+        }
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
