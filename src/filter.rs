@@ -15,11 +15,49 @@ pub const AGENT_HEADER: &str = "x-keyward-agent";
 pub const SCOPES_HEADER: &str = "x-keyward-scopes";
 
 const ROUTE_SCOPES: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "keyward", "scopes"];
+const ROUTE_NAME: [&str; 2] = ["xds", "route_name"];
+/// Most routes a VM remembers the metadata scopes of between ticks.
+const ROUTE_CACHE_MAX: usize = 1024;
+
+/// Route metadata scopes by route name, per VM, cleared on every tick. Reading the route's
+/// metadata walks a protobuf on Envoy's side and was the dearest hostcall of a request; a route's
+/// name is cheap. Unnamed routes are never cached: their name does not tell them apart.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    entries: std::cell::RefCell<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl RouteCache {
+    pub fn clear(&self) {
+        self.entries.borrow_mut().clear();
+    }
+
+    fn scopes<H: Host>(&self, host: &H) -> Result<Option<Vec<u8>>, HostError> {
+        let name = host.property(&ROUTE_NAME)?.filter(|n| !n.is_empty());
+        let Some(name) = name else {
+            return host.property(&ROUTE_SCOPES);
+        };
+        if let Some(hit) = self.entries.borrow().get(&name) {
+            return Ok(hit.clone());
+        }
+        let scopes = host.property(&ROUTE_SCOPES)?;
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= ROUTE_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(name, scopes.clone());
+        Ok(scopes)
+    }
+}
 const TLS_VERSION: [&str; 2] = ["connection", "tls_version"];
 
 /// Counter ids, defined once per VM. They appear as `wasmcustom.keyward.*` in Envoy's `/stats`.
+///
+/// Requests add to `pending` in the VM; the root context's tick flushes it to Envoy, so a
+/// request makes no stats hostcall (counters lag by at most one tick).
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
+    pub pending: std::cell::RefCell<Vec<(u32, u64)>>,
     pub allowed: u32,
     pub public: u32,
     pub fail_open: u32,
@@ -35,12 +73,31 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one event, to be flushed on the next tick.
+    pub fn count(&self, metric: u32) {
+        let mut pending = self.pending.borrow_mut();
+        match pending.iter_mut().find(|(id, _)| *id == metric) {
+            Some((_, n)) => *n += 1,
+            None => pending.push((metric, 1)),
+        }
+    }
+
+    /// Sends the pending counts to Envoy.
+    pub fn flush<H: Host>(&self, host: &H) -> Result<(), HostError> {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        for (id, n) in pending {
+            host.increment(id, n)?;
+        }
+        Ok(())
+    }
+
     pub fn define() -> Result<Metrics, HostError> {
         let mut denied = [0; CODES.len()];
         for (slot, code) in denied.iter_mut().zip(CODES) {
             *slot = host::define_counter(&format!("keyward.denied.{}", code.to_ascii_lowercase()))?;
         }
         Ok(Metrics {
+            pending: Default::default(),
             allowed: host::define_counter("keyward.allowed")?,
             public: host::define_counter("keyward.public")?,
             fail_open: host::define_counter("keyward.fail_open")?,
@@ -70,12 +127,18 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
     pub key_id: String,
-    pub now: i64,
     pub response_headers: Vec<(&'static str, String)>,
 }
 
 /// Judges one request against `keys` and carries the decision out through `host`.
-pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, keys: &K, metrics: &Metrics, debug: bool) -> Result<Outcome, HostError> {
+pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
+    host: &H,
+    config: &Config,
+    keys: &K,
+    metrics: &Metrics,
+    routes: &RouteCache,
+    debug: bool,
+) -> Result<Outcome, HostError> {
     let headers = host.request_headers()?;
     let pseudo = |name: &str| {
         headers
@@ -85,8 +148,10 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
             .unwrap_or("")
     };
     let tls_connection = config.require_tls && host.property(&TLS_VERSION)?.is_some();
-    let route_scopes = if config.route_metadata { host.property(&ROUTE_SCOPES)? } else { None };
+    let route_scopes = if config.route_metadata { routes.scopes(host)? } else { None };
     let route_scopes = route_scopes.as_deref().and_then(|v| std::str::from_utf8(v).ok());
+    // The clock is read only for keys that can expire; a failed read fails them closed.
+    let clock = || host.now_unix().unwrap_or(i64::MAX);
     let req = Request {
         method: pseudo(":method"),
         path: pseudo(":path"),
@@ -94,7 +159,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
         headers: &headers,
         tls_connection,
         route_scopes,
-        now: host.now_unix()?,
+        now: &clock,
     };
     let mut decision = decide(config, keys, &req);
     let mut rate_headers = Vec::new();
@@ -103,12 +168,12 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
             let store = host::SharedStore(host);
             let now_us = host.now_micros()?;
             let o = ratelimit::check(&store, bucket, now_us, limit, config.rate_limit_burst, config.rate_limit_max_attempts)?;
-            host.increment(metrics.rl_attempts[(o.attempts.max(1) as usize - 1).min(3)])?;
+            metrics.count(metrics.rl_attempts[(o.attempts.max(1) as usize - 1).min(3)]);
             if o.contended {
-                host.increment(metrics.rl_contention_allowed)?;
+                metrics.count(metrics.rl_contention_allowed);
             }
             if o.created {
-                host.increment(metrics.rl_buckets_created)?;
+                metrics.count(metrics.rl_buckets_created);
             }
             match o.verdict {
                 Verdict::Allow { remaining, reset_us, .. } => {
@@ -129,40 +194,48 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
         if debug {
             host::log(LogLevel::Debug, &format!("denied {} {} {}", denial.code(), req.method, req.path));
         }
-        host.increment(metrics.denied[denial.code_index()])?;
+        metrics.count(metrics.denied[denial.code_index()]);
         let mut reply = denial.reply(config);
         reply.headers.append(&mut rate_headers);
         host.send_reply(&reply)?;
         return Ok(Outcome::Replied);
     }
-    // Anything the client sent under our prefix is spoofed identity.
-    for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(IDENTITY_PREFIX)) {
-        host.set_request_header(name, None)?;
-    }
     let mut allowed = None;
     match decision {
         Decision::Allow(id) => {
-            host.set_request_header(KEY_ID_HEADER, Some(&id.record.id))?;
-            host.set_request_header(AGENT_HEADER, Some(&id.record.agent))?;
-            host.set_request_header(SCOPES_HEADER, Some(&id.record.scopes_header))?;
-            if config.strip_credential {
-                for name in &id.credential_headers {
-                    host.set_request_header(name, None)?;
+            // One replacement of the whole header map: spoofed x-keyward-* out, the credential
+            // out, the identity in, the path without a query credential. One hostcall instead
+            // of one per change.
+            let strip = |name: &str| config.strip_credential && id.credential_headers.iter().any(|h| h == name);
+            let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + 3);
+            for (name, value) in &headers {
+                if name.starts_with(IDENTITY_PREFIX) || strip(name) {
+                    continue;
+                }
+                match (&id.stripped_path, name.as_str()) {
+                    (Some(path), ":path") => out.push((":path", path.as_bytes())),
+                    _ => out.push((name.as_str(), value.as_slice())),
                 }
             }
-            if let Some(path) = &id.stripped_path {
-                host.set_request_header(":path", Some(path))?;
-            }
+            out.push((KEY_ID_HEADER, id.record.id.as_bytes()));
+            out.push((AGENT_HEADER, id.record.agent.as_bytes()));
+            out.push((SCOPES_HEADER, id.record.scopes_header.as_bytes()));
+            host.replace_request_headers(&out)?;
             if debug {
                 host::log(LogLevel::Debug, &format!("allowed key {} digest {}", id.record.id, id.digest.short()));
             }
-            host.increment(metrics.allowed)?;
+            metrics.count(metrics.allowed);
             let mut response_headers = deprecation_headers(&id.record);
             response_headers.append(&mut rate_headers);
-            allowed = Some(Allowed { key_id: id.record.id.clone(), now: req.now, response_headers });
+            allowed = Some(Allowed { key_id: id.record.id.clone(), response_headers });
         }
-        Decision::FailOpen => host.increment(metrics.fail_open)?,
-        Decision::Public | Decision::Deny(_) => host.increment(metrics.public)?,
+        Decision::FailOpen | Decision::Public | Decision::Deny(_) => {
+            // Anything the client sent under our prefix is spoofed identity (rare: removed one by one).
+            for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(IDENTITY_PREFIX)) {
+                host.set_request_header(name, None)?;
+            }
+            metrics.count(if matches!(decision, Decision::FailOpen) { metrics.fail_open } else { metrics.public });
+        }
     }
     Ok(Outcome::Continue(allowed))
 }

@@ -25,6 +25,8 @@ pub trait Host {
     fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError>;
     /// Sets (`Some`) or removes (`None`, all copies) a request header.
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
+    /// Replaces every request header at once: one hostcall instead of one per change.
+    fn replace_request_headers(&self, headers: &[(&str, &[u8])]) -> Result<(), HostError>;
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
     fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
     /// Microseconds since the Unix epoch, from Envoy's clock.
@@ -33,7 +35,8 @@ pub trait Host {
     fn now_unix(&self) -> Result<i64, HostError> {
         Ok(i64::try_from(self.now_micros()? / 1_000_000).unwrap_or(i64::MAX))
     }
-    fn increment(&self, metric: u32) -> Result<(), HostError>;
+    /// Adds `n` to a counter.
+    fn increment(&self, metric: u32, n: u64) -> Result<(), HostError>;
     /// Reads a shared-data entry: its value (`None` if absent) and CAS token.
     fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError>;
     /// Writes a shared-data entry. With `cas`, returns `Ok(false)` if someone wrote in between.
@@ -53,6 +56,10 @@ impl Host for Envoy {
         hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(host_err("set_map_value"))
     }
 
+    fn replace_request_headers(&self, headers: &[(&str, &[u8])]) -> Result<(), HostError> {
+        hostcalls::set_map_bytes(MapType::HttpRequestHeaders, headers.to_vec()).map_err(host_err("set_map_bytes"))
+    }
+
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
         hostcalls::get_property(path.to_vec()).map_err(host_err("get_property"))
     }
@@ -70,8 +77,8 @@ impl Host for Envoy {
         Ok(now.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)))
     }
 
-    fn increment(&self, metric: u32) -> Result<(), HostError> {
-        hostcalls::increment_metric(metric, 1).map_err(host_err("increment_metric"))
+    fn increment(&self, metric: u32, n: u64) -> Result<(), HostError> {
+        hostcalls::increment_metric(metric, i64::try_from(n).unwrap_or(i64::MAX)).map_err(host_err("increment_metric"))
     }
 
     fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {

@@ -40,6 +40,9 @@ struct Shared {
     /// Requests with a control plane count usage.
     count_usage: bool,
     faults: Cell<u64>,
+    /// Unix seconds as of the last tick: good enough for `last used`, free per request.
+    now_secs: Cell<i64>,
+    routes: filter::RouteCache,
 }
 
 #[derive(Default)]
@@ -100,10 +103,12 @@ impl RootContext for KeywardRoot {
                 h.finish()
             };
             self.fetcher = Some(Fetcher::new(cp.clone(), config.implications.clone(), feed_metrics, seed));
-            if let Err(e) = host::set_tick_period(fetcher::TICK) {
-                host::log(LogLevel::Error, &format!("rejecting configuration: {e}"));
-                return false;
-            }
+        }
+        // Every VM ticks: counters are flushed to Envoy on the tick, not per request.
+        let tick = if config.control_plane.is_some() { fetcher::TICK } else { std::time::Duration::from_secs(1) };
+        if let Err(e) = host::set_tick_period(tick) {
+            host::log(LogLevel::Error, &format!("rejecting configuration: {e}"));
+            return false;
         }
         let debug = host::log_enabled(LogLevel::Debug);
         let count_usage = config.control_plane.is_some();
@@ -115,6 +120,8 @@ impl RootContext for KeywardRoot {
             usage: RefCell::new(UsageCounts::new()),
             count_usage,
             faults: Cell::new(0),
+            now_secs: Cell::new(i64::try_from(host::now_millis().unwrap_or(0) / 1000).unwrap_or(0)),
+            routes: filter::RouteCache::default(),
         }));
         true
     }
@@ -122,11 +129,17 @@ impl RootContext for KeywardRoot {
     fn on_tick(&mut self) {
         let now = host::now_millis().unwrap_or(0);
         if let Some(shared) = &self.shared {
-            match State::read(&host::Envoy) {
-                Ok(state) => *shared.state.borrow_mut() = state,
-                Err(e) => host::log(LogLevel::Warn, &format!("reading the shared state: {e}")),
+            shared.now_secs.set(i64::try_from(now / 1000).unwrap_or(0));
+            // Route metadata may change with RDS: remember it for one tick at most.
+            shared.routes.clear();
+            if let Err(e) = shared.metrics.flush(&host::Envoy) {
+                host::log(LogLevel::Warn, &format!("flushing counters: {e}"));
             }
             if let Some(f) = &mut self.fetcher {
+                match State::read(&host::Envoy) {
+                    Ok(state) => *shared.state.borrow_mut() = state,
+                    Err(e) => host::log(LogLevel::Warn, &format!("reading the shared state: {e}")),
+                }
                 f.on_tick(now, &shared.usage);
             }
         }
@@ -159,10 +172,10 @@ impl KeywardHttp {
         let env = host::Envoy;
         let c = &shared.config;
         if let Some(snapshot) = &c.snapshot {
-            return filter::on_request(&env, c, snapshot, &shared.metrics, shared.debug);
+            return filter::on_request(&env, c, snapshot, &shared.metrics, &shared.routes, shared.debug);
         }
         let Some(cp) = &c.control_plane else {
-            return filter::on_request(&env, c, &NoKeys, &shared.metrics, shared.debug);
+            return filter::on_request(&env, c, &NoKeys, &shared.metrics, &shared.routes, shared.debug);
         };
         let now_ms = host::now_millis()?;
         let mut usable = shared.state.borrow().usable(now_ms, cp.max_snapshot_age_secs);
@@ -173,11 +186,11 @@ impl KeywardHttp {
             *shared.state.borrow_mut() = fresh;
         }
         let keys = SharedKeys { host: &env, usable, fault: Cell::new(false) };
-        let outcome = filter::on_request(&env, c, &keys, &shared.metrics, shared.debug)?;
+        let outcome = filter::on_request(&env, c, &keys, &shared.metrics, &shared.routes, shared.debug)?;
         if keys.fault.get() {
             shared.faults.set(shared.faults.get() + 1);
             host::log(LogLevel::Error, "a shared-data key record could not be read; failing closed");
-            env.increment(shared.metrics.internal_errors)?;
+            shared.metrics.count(shared.metrics.internal_errors);
         }
         Ok(outcome)
     }
@@ -199,7 +212,7 @@ impl HttpContext for KeywardHttp {
                         let mut usage = shared.usage.borrow_mut();
                         let e = usage.entry(a.key_id).or_insert((0, 0));
                         e.0 += 1;
-                        e.1 = e.1.max(a.now);
+                        e.1 = e.1.max(shared.now_secs.get());
                     }
                     self.response_headers = a.response_headers;
                 }
@@ -208,7 +221,7 @@ impl HttpContext for KeywardHttp {
             Ok(Outcome::Replied) => Action::Pause,
             Err(e) => {
                 host::log(LogLevel::Error, &format!("{e}; failing closed"));
-                let _ = env.increment(shared.metrics.internal_errors);
+                shared.metrics.count(shared.metrics.internal_errors);
                 let _ = env.send_reply(&filter::internal_error_reply());
                 Action::Pause
             }

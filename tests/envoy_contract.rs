@@ -155,6 +155,8 @@ fn denials_and_allows_are_counted_in_envoy_stats() {
     stack.envoy.get("/v1/x", &[("x-api-key", REVOKED_KEY.as_bytes())]);
     stack.envoy.get("/public/x", &[]);
     let stat = |name: &str| stack.envoy.stat(&format!("wasmcustom.keyward.{name}"));
+    // Counters reach Envoy on the filter's next tick.
+    poll_until(Duration::from_secs(5), "the counters to be flushed", || (stat("allowed") == Some(2) && stat("denied.revoked_api_key") == Some(1)).then_some(()));
     assert_eq!(stat("allowed"), Some(2));
     assert_eq!(stat("public"), Some(1));
     assert_eq!(stat("denied.missing_api_key"), Some(1));

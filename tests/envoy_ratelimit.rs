@@ -80,6 +80,7 @@ fn a_20_per_second_key_driven_at_100_per_second_admits_about_100_in_5_seconds() 
     let after = worker_connections(&envoy);
     let served: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     let (ok, limited) = (ok.load(Ordering::Relaxed), limited.load(Ordering::Relaxed));
+    poll_until(Duration::from_secs(5), "the counters to be flushed", || (stat(&envoy, "denied.rate_limited") == limited).then_some(()));
     let attempts: Vec<u64> = ["cas_attempts_1", "cas_attempts_2", "cas_attempts_3", "cas_attempts_4_or_more"].iter().map(|n| stat(&envoy, &format!("rate_limit.{n}"))).collect();
     eprintln!(
         "20/s key, {} requests in {elapsed:.2} s: {ok} admitted, {limited} limited; connections per worker {served:?}; CAS attempts 1/2/3/4+: {attempts:?}; contention fail-open: {}",
@@ -189,7 +190,8 @@ fn rate_limit_state_does_not_grow_with_time() {
         heap.push(envoy.heap_allocated());
     }
     eprintln!("buckets created per second: {created:?}; heap allocated: {heap:?}");
-    assert!(created.iter().all(|&n| n == 3), "one shared-data entry per bucket, whatever the time: {created:?}");
+    // Counters are flushed once a second, so the first sample may lag; after that, flat at 3.
+    assert!(created.iter().all(|&n| n <= 3) && created[2..].iter().all(|&n| n == 3), "one shared-data entry per bucket, whatever the time: {created:?}");
 }
 
 #[test]
@@ -213,6 +215,8 @@ fn cas_retries_under_contention_stay_within_the_bound() {
             panic!("a client failed; Envoy log:\n{}", envoy.log().lines().filter(|l| !l.contains("server.cc")).collect::<Vec<_>>().join("\n"));
         }
     }
+    let total = || ["cas_attempts_1", "cas_attempts_2", "cas_attempts_3", "cas_attempts_4_or_more"].iter().map(|n| stat(&envoy, &format!("rate_limit.{n}"))).sum::<u64>();
+    poll_until(Duration::from_secs(5), "the counters to be flushed", || (total() == 2000).then_some(()));
     let attempts: Vec<u64> = ["cas_attempts_1", "cas_attempts_2", "cas_attempts_3", "cas_attempts_4_or_more"].iter().map(|n| stat(&envoy, &format!("rate_limit.{n}"))).collect();
     let contended = stat(&envoy, "rate_limit.contention_allowed");
     eprintln!("2000 requests from 8 clients on one bucket: CAS attempts 1/2/3/4+ = {attempts:?}, fail-open on contention: {contended}");

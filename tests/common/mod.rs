@@ -54,9 +54,9 @@ pub fn plugin_config() -> Value {
 /// Routes: `/meta-admin` carries `filter_metadata.keyward.scopes: admin`; the rest go to echo.
 pub fn routes() -> Value {
     json!([
-        {"match": {"prefix": "/meta-admin"}, "route": {"cluster": "echo"},
+        {"name": "meta-admin", "match": {"prefix": "/meta-admin"}, "route": {"cluster": "echo"},
          "metadata": {"filter_metadata": {"keyward": {"scopes": "admin"}}}},
-        {"match": {"prefix": "/"}, "route": {"cluster": "echo"}}
+        {"name": "everything-else", "match": {"prefix": "/"}, "route": {"cluster": "echo"}}
     ])
 }
 

@@ -55,7 +55,7 @@ fn keys(n: usize, salt: &str) -> Vec<String> {
 }
 
 fn route(cluster: &str) -> Value {
-    json!([{"match": {"prefix": "/"}, "route": {"cluster": cluster}}])
+    json!([{"name": "bench", "match": {"prefix": "/"}, "route": {"cluster": cluster}}])
 }
 
 fn cluster(name: &str, port: u16) -> Value {

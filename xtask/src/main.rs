@@ -174,7 +174,8 @@ fn bench_cmd(args: &[String]) -> Result {
         None if quick => workspace_root().join("target/BENCHMARKS.quick.md"),
         None => workspace_root().join("BENCHMARKS.md"),
     };
-    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !["--quick", "--out"].contains(&a.as_str()) && !(*i > 0 && args[i - 1] == "--out")) {
+    let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
+    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out"].contains(&a.as_str()) || is_value_of_out(*i))) {
         return Err(format!("bench: unknown argument {:?}; use --quick and --out FILE", bad.1));
     }
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux")])?;

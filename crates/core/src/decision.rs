@@ -34,7 +34,7 @@ impl KeyLookup for NoKeys {
 }
 
 /// What the filter knows about a request, gathered by the shell.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     pub method: &'a str,
     /// `:path` as received, query included.
@@ -47,8 +47,8 @@ pub struct Request<'a> {
     pub tls_connection: bool,
     /// `filter_metadata.keyward.scopes` of the matched route, if any.
     pub route_scopes: Option<&'a str>,
-    /// Unix seconds, from the filter's clock.
-    pub now: i64,
+    /// Unix seconds, from the filter's clock; called only for keys that can expire.
+    pub now: &'a dyn Fn() -> i64,
 }
 
 impl Request<'_> {
@@ -143,11 +143,11 @@ pub fn decide<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, req: &Req
 }
 
 /// Checks a found key against the clock, its agent, its restrictions and the route's scopes.
-pub fn judge_record(record: &KeyRecord, required: &[String], path: &str, now: i64) -> Option<Denial> {
+pub fn judge_record(record: &KeyRecord, required: &[String], path: &str, now: &dyn Fn() -> i64) -> Option<Denial> {
     if record.status == KeyStatus::Revoked {
         return Some(Denial::RevokedKey);
     }
-    if let Some(expired_at) = record.expires_at.filter(|&t| now >= t) {
+    if let Some(expired_at) = record.expires_at.filter(|&t| now() >= t) {
         return Some(Denial::ExpiredKey { expired_at });
     }
     if !record.agent_enabled {
@@ -212,7 +212,7 @@ mod tests {
 
     fn run(f: &Fixture, method: &str, path: &str, headers: &[(&str, &str)], route_scopes: Option<&str>) -> Result<String, Denial> {
         let headers: Vec<(String, Vec<u8>)> = headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
-        let req = Request { method, path, authority: "api.test", headers: &headers, tls_connection: false, route_scopes, now: NOW };
+        let req = Request { method, path, authority: "api.test", headers: &headers, tls_connection: false, route_scopes, now: &|| NOW };
         let snapshot = f.config.snapshot.clone().unwrap();
         match decide(&f.config, &snapshot, &req) {
             Decision::Public | Decision::FailOpen => Ok("public".into()),
@@ -263,7 +263,7 @@ mod tests {
     fn missing_snapshot_is_unavailable_with_retry_after() {
         let f = fixture();
         let headers = vec![("x-api-key".to_string(), b"some-key".to_vec())];
-        let req = Request { method: "GET", path: "/", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: NOW };
+        let req = Request { method: "GET", path: "/", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: &|| NOW };
         assert_eq!(decide(&f.config, &NoKeys, &req), Decision::Deny(Denial::KeysUnavailable { retry_after_secs: 5 }));
         let mut open = f.config.clone();
         open.fail_open = true;
@@ -280,7 +280,7 @@ mod tests {
         let hdrs = |xfp: &str| vec![("x-forwarded-proto".to_string(), xfp.as_bytes().to_vec()), ("x-api-key".to_string(), b"admin-key".to_vec())];
         let judge = |c: &Config, tls: bool, xfp: &str| {
             let h = hdrs(xfp);
-            let req = Request { method: "GET", path: "/v1", authority: "a", headers: &h, tls_connection: tls, route_scopes: None, now: NOW };
+            let req = Request { method: "GET", path: "/v1", authority: "a", headers: &h, tls_connection: tls, route_scopes: None, now: &|| NOW };
             let snapshot = c.snapshot.clone().unwrap();
             matches!(decide(c, &snapshot, &req), Decision::Deny(Denial::TlsRequired))
         };

@@ -72,7 +72,7 @@ pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
 
 /// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster.
 pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
-    let routes = opts.routes.clone().unwrap_or_else(|| json!([{"match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
+    let routes = opts.routes.clone().unwrap_or_else(|| json!([{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
     let mut config = json!({
         "node": {"id": opts.node_id, "cluster": "keyward-test"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
