@@ -203,12 +203,21 @@ fn test(extra: &[String]) -> Result {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
-    // One closing line for the whole suite, whatever order cargo ran the test binaries in.
-    println!("keyward: {passed} passed, {failed} failed");
     if passed == 0 {
         return Err("no test ran".into());
     }
-    Ok(())
+    // The benchmark's smoke run: every configuration starts, serves and is measured.
+    let smoke = bench_cmd(&["--quick".to_string()]);
+    let (passed, failed) = match &smoke {
+        Ok(()) => (passed + 1, failed),
+        Err(e) => {
+            eprintln!("xtask: bench --quick failed: {e}");
+            (passed, failed + 1)
+        }
+    };
+    // One closing line for the whole suite, whatever order cargo ran the test binaries in.
+    println!("keyward: {passed} passed, {failed} failed");
+    smoke
 }
 
 /// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
