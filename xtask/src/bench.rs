@@ -265,19 +265,22 @@ fn write_keys(dir: &Path, name: &str, keys: &[String], max: usize) -> Result<Pat
     Ok(path)
 }
 
-/// A `keyward serve` with `keys` imported for one agent; `rate` adds a per-key limit.
-fn control_plane(keys: &[String], rate: Option<&str>) -> Result<Keyward> {
+/// A `keyward serve` with `keys` imported for one agent (`rate` adds a per-key limit), and the
+/// ids of the imported keys in the same order.
+fn control_plane(keys: &[String], rate: Option<&str>) -> Result<(Keyward, Vec<String>)> {
     let keyward = Keyward::start();
     keyward.cli(&["agent", "create", "bench", "--scopes", "read:all"]);
+    let mut ids = Vec::new();
     if !keys.is_empty() {
-        let mut args = vec!["key", "import", "--agent", "bench", "--batch"];
+        let mut args = vec!["key", "import", "--agent", "bench", "--batch", "--json"];
         if let Some(r) = rate {
             args.extend(["--rate", r]);
         }
         let lines: String = keys.iter().map(|k| format!("{k}\n")).collect();
-        keyward.cli_stdin(&args, &lines);
+        let out: Value = serde_json::from_str(&keyward.cli_stdin(&args, &lines)).map_err(|e| e.to_string())?;
+        ids = out["ids"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
     }
-    Ok(keyward)
+    Ok((keyward, ids))
 }
 
 pub fn run(opts: &Options) -> Result {
@@ -316,7 +319,7 @@ pub fn run(opts: &Options) -> Result {
         let n = set.len();
         eprintln!("bench: loading {n} keys into keyward serve");
         let t = Instant::now();
-        let serve = control_plane(set, scoped.then_some("1000000/s"))?;
+        let (serve, ids) = control_plane(set, scoped.then_some("1000000/s"))?;
         let import_s = t.elapsed().as_secs_f64();
         let label = if scoped { format!("{} keyward, {n} keys, scopes + rate limit", 6 + i) } else { format!("{} keyward, {n} keys", 6 + i) };
         let node = format!("bench-{n}");
@@ -343,7 +346,7 @@ pub fn run(opts: &Options) -> Result {
         apply_ms.push((n + 1, applied, import_s));
         let keys_file = write_keys(dir.path(), &format!("set{i}"), set, 100_000)?;
         subjects.push(Subject { name: label, envoy, keys_file, start_secs: ready });
-        serves.push(serve);
+        serves.push((serve, ids, set.clone()));
     }
 
     eprintln!("bench: warm-up");
@@ -387,7 +390,7 @@ fn scale(plan: &Plan, small: &[String], mid: &[String], large: &[String], up_por
     let mut memory = Vec::new();
     let sets: [&[String]; 4] = [&[], small, mid, large];
     for set in sets {
-        let serve = control_plane(set, None)?;
+        let (serve, _) = control_plane(set, None)?;
         let mut rss = [0.0; 2];
         for (slot, concurrency) in [1u32, 2].into_iter().enumerate() {
             let node = format!("scale-{}-{concurrency}", set.len());
@@ -408,19 +411,11 @@ fn scale(plan: &Plan, small: &[String], mid: &[String], large: &[String], up_por
 }
 
 /// Revokes keys of the running control planes and times the refusal at the Envoy under test.
-fn propagation(serves: &[Keyward], subjects: &[Subject]) -> Result<Vec<(usize, f64)>> {
+fn propagation(serves: &[(Keyward, Vec<String>, Vec<String>)], subjects: &[Subject]) -> Result<Vec<(usize, f64)>> {
     let mut out = Vec::new();
-    for (serve, subject) in serves.iter().zip(subjects) {
-        let keys: Vec<Value> = serve.api_get("/v1/keys?agent=bench").as_array().cloned().unwrap_or_default();
-        let key_file = std::fs::read_to_string(&subject.keys_file).map_err(|e| e.to_string())?;
-        let presented: Vec<&str> = key_file.lines().take(5).collect();
+    for ((serve, ids, keys), subject) in serves.iter().zip(subjects) {
         let mut times = Vec::new();
-        for key in presented {
-            let digest = Digest::of(key.as_bytes()).to_hex();
-            // Find the key id by its masked form is not possible; use the snapshot instead.
-            let snapshot = serve.api_get("/v1/snapshot");
-            let id = snapshot["keys"].as_array().and_then(|ks| ks.iter().find(|k| k["digest"] == digest.as_str())).and_then(|k| k["id"].as_str().map(str::to_string));
-            let Some(id) = id else { continue };
+        for (id, key) in ids.iter().zip(keys).take(5) {
             let t0 = Instant::now();
             serve.api_post(&format!("/v1/keys/{id}/revoke"), &json!({}));
             poll_until(Duration::from_secs(10), "the revocation", || {
@@ -429,8 +424,7 @@ fn propagation(serves: &[Keyward], subjects: &[Subject]) -> Result<Vec<(usize, f
             });
             times.push(t0.elapsed().as_secs_f64() * 1000.0);
         }
-        let _ = keys;
-        out.push((subject.name.split(' ').nth(2).and_then(|n| n.trim_end_matches(',').parse().ok()).unwrap_or(0), median(times)));
+        out.push((keys.len(), median(times)));
     }
     Ok(out)
 }
