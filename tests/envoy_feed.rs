@@ -4,7 +4,7 @@
 mod common;
 
 use common::assert_denied;
-use keyward_testkit::{poll_until, request, Echo, Envoy, EnvoyOptions, Keyward};
+use keyward_testkit::{poll_until, Echo, Envoy, EnvoyOptions, Keyward};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -85,22 +85,6 @@ fn a_key_created_by_the_cli_works_through_envoy_at_once_and_status_shows_the_app
     assert!(text.contains("envoy-feed-test"), "{text}");
 }
 
-/// Per-worker accepted connections of the listener, from Envoy's stats.
-fn worker_connections(envoy: &Envoy) -> Vec<u64> {
-    let stats = request(envoy.admin_port, "GET", "/stats?filter=worker_.*downstream_cx_total", &[]).unwrap();
-    let text = String::from_utf8_lossy(&stats.body).to_string();
-    let mut per: Vec<(String, u64)> = text
-        .lines()
-        .filter(|l| l.starts_with("listener.127.0.0.1_") && l.contains(".worker_"))
-        .filter_map(|l| {
-            let (name, v) = l.split_once(": ")?;
-            Some((name.split(".worker_").nth(1)?.to_string(), v.trim().parse().ok()?))
-        })
-        .collect();
-    per.sort();
-    per.into_iter().map(|(_, v)| v).collect()
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -115,12 +99,12 @@ fn refused_at(stack: &Stack, key: &str, code: &str, from: Instant) -> Duration {
 
 /// After a change is seen once, 20 more fresh connections must all see it: both workers.
 fn assert_refused_everywhere(stack: &Stack, key: &str, code: &str) {
-    let before = worker_connections(&stack.envoy);
+    let before = stack.envoy.worker_connections();
     for _ in 0..20 {
         let r = stack.get(key);
         assert_eq!(r.code().as_deref(), Some(code), "a worker still accepts the key: {} {}", r.status, String::from_utf8_lossy(&r.body));
     }
-    let after = worker_connections(&stack.envoy);
+    let after = stack.envoy.worker_connections();
     assert_eq!(after.len(), 2, "expected two workers: {after:?}");
     let served: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert!(served.iter().all(|&n| n > 0), "both workers must be exercised, got {served:?}");
@@ -190,11 +174,11 @@ fn usage_flows_back_to_key_list_and_keyward_usage() {
     let stack = start();
     let (id, secret) = stack.create_agent("metered", "read:all");
     poll_until(Duration::from_secs(5), "the key", || (stack.get(&secret).status == 200).then_some(()));
-    let before = worker_connections(&stack.envoy);
+    let before = stack.envoy.worker_connections();
     for _ in 0..9 {
         assert_eq!(stack.get(&secret).status, 200);
     }
-    let after = worker_connections(&stack.envoy);
+    let after = stack.envoy.worker_connections();
     // Both workers counted requests, so the non-fetching worker's counts crossed the queue.
     assert!(after.iter().zip(&before).all(|(a, b)| a > b), "{before:?} -> {after:?}");
     let listed = poll_until(Duration::from_secs(10), "last used in key list", || {

@@ -25,20 +25,6 @@ fn get(envoy: &Envoy, key: &str) -> Response {
     envoy.get("/v1/x", &[("x-api-key", key.as_bytes())])
 }
 
-fn worker_connections(envoy: &Envoy) -> Vec<u64> {
-    let stats = request(envoy.admin_port, "GET", "/stats?filter=worker_.*downstream_cx_total", &[]).unwrap();
-    let mut per: Vec<(String, u64)> = String::from_utf8_lossy(&stats.body)
-        .lines()
-        .filter(|l| l.starts_with("listener.127.0.0.1_"))
-        .filter_map(|l| {
-            let (name, v) = l.split_once(": ")?;
-            Some((name.split(".worker_").nth(1)?.to_string(), v.trim().parse().ok()?))
-        })
-        .collect();
-    per.sort();
-    per.into_iter().map(|(_, v)| v).collect()
-}
-
 fn stat(envoy: &Envoy, name: &str) -> u64 {
     envoy.stat(&format!("wasmcustom.keyward.{name}")).unwrap_or(0)
 }
@@ -48,7 +34,7 @@ fn a_20_per_second_key_driven_at_100_per_second_admits_about_100_in_5_seconds() 
     let key = "rate-test-key-20-per-second";
     let (envoy, _echo) = inline(vec![record(key, "key_rl", json!({"rate_limit": "20/s"}))], json!({}));
     let (ok, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let before = worker_connections(&envoy);
+    let before = envoy.worker_connections();
     let port = envoy.port;
     let started = Instant::now();
     // Ten clients, each a new connection every 100 ms: about 100 requests a second for 5 s.
@@ -77,7 +63,7 @@ fn a_20_per_second_key_driven_at_100_per_second_admits_about_100_in_5_seconds() 
         c.join().unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let after = worker_connections(&envoy);
+    let after = envoy.worker_connections();
     let served: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     let (ok, limited) = (ok.load(Ordering::Relaxed), limited.load(Ordering::Relaxed));
     poll_until(Duration::from_secs(5), "the counters to be flushed", || (stat(&envoy, "denied.rate_limited") == limited).then_some(()));

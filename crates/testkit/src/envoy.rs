@@ -229,6 +229,23 @@ impl Envoy {
             .unwrap_or(0)
     }
 
+    /// Connections the listener accepted, per worker thread (from Envoy's stats).
+    pub fn worker_connections(&self) -> Vec<u64> {
+        let Ok(stats) = request(self.admin_port, "GET", "/stats?filter=worker_.*downstream_cx_total", &[]) else {
+            return Vec::new();
+        };
+        let mut per: Vec<(String, u64)> = String::from_utf8_lossy(&stats.body)
+            .lines()
+            .filter(|l| l.starts_with("listener.127.0.0.1_"))
+            .filter_map(|l| {
+                let (name, v) = l.split_once(": ")?;
+                Some((name.split(".worker_").nth(1)?.to_string(), v.trim().parse().ok()?))
+            })
+            .collect();
+        per.sort();
+        per.into_iter().map(|(_, v)| v).collect()
+    }
+
     /// The Envoy process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
