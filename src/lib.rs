@@ -177,12 +177,13 @@ impl KeywardHttp {
         let Some(cp) = &c.control_plane else {
             return filter::on_request(&env, c, &NoKeys, &shared.metrics, &shared.routes, shared.debug);
         };
-        let now_ms = host::now_millis()?;
+        // The snapshot's age is judged against the tick's clock: no clock read per request.
+        let now_ms = u64::try_from(shared.now_secs.get()).unwrap_or(0).saturating_mul(1000) + 999;
         let mut usable = shared.state.borrow().usable(now_ms, cp.max_snapshot_age_secs);
         if !usable {
             // Before the first load, look again on every request: the first snapshot counts at once.
             let fresh = State::read(&env)?;
-            usable = fresh.usable(now_ms, cp.max_snapshot_age_secs);
+            usable = fresh.usable(host::now_millis()?, cp.max_snapshot_age_secs);
             *shared.state.borrow_mut() = fresh;
         }
         let keys = SharedKeys { host: &env, usable, fault: Cell::new(false) };
