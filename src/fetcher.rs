@@ -11,6 +11,7 @@ use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY, STATE_KEY, USAGE_QUEUE
 use keyward_core::config::ControlPlane;
 use keyward_core::feed::{parse_page, FeedError, KeyUsage, UsageReport};
 use keyward_core::scope::Implications;
+use keyward_core::url::encode_component as encode;
 use keyward_core::Digest;
 use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
@@ -87,16 +88,6 @@ fn merge(into: &mut UsageCounts, from: UsageCounts) {
         e.0 += count;
         e.1 = e.1.max(last);
     }
-}
-
-/// Query-string encoding for ids.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl Fetcher {

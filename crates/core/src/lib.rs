@@ -15,6 +15,7 @@ pub mod rules;
 pub mod scope;
 pub mod snapshot;
 pub mod time;
+pub mod url;
 
 pub use config::{Config, ConfigError};
 pub use credential::{Credential, CredentialError};

@@ -82,15 +82,7 @@ pub struct Remote {
     agent: ureq::Agent,
 }
 
-/// Percent-encodes a path segment.
-fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+use keyward_core::url::encode_component as segment;
 
 impl Remote {
     pub fn new(base: &str, token: String) -> Remote {

@@ -484,9 +484,11 @@ impl Store {
     }
 
     /// Validates a key request against its agent.
-    fn check_new_key(tx: &Connection, req: &NewKey, key_id: &str, now: i64) -> Result<CheckedKey> {
+    /// `default_name` names the key when the request does not; a batch passes `None` and checks
+    /// each of its own names instead.
+    fn check_new_key(tx: &Connection, req: &NewKey, default_name: Option<&str>, now: i64) -> Result<CheckedKey> {
         let agent = find_agent(tx, &req.agent)?;
-        let name = req.name.clone().unwrap_or_else(|| key_id.to_string());
+        let name = req.name.clone().or_else(|| default_name.map(str::to_string)).unwrap_or_default();
         name_ok("name", &name)?;
         if let Some(scopes) = &req.scopes {
             scopes_ok("scopes", scopes)?;
@@ -502,8 +504,7 @@ impl Store {
             params![agent.id, name, now],
             |r| r.get(0),
         )?;
-        // A batch checks each of its own names instead (`key_id` is empty then).
-        if taken && !key_id.is_empty() {
+        if taken && default_name.is_some() {
             return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
         }
         Ok(CheckedKey { agent, scopes: req.scopes.clone(), expires_at, name })
@@ -515,7 +516,7 @@ impl Store {
         let key_id = format!("key_{}", random_base62(16)?);
         let prefix = self.key_prefix.clone();
         let (tx, version, actor) = self.begin()?;
-        let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, req, &key_id, now)?;
+        let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, req, Some(&key_id), now)?;
         insert_key(&tx, &key_id, &agent.id, &name, &prefix, &secret, scopes.as_deref(), &req.path_prefixes, req.rate.as_deref(), now, expires_at, None, false, version)?;
         audit(&tx, actor, "key.create", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.rate, "path_prefixes": req.path_prefixes}), version)?;
         let key = find_key(&tx, &key_id)?.view(now);
@@ -528,7 +529,7 @@ impl Store {
         let (digest, prefix, last4) = imported_digest(req.secret.as_deref(), req.digest.as_deref())?;
         let key_id = format!("key_{}", random_base62(16)?);
         let (tx, version, actor) = self.begin()?;
-        let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, &req.key, &key_id, now)?;
+        let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, &req.key, Some(&key_id), now)?;
         let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE digest = ?1)", [&digest], |r| r.get(0))?;
         if exists {
             return Err(Error::Conflict { field: "key", message: "this key is already registered".into() });
@@ -569,7 +570,7 @@ impl Store {
         }
         let (tx, version, actor) = self.begin()?;
         let probe = NewKey { name: Some(base.clone()), ..template.clone() };
-        let CheckedKey { agent, scopes, expires_at, .. } = Store::check_new_key(&tx, &probe, "", now)?;
+        let CheckedKey { agent, scopes, expires_at, .. } = Store::check_new_key(&tx, &probe, None, now)?;
         {
             let mut exists = tx.prepare("SELECT EXISTS(SELECT 1 FROM keys WHERE digest = ?1)")?;
             let mut taken = tx.prepare(
