@@ -74,9 +74,11 @@ fn a_20_per_second_key_driven_at_100_per_second_admits_about_100_in_5_seconds() 
         stat(&envoy, "rate_limit.contention_allowed")
     );
     assert!(served.len() == 2 && served.iter().all(|&n| n > 50), "both workers must take part: {served:?}");
-    // The documented burst is 2: one request beyond the steady 20 per second.
+    // The documented burst is 2: one request beyond the steady 20 per second. The clients aim
+    // at 5 s; on a loaded machine the run may last longer, and the budget scales with it.
     let steady = ok - 1;
-    assert!((95..=105).contains(&steady), "admitted {ok} (steady {steady}) over {elapsed:.2} s");
+    let expected = 20.0 * elapsed.max(5.0);
+    assert!((expected - 5.0..=expected + 5.0).contains(&(steady as f64)), "admitted {ok} (steady {steady}) over {elapsed:.2} s");
     assert_eq!(stat(&envoy, "denied.rate_limited"), limited);
 }
 
