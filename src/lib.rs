@@ -39,7 +39,6 @@ struct Shared {
     usage: RefCell<UsageCounts>,
     /// Requests with a control plane count usage.
     count_usage: bool,
-    faults: Cell<u64>,
     /// Unix seconds as of the last tick: good enough for `last used`, free per request.
     now_secs: Cell<i64>,
     routes: filter::RouteCache,
@@ -119,7 +118,6 @@ impl RootContext for KeywardRoot {
             state: RefCell::new(State::default()),
             usage: RefCell::new(UsageCounts::new()),
             count_usage,
-            faults: Cell::new(0),
             now_secs: Cell::new(i64::try_from(host::now_millis().unwrap_or(0) / 1000).unwrap_or(0)),
             routes: filter::RouteCache::default(),
         }));
@@ -189,7 +187,6 @@ impl KeywardHttp {
         let keys = SharedKeys { host: &env, usable, fault: Cell::new(false) };
         let outcome = filter::on_request(&env, c, &keys, &shared.metrics, &shared.routes, shared.debug)?;
         if keys.fault.get() {
-            shared.faults.set(shared.faults.get() + 1);
             host::log(LogLevel::Error, "a shared-data key record could not be read; failing closed");
             shared.metrics.count(shared.metrics.internal_errors);
         }

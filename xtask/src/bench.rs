@@ -8,7 +8,7 @@
 //! time comes from `/proc/<pid>/stat`. Ratios are computed per round, then the median is taken.
 
 use keyward_core::{keyformat, Digest};
-use keyward_testkit::{auth_server, poll_until, request, Envoy, EnvoyOptions, Keyward, TempDir};
+use keyward_testkit::{auth_server, listener_bootstrap, loopback_cluster, poll_until, request, Envoy, EnvoyOptions, Keyward, TempDir};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -54,41 +54,10 @@ fn keys(n: usize, salt: &str) -> Vec<String> {
         .collect()
 }
 
-fn route(cluster: &str) -> Value {
-    json!([{"name": "bench", "match": {"prefix": "/"}, "route": {"cluster": cluster}}])
-}
-
-fn cluster(name: &str, port: u16) -> Value {
-    json!({
-        "name": name, "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
-    })
-}
-
-/// A bootstrap with one listener through `filters` (then the router) to `upstream`.
+/// A bootstrap with one listener through `filters` (then the router) to the `upstream` cluster.
 fn bootstrap(node: &str, filters: Vec<Value>, clusters: Vec<Value>) -> Value {
-    let mut http_filters = filters;
-    http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
-    json!({
-        "node": {"id": node, "cluster": "bench"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "main",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "bench",
-                        "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": route("upstream")}]},
-                        "http_filters": http_filters
-                    }
-                }]}]
-            }],
-            "clusters": clusters
-        }
-    })
+    let routes = json!([{"name": "bench", "match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]);
+    listener_bootstrap(node, routes, filters, clusters)
 }
 
 fn wasm(name: &str, file: &Path, config: &Value) -> Value {
@@ -148,22 +117,8 @@ fn ext_authz() -> Value {
 
 /// The upstream every configuration proxies to: an Envoy answering 200 itself, on CPU 1.
 fn upstream() -> Result<Envoy> {
-    let config = json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {"listeners": [{
-            "name": "main",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "upstream",
-                    "route_config": {"name": "r", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-                }
-            }]}]
-        }]}
-    });
+    let routes = json!([{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]);
+    let config = listener_bootstrap("upstream", routes, vec![], vec![]);
     start(config, 1, "1")
 }
 
@@ -299,7 +254,7 @@ pub fn run(opts: &Options) -> Result {
     let mut subjects: Vec<Subject> = Vec::new();
     let small_file = write_keys(dir.path(), "small", &small, 100_000)?;
     let plain = |name: &str, filters: Vec<Value>, extra: Vec<Value>| -> Result<Subject> {
-        let mut clusters = vec![cluster("upstream", up_port)];
+        let mut clusters = vec![loopback_cluster("upstream", up_port)];
         clusters.extend(extra);
         let started = Instant::now();
         let envoy = start(bootstrap(name, filters, clusters), 1, "0")?;
@@ -311,7 +266,7 @@ pub fn run(opts: &Options) -> Result {
     subjects.push(plain("2 no-op wasm (floor)", vec![wasm("noop", &noop, &json!({}))], vec![])?);
     subjects.push(plain("3 api_key_auth", vec![api_key_auth(&small)], vec![])?);
     subjects.push(plain("4 Lua lookup", vec![lua(&small)], vec![])?);
-    subjects.push(plain("5 ext_authz (HTTP)", vec![ext_authz()], vec![cluster("authz", authz.port())])?);
+    subjects.push(plain("5 ext_authz (HTTP)", vec![ext_authz()], vec![loopback_cluster("authz", authz.port())])?);
 
     let mut serves = Vec::new();
     let mut apply_ms = Vec::new();
@@ -330,7 +285,7 @@ pub fn run(opts: &Options) -> Result {
                 config["rules"] = json!([{"methods": ["GET"], "scopes": ["read:all"]}]);
                 config["rate_limit_burst"] = json!("limit");
             }
-            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![cluster("upstream", up_port), cluster("keyward", serve.port)]);
+            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let started = Instant::now();
             let envoy = start(boot, 1, "0")?;
             let ready = started.elapsed().as_secs_f64();
@@ -364,7 +319,7 @@ pub fn run(opts: &Options) -> Result {
     }
 
     eprintln!("bench: scale measurements");
-    let scale = scale(&plan, &small, &mid, &large, up_port)?;
+    let scale = scale(&small, &mid, &large, up_port)?;
     let propagation = propagation(&serves, &subjects[5..])?;
     drop(up);
     drop(authz);
@@ -386,7 +341,7 @@ fn rss_mib(e: &Envoy) -> f64 {
     e.rss_bytes() as f64 / 1_048_576.0
 }
 
-fn scale(plan: &Plan, small: &[String], mid: &[String], large: &[String], up_port: u16) -> Result<Scale> {
+fn scale(small: &[String], mid: &[String], large: &[String], up_port: u16) -> Result<Scale> {
     let mut memory = Vec::new();
     let sets: [&[String]; 4] = [&[], small, mid, large];
     for set in sets {
@@ -395,7 +350,7 @@ fn scale(plan: &Plan, small: &[String], mid: &[String], large: &[String], up_por
         for (slot, concurrency) in [1u32, 2].into_iter().enumerate() {
             let node = format!("scale-{}-{concurrency}", set.len());
             let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
-            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![cluster("upstream", up_port), cluster("keyward", serve.port)]);
+            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let envoy = start(boot, concurrency, if concurrency == 1 { "0" } else { "0,1" })?;
             poll_until(Duration::from_secs(900), "the snapshot to be applied", || {
                 let status = serve.api_get("/v1/status");
@@ -405,7 +360,6 @@ fn scale(plan: &Plan, small: &[String], mid: &[String], large: &[String], up_por
             rss[slot] = rss_mib(&envoy);
         }
         memory.push((set.len(), rss[0], rss[1]));
-        let _ = plan;
     }
     Ok(Scale { memory })
 }
@@ -529,11 +483,11 @@ fn report(plan: &Plan, subjects: &[Subject], samples: &[Vec<Sample>], apply: &[(
 #[cfg(test)]
 pub fn reference_bootstraps(keys: &[String], noop: &Path) -> Vec<(&'static str, Value)> {
     vec![
-        ("no filter", bootstrap("v", vec![], vec![cluster("upstream", 1)])),
-        ("noop", bootstrap("v", vec![wasm("noop", noop, &json!({}))], vec![cluster("upstream", 1)])),
-        ("api_key_auth", bootstrap("v", vec![api_key_auth(keys)], vec![cluster("upstream", 1)])),
-        ("lua", bootstrap("v", vec![lua(keys)], vec![cluster("upstream", 1)])),
-        ("ext_authz", bootstrap("v", vec![ext_authz()], vec![cluster("upstream", 1), cluster("authz", 2)])),
+        ("no filter", bootstrap("v", vec![], vec![loopback_cluster("upstream", 1)])),
+        ("noop", bootstrap("v", vec![wasm("noop", noop, &json!({}))], vec![loopback_cluster("upstream", 1)])),
+        ("api_key_auth", bootstrap("v", vec![api_key_auth(keys)], vec![loopback_cluster("upstream", 1)])),
+        ("lua", bootstrap("v", vec![lua(keys)], vec![loopback_cluster("upstream", 1)])),
+        ("ext_authz", bootstrap("v", vec![ext_authz()], vec![loopback_cluster("upstream", 1), loopback_cluster("authz", 2)])),
     ]
 }
 

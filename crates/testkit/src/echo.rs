@@ -6,13 +6,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 /// A running echo server on a loopback port. Stops on drop.
 pub struct Echo {
     port: u16,
     stop: Arc<AtomicBool>,
-    acceptor: Option<JoinHandle<()>>,
 }
 
 /// What a handler sees of a request.
@@ -42,7 +40,7 @@ impl Echo {
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let acceptor = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if flag.load(Ordering::Relaxed) {
                     break;
@@ -53,18 +51,11 @@ impl Echo {
                 }
             }
         });
-        Ok(Echo { port, stop, acceptor: Some(acceptor) })
+        Ok(Echo { port, stop })
     }
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    /// Blocks until the server stops (used by `cargo xtask up`).
-    pub fn wait(mut self) {
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
-        }
     }
 }
 

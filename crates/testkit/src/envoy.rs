@@ -70,11 +70,12 @@ pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
     })
 }
 
-/// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster.
-pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
-    let routes = opts.routes.clone().unwrap_or_else(|| json!([{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
-    let mut config = json!({
-        "node": {"id": opts.node_id, "cluster": "keyward-test"},
+/// A bootstrap with one listener ("main", port 0) through `http_filters` and then the router,
+/// routing with `routes`, and an admin on port 0.
+pub fn listener_bootstrap(node: &str, routes: Value, mut http_filters: Vec<Value>, clusters: Vec<Value>) -> Value {
+    http_filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
+    json!({
+        "node": {"id": node, "cluster": "keyward-test"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "listeners": [{
@@ -85,35 +86,37 @@ pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "ingress",
-                        "normalize_path": true,
-                        "merge_slashes": true,
-                        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
                         "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
-                        "http_filters": [
-                            wasm_filter(wasm, &opts.plugin_config),
-                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                        ]
+                        "http_filters": http_filters
                     }
                 }]}]
             }],
-            "clusters": [{
-                "name": "echo",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "echo", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": opts.upstream_port}}}}]}]}
-            }]
+            "clusters": clusters
         }
-    });
+    })
+}
+
+/// A STATIC cluster to one loopback port.
+pub fn loopback_cluster(name: &str, port: u16) -> Value {
+    json!({
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
+    })
+}
+
+/// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster, with
+/// the path normalisation of the configs in `envoy/`.
+pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
+    let routes = opts.routes.clone().unwrap_or_else(|| json!([{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
+    let mut clusters = vec![loopback_cluster("echo", opts.upstream_port)];
     if let Some(port) = opts.control_plane_port {
-        if let Some(clusters) = config["static_resources"]["clusters"].as_array_mut() {
-            clusters.push(json!({
-                "name": "keyward",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "keyward", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}
-            }));
-        }
+        clusters.push(loopback_cluster("keyward", port));
     }
+    let mut config = listener_bootstrap(&opts.node_id, routes, vec![wasm_filter(wasm, &opts.plugin_config)], clusters);
+    let hcm = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm["normalize_path"] = json!(true);
+    hcm["merge_slashes"] = json!(true);
+    hcm["path_with_escaped_slashes_action"] = json!("UNESCAPE_AND_REDIRECT");
     if let Some((cert, key)) = &opts.tls {
         config["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",

@@ -8,7 +8,7 @@ mod http;
 mod keyward;
 
 pub use echo::{auth_server, Echo, Seen};
-pub use envoy::{envoy_bootstrap, wasm_filter, Envoy, EnvoyOptions, Failed};
+pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
 pub use keyward::{keyward_bin, Keyward, ADMIN_TOKEN};
 
