@@ -1,14 +1,13 @@
 //! Configuration against the real Envoy: a bad plugin configuration is refused, naming the
-//! field; every checked-in Envoy config validates; the README's example compiles.
+//! field; the README's example compiles.
 
 // Helpers outside #[test] fns panic on broken fixtures by design.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::type_complexity)]
 
 mod common;
 
-use keyward_testkit::{envoy_bin, workspace_root, Echo, Envoy, EnvoyOptions};
+use keyward_testkit::{workspace_root, Echo, Envoy, EnvoyOptions};
 use serde_json::json;
-use std::process::Command;
 
 #[test]
 fn bad_plugin_config_is_refused_by_envoy_with_the_field_named() {
@@ -29,29 +28,6 @@ fn bad_plugin_config_is_refused_by_envoy_with_the_field_named() {
         let line = line.unwrap_or_else(|| panic!("no rejection logged for {config}:\n{}", failed.log));
         assert!(line.contains(field), "{field} not named in: {line}");
     }
-}
-
-#[test]
-fn every_envoy_yaml_in_the_repo_passes_envoy_validate() {
-    let dir = workspace_root().join("envoy");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|x| x != "yaml") {
-            continue;
-        }
-        // The configs name keyward.wasm relative to the repository root.
-        let out = Command::new(envoy_bin())
-            .args(["--mode", "validate", "--log-level", "warn", "-c"])
-            .arg(&path)
-            .current_dir(workspace_root())
-            .env("KEYWARD_WASM", keyward_testkit::wasm_path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{} failed validation:\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
-        checked += 1;
-    }
-    assert!(checked >= 1, "no Envoy configs found in {}", dir.display());
 }
 
 #[test]

@@ -26,8 +26,11 @@ Commands:
   help      Show this text.
 ";
 
-/// The demo keys of envoy/local.yaml's inline snapshot. Public on purpose: they only open the
-/// local demo stack. Their digests are in the config; `tests/repo_files.rs` keeps the two in step.
+/// kubernetes-validate, the Kubernetes schema checker tests/deploy.rs runs (PyPI).
+const KUBERNETES_VALIDATE: &str = "1.37.0";
+
+/// The demo keys of envoy/static.yaml's inline snapshot. Public on purpose: they only open the
+/// local demo stack. Their digests are in the config; `tests/envoy_config.rs` keeps the two in step.
 pub const DEMO_KEY: &str = "kw_live_2wLmMb4OhfK98aDdIvEjZVMGw7IXdgRM_12yiIu";
 pub const DEMO_ADMIN_KEY: &str = "kw_live_HxbIczXrmapU9OsUV6vqDu5WMKuikETj_2B9jwk";
 
@@ -130,23 +133,30 @@ fn build_wasm() -> Result<PathBuf> {
     Ok(wasm)
 }
 
-fn envoy_yamls() -> Result<Vec<PathBuf>> {
-    let dir = workspace_root().join("envoy");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    Ok(files)
+fn validate(envoy: &Path) -> Result {
+    let files = keyward_testkit::ContainerFiles::new()?;
+    for file in keyward_testkit::envoy_yamls()? {
+        keyward_testkit::validate_envoy_yaml(envoy, &file, &files)?;
+        eprintln!("xtask: {} is valid", file.display());
+    }
+    Ok(())
 }
 
-fn validate(envoy: &Path) -> Result {
-    for file in envoy_yamls()? {
-        run(Command::new(envoy)
-            .args(["--mode", "validate", "--log-level", "warn", "-c"])
-            .arg(&file)
-            .current_dir(workspace_root()))?;
+/// kubernetes-validate (PyPI) into `.tools/python`, and `deploy/validate`'s npm packages (the
+/// Istio and Gateway API CRD schemas), for tests/deploy.rs.
+fn ensure_deploy_validators() -> Result {
+    let python = workspace_root().join(".tools/python");
+    if !python.join("kubernetes_validate").is_dir() {
+        eprintln!("xtask: installing kubernetes-validate {KUBERNETES_VALIDATE} (PyPI) into {}", python.display());
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&python)
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")))?;
+    }
+    let validate = workspace_root().join("deploy/validate");
+    if !validate.join("node_modules/@kubernetes-models/istio").is_dir() {
+        eprintln!("xtask: installing the CRD schema packages (npm ci) in {}", validate.display());
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--prefix"]).arg(&validate))?;
     }
     Ok(())
 }
@@ -195,7 +205,8 @@ fn build_keyward() -> Result<PathBuf> {
 }
 
 fn test(extra: &[String]) -> Result {
-    ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl")])?;
+    ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl"), ("docker-compose", "docker-compose"), ("node", "nodejs"), ("npm", "npm")])?;
+    ensure_deploy_validators()?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
     let keyward = build_keyward()?;

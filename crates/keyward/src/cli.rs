@@ -312,7 +312,8 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
     let mut store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     store.actor = "api".into();
     store.key_prefix = key_prefix.to_string();
-    let token_digest = match env_token {
+    // An empty KEYWARD_ADMIN_TOKEN (docker-compose.yml passes `${KEYWARD_ADMIN_TOKEN-}`) is unset.
+    let token_digest = match env_token.filter(|t| !t.is_empty()) {
         Some(token) => {
             if token.len() < 16 {
                 anyhow::bail!("KEYWARD_ADMIN_TOKEN must be at least 16 characters");

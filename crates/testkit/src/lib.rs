@@ -2,11 +2,13 @@
 //! `keyward.wasm`, starting Envoy on free loopback ports, an echo upstream, and a raw HTTP/1.1
 //! client that can send the hostile bytes a friendly client would refuse to.
 
+mod deploy;
 mod echo;
 mod envoy;
 mod http;
 mod keyward;
 
+pub use deploy::{envoy_yamls, validate_envoy_yaml, ContainerFiles, CONTAINER_ROOT};
 pub use echo::{auth_server, Echo, Seen};
 pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
