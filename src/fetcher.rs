@@ -28,6 +28,10 @@ const BACKOFF_MAX_MS: u64 = 10_000;
 /// Requests per key id since the last flush, and the last use (Unix seconds).
 pub type UsageCounts = HashMap<String, (u64, i64)>;
 
+/// Keys per usage report: about 60 bytes each, so a report stays well under the 1 MiB body
+/// limit of `POST /v1/feed/usage`. More keys go out in further reports, one per tick.
+const USAGE_BATCH: usize = 2_000;
+
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
     #[error("{0}")]
@@ -80,6 +84,8 @@ pub struct Fetcher {
     /// Usage gathered for the next report (leader) or the next enqueue (others).
     pending: UsageCounts,
     last_flush_ms: u64,
+    /// The last report left keys behind: send the next batch on the next tick.
+    report_more: bool,
 }
 
 fn merge(into: &mut UsageCounts, from: UsageCounts) {
@@ -109,6 +115,7 @@ impl Fetcher {
             producer_queue: None,
             pending: UsageCounts::new(),
             last_flush_ms: 0,
+            report_more: false,
         }
     }
 
@@ -143,7 +150,7 @@ impl Fetcher {
                 self.fail(now_ms, &e.to_string());
             }
         }
-        let due = now_ms.saturating_sub(self.last_report_ms) >= u64::from(self.cp.usage_report_secs) * 1000;
+        let due = self.report_more || now_ms.saturating_sub(self.last_report_ms) >= u64::from(self.cp.usage_report_secs) * 1000;
         if due && self.report.is_none() && !self.pending.is_empty() {
             self.last_report_ms = now_ms;
             self.start_report()?;
@@ -259,6 +266,11 @@ impl Fetcher {
             if let Some((_, sent)) = self.report.take() {
                 match host::http_call_response(0) {
                     Ok((Some(status), _)) if status == "200" || status == "204" => host::increment_counter(self.metrics.usage_reports),
+                    // A refusal will not change on a retry: keeping the counts would grow them forever.
+                    Ok((Some(status), _)) if status.starts_with('4') => {
+                        host::log(LogLevel::Error, &format!("usage report refused with HTTP {status}; dropping the counts of {} keys", sent.len()));
+                        self.report_more = false;
+                    }
                     other => {
                         host::log(LogLevel::Warn, &format!("usage report failed ({other:?}); keeping the counts for the next one"));
                         merge(&mut self.pending, sent);
@@ -347,7 +359,13 @@ impl Fetcher {
     fn start_report(&mut self) -> Result<(), HostError> {
         let now = self.last_report_ms;
         let envoy = self.envoy_id(now)?;
-        let sent = std::mem::take(&mut self.pending);
+        let sent: UsageCounts = if self.pending.len() <= USAGE_BATCH {
+            std::mem::take(&mut self.pending)
+        } else {
+            let ids: Vec<String> = self.pending.keys().take(USAGE_BATCH).cloned().collect();
+            ids.into_iter().filter_map(|id| self.pending.remove_entry(&id)).collect()
+        };
+        self.report_more = !self.pending.is_empty();
         let report = UsageReport {
             envoy,
             usage: sent.iter().map(|(id, (count, last))| KeyUsage { key_id: id.clone(), count: *count, last_used: *last }).collect(),

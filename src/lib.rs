@@ -42,6 +42,22 @@ struct Shared {
     /// Unix seconds as of the last tick: good enough for `last used`, free per request.
     now_secs: Cell<i64>,
     routes: filter::RouteCache,
+    /// `keyward.vm_memory_bytes`: the sum of every VM's linear memory. Each VM adds the change
+    /// in its own size on its tick (wasm memory never shrinks, so this shows growth, never reuse).
+    vm_memory_gauge: u32,
+    vm_memory_reported: Cell<u64>,
+}
+
+/// This VM's linear memory in bytes (0 off wasm, for the native unit tests).
+fn vm_memory_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        (core::arch::wasm32::memory_size(0) as u64).saturating_mul(65_536)
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
 }
 
 #[derive(Default)]
@@ -70,8 +86,9 @@ impl RootContext for KeywardRoot {
         let loaded = host::plugin_configuration()
             .map_err(|e| e.to_string())
             .and_then(|bytes| Config::from_json(&bytes).map_err(|e| e.to_string()))
-            .and_then(|config| Ok((config, Metrics::define().map_err(|e| e.to_string())?)));
-        let (config, metrics) = match loaded {
+            .and_then(|config| Ok((config, Metrics::define().map_err(|e| e.to_string())?)))
+            .and_then(|(config, metrics)| Ok((config, metrics, host::define_gauge("keyward.vm_memory_bytes").map_err(|e| e.to_string())?)));
+        let (config, metrics, vm_memory_gauge) = match loaded {
             Ok(v) => v,
             Err(e) => {
                 // Envoy refuses the configuration as a whole; the log says which field and why.
@@ -120,6 +137,8 @@ impl RootContext for KeywardRoot {
             count_usage,
             now_secs: Cell::new(i64::try_from(host::now_millis().unwrap_or(0) / 1000).unwrap_or(0)),
             routes: filter::RouteCache::default(),
+            vm_memory_gauge,
+            vm_memory_reported: Cell::new(0),
         }));
         true
     }
@@ -132,6 +151,11 @@ impl RootContext for KeywardRoot {
             shared.routes.clear();
             if let Err(e) = shared.metrics.flush(&host::Envoy) {
                 host::log(LogLevel::Warn, &format!("flushing counters: {e}"));
+            }
+            let memory = vm_memory_bytes();
+            let grown = memory.saturating_sub(shared.vm_memory_reported.get());
+            if grown > 0 && host::Envoy.increment(shared.vm_memory_gauge, grown).is_ok() {
+                shared.vm_memory_reported.set(memory);
             }
             if let Some(f) = &mut self.fetcher {
                 match State::read(&host::Envoy) {

