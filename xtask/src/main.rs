@@ -50,6 +50,7 @@ fn main() -> ExitCode {
         Some("wasm") => build_wasm().map(|_| ()),
         Some("bench") => bench_cmd(&args[1..]),
         Some("soak") => soak_cmd(&args[1..]),
+        Some("fuzz") => fuzz_cmd(&args[1..]),
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
         Some("help" | "-h" | "--help") | None => {
@@ -245,6 +246,69 @@ fn soak_cmd(args: &[String]) -> Result {
     soak::run(&soak::Options { minutes, out })
 }
 
+/// cargo-fuzz, installed from crates.io when absent.
+const CARGO_FUZZ: &str = "0.13.2";
+/// The fuzz targets, each with its seed corpus in `fuzz/corpus/<target>`.
+pub const FUZZ_TARGETS: [&str; 4] = ["credential", "config", "feed", "decide"];
+
+fn fuzz_cmd(args: &[String]) -> Result {
+    only_flags("fuzz", args, &["--seconds", "--target"])?;
+    let seconds: u64 = flag_value(args, "--seconds")?.unwrap_or(60);
+    if seconds == 0 {
+        return Err("fuzz: --seconds must be at least 1".into());
+    }
+    let only: Option<String> = flag_value(args, "--target")?;
+    if let Some(t) = &only {
+        if !FUZZ_TARGETS.contains(&t.as_str()) {
+            return Err(format!("fuzz: --target {t:?} is none of {FUZZ_TARGETS:?}"));
+        }
+    }
+    fuzz(seconds, only.as_deref())
+}
+
+/// Runs every fuzz target for `seconds` (libFuzzer, AddressSanitizer). New inputs go to
+/// `target/fuzz-corpus/<target>`; the checked-in seeds in `fuzz/corpus/<target>` are only read.
+fn fuzz(seconds: u64, only: Option<&str>) -> Result {
+    let installed = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ} (crates.io)");
+        run(cargo().args(["install", "--locked", "cargo-fuzz", "--version", CARGO_FUZZ]))?;
+    }
+    let root = workspace_root();
+    let mut rows = Vec::new();
+    for target in FUZZ_TARGETS.iter().filter(|t| only.is_none_or(|o| o == **t)) {
+        let work = root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+        let mut cmd = cargo();
+        // cargo-fuzz passes -Z flags (the sanitizer); the stable toolchain accepts them so.
+        cmd.env("RUSTC_BOOTSTRAP", "1")
+            .current_dir(&root)
+            .args(["fuzz", "run", "--fuzz-dir", "fuzz", target])
+            .arg(&work)
+            .arg(root.join("fuzz/corpus").join(target))
+            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"]);
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        let out = cmd.output().map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let runs = log.lines().find_map(|l| l.strip_prefix("stat::number_of_executed_units:")).map(|v| v.trim().to_string());
+        let corpus = std::fs::read_dir(&work).map(|d| d.count()).unwrap_or(0);
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "fuzz target {target} failed (a crash is saved under fuzz/artifacts/{target}/; reproduce with \
+                 `RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz {target} <file>`):\n{}",
+                tail.join("\n")
+            ));
+        }
+        rows.push(format!("{target:<12} {seconds:>6} s  {:>12} runs  {corpus:>6} corpus entries  0 crashes", runs.unwrap_or_else(|| "?".into())));
+    }
+    for row in &rows {
+        println!("fuzz: {row}");
+    }
+    Ok(())
+}
+
 fn build_keyward() -> Result<PathBuf> {
     run(cargo().args(["build", "-p", "keyward", "--bin", "keyward"]))?;
     Ok(workspace_root().join("target/debug/keyward"))
@@ -263,19 +327,26 @@ fn test(extra: &[String]) -> Result {
     if passed == 0 {
         return Err("no test ran".into());
     }
+    // Every fuzz target briefly, from its seed corpus: a crash fails the suite.
+    let fuzzed = fuzz(CI_FUZZ_SECONDS, None);
+    if let Err(e) = &fuzzed {
+        eprintln!("xtask: fuzz failed: {e}");
+    }
     // The benchmark's smoke run: every configuration starts, serves and is measured.
     let smoke = bench_cmd(&["--quick".to_string()]);
-    let (passed, failed) = match &smoke {
-        Ok(()) => (passed + 1, failed),
-        Err(e) => {
-            eprintln!("xtask: bench --quick failed: {e}");
-            (passed, failed + 1)
-        }
-    };
+    if let Err(e) = &smoke {
+        eprintln!("xtask: bench --quick failed: {e}");
+    }
+    let extra = [&fuzzed, &smoke];
+    let ok = extra.iter().filter(|r| r.is_ok()).count() as u64;
+    let (passed, failed) = (passed + ok, failed + extra.len() as u64 - ok);
     // One closing line for the whole suite, whatever order cargo ran the test binaries in.
     println!("keyward: {passed} passed, {failed} failed");
-    smoke
+    fuzzed.and(smoke)
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u64 = 8;
 
 /// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
 fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {

@@ -188,6 +188,23 @@ mod tests {
         keyformat::generate("kw_live", (3u8..250).cycle()).unwrap()
     }
 
+    /// Found by `cargo xtask fuzz` (target `credential`): `api_key=` before the `?` is part of
+    /// the path, not the query; it is neither read nor stripped.
+    #[test]
+    fn fuzz_regression_query_parameter_text_in_the_path_is_left_alone() {
+        let headers = Vec::new();
+        let c = extract(&sources(), &headers, "/a/api_key=1/b?x=1&api_key=abcdefghijklmnop&y=2").unwrap();
+        assert_eq!(c.key, "abcdefghijklmnop");
+        assert_eq!(c.stripped_path.as_deref(), Some("/a/api_key=1/b?x=1&y=2"));
+    }
+
+    /// Found by `cargo xtask fuzz` (target `credential`): a query parameter arrives
+    /// percent-encoded, and the key is its decoded value.
+    #[test]
+    fn fuzz_regression_query_keys_are_percent_decoded() {
+        check(&[], "/v1?api_key=legacy%2Dkey%2D0000000001", Ok("legacy-key-0000000001"));
+    }
+
     #[test]
     fn finds_keys_in_each_source() {
         let k = valid_key();
