@@ -14,6 +14,8 @@ use axum::{Json, Router};
 use keyward_core::Digest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// Every route, as (method, path). The OpenAPI document must list exactly these
@@ -56,6 +58,56 @@ pub struct AppState {
     pub feed_token_digest: Option<Digest>,
     /// The store's snapshot version, as last seen by the watcher.
     pub version: tokio::sync::watch::Sender<u64>,
+    /// Failed token attempts per client address.
+    pub guard: AuthGuard,
+}
+
+/// Wrong tokens tolerated from one client address per window; then 429 until the window ends.
+pub const AUTH_FAILURES_ALLOWED: u32 = 10;
+pub const AUTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses tracked at most; beyond it, expired entries are dropped first, then the oldest.
+const AUTH_TRACKED_MAX: usize = 10_000;
+
+/// Brute-force protection for the admin and feed tokens: counts wrong or missing tokens per
+/// client address in a fixed window. A blocked address is refused before its token is even
+/// compared, so guessing gains nothing once the limit is reached; other addresses are unaffected.
+#[derive(Default)]
+pub struct AuthGuard {
+    failures: Mutex<HashMap<IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl AuthGuard {
+    /// Seconds until `ip` may try again, if it is blocked now.
+    pub fn blocked(&self, ip: IpAddr, now: std::time::Instant) -> Option<u64> {
+        let map = self.failures.lock().ok()?;
+        let (count, since) = map.get(&ip)?;
+        let left = AUTH_WINDOW.checked_sub(now.duration_since(*since)).filter(|l| !l.is_zero())?;
+        (*count >= AUTH_FAILURES_ALLOWED).then(|| left.as_secs().max(1))
+    }
+
+    pub fn failed(&self, ip: IpAddr, now: std::time::Instant) {
+        let Ok(mut map) = self.failures.lock() else { return };
+        if map.len() >= AUTH_TRACKED_MAX && !map.contains_key(&ip) {
+            map.retain(|_, (_, since)| now.duration_since(*since) < AUTH_WINDOW);
+            if map.len() >= AUTH_TRACKED_MAX {
+                if let Some(oldest) = map.iter().min_by_key(|(_, (_, since))| *since).map(|(k, _)| *k) {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        let entry = map.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) >= AUTH_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
+}
+
+/// The client's address (`ConnectInfo`), or `0.0.0.0` when the router runs without one (tests).
+fn client_ip(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
 }
 
 impl AppState {
@@ -66,6 +118,7 @@ impl AppState {
             token_digest,
             feed_token_digest,
             version: tokio::sync::watch::channel(version).0,
+            guard: AuthGuard::default(),
         })
     }
 
@@ -100,7 +153,11 @@ impl IntoResponse for Error {
             tracing::error!(error = %self, "request failed");
         }
         let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.body())).into_response()
+        let mut resp = (status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after_secs() {
+            resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -159,20 +216,36 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The feed is open unless `KEYWARD_FEED_TOKEN` is set; then Envoys must send it.
 async fn require_feed_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let Some(want) = &state.feed_token_digest else {
+    let Some(want) = state.feed_token_digest else {
         return next.run(req).await;
     };
-    match bearer(&headers) {
-        Some(token) if digests_equal(&Digest::of(token.as_bytes()), want) => next.run(req).await,
-        _ => Error::Unauthorized("the feed needs 'Authorization: Bearer <feed token>'".into()).into_response(),
-    }
+    let feed = "the feed needs 'Authorization: Bearer <feed token>'";
+    guarded(&state, &headers, &want, (feed, feed), req, next).await
 }
 
 async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    match bearer(&headers) {
-        Some(token) if digests_equal(&Digest::of(token.as_bytes()), &state.token_digest) => next.run(req).await,
-        Some(_) => Error::Unauthorized("the admin token is not valid".into()).into_response(),
-        None => Error::Unauthorized("send the admin token as 'Authorization: Bearer <token>'".into()).into_response(),
+    let want = state.token_digest;
+    let messages = ("send the admin token as 'Authorization: Bearer <token>'", "the admin token is not valid");
+    guarded(&state, &headers, &want, messages, req, next).await
+}
+
+/// Compares the bearer token with `want` (as digests, in constant time), unless this client
+/// address is blocked for too many failures; counts every failure.
+/// `messages`: what to say when the token is missing, and when it is wrong.
+async fn guarded(state: &AppState, headers: &HeaderMap, want: &Digest, messages: (&str, &str), req: Request, next: Next) -> Response {
+    let ip = client_ip(&req);
+    let now = std::time::Instant::now();
+    if let Some(retry_after_secs) = state.guard.blocked(ip, now) {
+        return Error::TooManyAttempts { retry_after_secs }.into_response();
+    }
+    match bearer(headers) {
+        Some(token) if digests_equal(&Digest::of(token.as_bytes()), want) => next.run(req).await,
+        found => {
+            state.guard.failed(ip, now);
+            tracing::warn!(client = %ip, "request with a wrong or missing token");
+            let message = if found.is_some() { messages.1 } else { messages.0 };
+            Error::Unauthorized(message.into()).into_response()
+        }
     }
 }
 

@@ -343,7 +343,9 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
         tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(50)));
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, db = %db.display(), version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
-        axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown()).await?;
+        // Client addresses feed the token brute-force guard.
+        let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
         tracing::info!("keyward serve stopped");
         anyhow::Ok(())
     })

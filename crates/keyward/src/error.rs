@@ -15,6 +15,9 @@ pub enum Error {
     Unauthorized(String),
     #[error("request body larger than {0} bytes")]
     TooLarge(usize),
+    /// Too many failed token attempts from one client address.
+    #[error("too many failed attempts; retry in {retry_after_secs} s")]
+    TooManyAttempts { retry_after_secs: u64 },
     #[error("database: {0}")]
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
@@ -23,30 +26,71 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Storage faults a client can act on: another writer holds the lock, or the disk is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    Busy,
+    Full,
+}
+
 pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
     Error::Invalid { field, message: message.into() }
 }
 
 impl Error {
+    /// A busy or full database, told apart from other storage errors.
+    pub fn store_fault(&self) -> Option<StoreFault> {
+        match self {
+            Error::Store(rusqlite::Error::SqliteFailure(e, _)) => match e.code {
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked => Some(StoreFault::Busy),
+                rusqlite::ErrorCode::DiskFull => Some(StoreFault::Full),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// `Retry-After` seconds for the API answer, where one applies.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match (self, self.store_fault()) {
+            (Error::TooManyAttempts { retry_after_secs }, _) => Some(*retry_after_secs),
+            (_, Some(StoreFault::Busy)) => Some(1),
+            (_, Some(StoreFault::Full)) => Some(30),
+            _ => None,
+        }
+    }
+
     /// The machine-readable code in API error bodies.
     pub fn code(&self) -> &'static str {
+        match self.store_fault() {
+            Some(StoreFault::Busy) => return "STORE_BUSY",
+            Some(StoreFault::Full) => return "STORE_FULL",
+            None => {}
+        }
         match self {
             Error::Invalid { .. } => "VALIDATION_ERROR",
             Error::NotFound { .. } => "NOT_FOUND",
             Error::Conflict { .. } => "CONFLICT",
             Error::Unauthorized(_) => "UNAUTHORIZED",
             Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
+            Error::TooManyAttempts { .. } => "TOO_MANY_ATTEMPTS",
             Error::Store(_) | Error::Internal(_) => "INTERNAL_ERROR",
         }
     }
 
     pub fn status(&self) -> u16 {
+        match self.store_fault() {
+            Some(StoreFault::Busy) => return 503,
+            Some(StoreFault::Full) => return 507,
+            None => {}
+        }
         match self {
             Error::Invalid { .. } => 400,
             Error::Unauthorized(_) => 401,
             Error::NotFound { .. } => 404,
             Error::Conflict { .. } => 409,
             Error::TooLarge(_) => 413,
+            Error::TooManyAttempts { .. } => 429,
             Error::Store(_) | Error::Internal(_) => 500,
         }
     }
@@ -65,8 +109,15 @@ impl Error {
             Error::NotFound { what, name, .. } => format!("{what} {name:?} not found"),
             Error::Unauthorized(m) | Error::Internal(m) => m.clone(),
             Error::TooLarge(n) => format!("the request body is larger than {n} bytes"),
-            // Storage details stay in the server log.
-            Error::Store(_) => "internal storage error".into(),
+            Error::TooManyAttempts { retry_after_secs } => {
+                format!("too many requests with a wrong token from this address; retry in {retry_after_secs} s")
+            }
+            Error::Store(_) => match self.store_fault() {
+                Some(StoreFault::Busy) => "the database is locked by another writer; nothing was changed, try again".into(),
+                Some(StoreFault::Full) => "the disk holding the database is full; nothing was changed".into(),
+                // Storage details stay in the server log.
+                None => "internal storage error".into(),
+            },
         }
     }
 
