@@ -227,6 +227,8 @@ impl HttpContext for KeywardHttp {
             let _ = env.send_reply(&filter::internal_error_reply());
             return Action::Pause;
         };
+        #[cfg(feature = "fault-injection")]
+        fault_injection::maybe_trap();
         match self.judge(&shared) {
             Ok(Outcome::Continue(allowed)) => {
                 if let Some(a) = allowed {
@@ -257,5 +259,19 @@ impl HttpContext for KeywardHttp {
             }
         }
         Action::Continue
+    }
+}
+
+/// Test builds only (`--features fault-injection`, never the release module): a request with
+/// `x-keyward-fault: trap` traps the VM, so the tests can watch `failure_policy: FAIL_RELOAD`.
+#[cfg(feature = "fault-injection")]
+mod fault_injection {
+    pub fn maybe_trap() {
+        if let Ok(Some(v)) = proxy_wasm::hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, "x-keyward-fault") {
+            if v == "trap" {
+                #[cfg(target_arch = "wasm32")]
+                core::arch::wasm32::unreachable();
+            }
+        }
     }
 }

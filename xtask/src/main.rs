@@ -132,6 +132,11 @@ fn ensure_wasm_target() -> Result {
     Ok(())
 }
 
+/// Where the fault-injection build of the module goes (apart from the release one).
+fn fault_target_dir() -> PathBuf {
+    workspace_root().join("target/fault")
+}
+
 fn build_wasm() -> Result<PathBuf> {
     ensure_wasm_target()?;
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter"]))?;
@@ -319,10 +324,13 @@ fn test(extra: &[String]) -> Result {
     ensure_deploy_validators()?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
+    // The same module with a trap a request can trigger, for the VM-crash fault test only.
+    run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter", "--features", "fault-injection", "--target-dir"]).arg(fault_target_dir()))?;
     let keyward = build_keyward()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward);
+    cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
+        .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"));
     let (passed, failed) = run_counting_tests(&mut cmd)?;
     if passed == 0 {
         return Err("no test ran".into());

@@ -25,13 +25,15 @@ pub struct Keyward {
     child: Option<Child>,
     pub port: u16,
     run: u32,
+    /// A database elsewhere than the temp dir (e.g. on a small disk).
+    db: Option<PathBuf>,
 }
 
 impl Keyward {
     /// Starts `keyward serve` on a free port with a fresh database.
     pub fn start() -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        let mut k = Keyward { dir, child: None, port: 0, run: 0 };
+        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None };
         k.spawn(0);
         k
     }
@@ -39,11 +41,16 @@ impl Keyward {
     /// A stopped server whose database exists, to start later (`restart`) on a chosen port.
     pub fn stopped(port: u16) -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        Keyward { dir, child: None, port, run: 0 }
+        Keyward { dir, child: None, port, run: 0, db: None }
     }
 
     pub fn db(&self) -> PathBuf {
-        self.dir.path().join("keyward.db")
+        self.db.clone().unwrap_or_else(|| self.dir.path().join("keyward.db"))
+    }
+
+    /// Keeps the database at `path` from the next start on.
+    pub fn set_db(&mut self, path: &std::path::Path) {
+        self.db = Some(path.to_path_buf());
     }
 
     fn log_path(&self, run: u32) -> PathBuf {

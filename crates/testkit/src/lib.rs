@@ -54,6 +54,22 @@ pub fn envoy_bin() -> PathBuf {
     path
 }
 
+/// The fault-injection build of the filter (a request can trap its VM): `$KEYWARD_FAULT_WASM`,
+/// else `target/fault/...`. Panics with directions.
+pub fn fault_wasm_path() -> PathBuf {
+    let path = std::env::var_os("KEYWARD_FAULT_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/fault/wasm32-wasip1/release/keyward.wasm"));
+    assert!(
+        path.is_file(),
+        "the fault-injection keyward.wasm is not at {}.\n\
+         Run `cargo xtask test` (it builds it), or: cargo build --release --target wasm32-wasip1 \
+         -p keyward-filter --features fault-injection --target-dir target/fault",
+        path.display()
+    );
+    path
+}
+
 /// The built filter: `$KEYWARD_WASM`, else the release build. Panics with directions.
 pub fn wasm_path() -> PathBuf {
     let path = std::env::var_os("KEYWARD_WASM").map(PathBuf::from).unwrap_or_else(wasm_default_path);
