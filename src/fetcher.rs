@@ -21,7 +21,7 @@ use std::time::Duration;
 /// How long a lease lasts without renewal.
 pub const LEASE_MS: u64 = 2_000;
 /// Tick period of every VM: lease renewal, state refresh, usage flush.
-pub const TICK: Duration = Duration::from_millis(200);
+pub const TICK: Duration = Duration::from_millis(100);
 const BACKOFF_MIN_MS: u64 = 250;
 const BACKOFF_MAX_MS: u64 = 10_000;
 
@@ -88,7 +88,7 @@ pub struct Fetcher {
     report_more: bool,
 }
 
-fn merge(into: &mut UsageCounts, from: UsageCounts) {
+pub fn merge(into: &mut UsageCounts, from: UsageCounts) {
     for (id, (count, last)) in from {
         let e = into.entry(id).or_insert((0, 0));
         e.0 += count;

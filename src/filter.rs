@@ -126,8 +126,53 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
-    pub key_id: String,
     pub response_headers: Vec<(&'static str, String)>,
+}
+
+/// Per-VM usage counts by digest, for the fetcher's reports. A request adds one to its key's
+/// count without allocating; the key id is copied once per key per flush.
+#[derive(Debug, Default)]
+pub struct Usage {
+    counts: std::cell::RefCell<std::collections::HashMap<keyward_core::Digest, (u64, i64, String)>>,
+}
+
+impl Usage {
+    pub fn count(&self, digest: &keyward_core::Digest, key_id: &str, now_secs: i64) {
+        let mut counts = self.counts.borrow_mut();
+        match counts.get_mut(digest) {
+            Some(e) => {
+                e.0 += 1;
+                e.1 = e.1.max(now_secs);
+            }
+            None => {
+                counts.insert(*digest, (1, now_secs, key_id.to_string()));
+            }
+        }
+    }
+
+    /// Everything counted since the last call, by key id.
+    pub fn take(&self) -> crate::fetcher::UsageCounts {
+        let drained = std::mem::take(&mut *self.counts.borrow_mut());
+        let mut out = crate::fetcher::UsageCounts::with_capacity(drained.len());
+        for (_, (count, last, id)) in drained {
+            let e = out.entry(id).or_insert((0, 0));
+            e.0 += count;
+            e.1 = e.1.max(last);
+        }
+        out
+    }
+}
+
+/// The VM's state a request uses: counters, caches, usage counts, the tick's clock.
+#[derive(Clone, Copy)]
+pub struct PerVm<'a> {
+    pub metrics: &'a Metrics,
+    pub routes: &'a RouteCache,
+    pub debug: bool,
+    /// Where allowed requests count usage (with a control plane).
+    pub usage: Option<&'a Usage>,
+    /// Unix seconds as of the last tick.
+    pub now_secs: i64,
 }
 
 /// Judges one request against `keys` and carries the decision out through `host`.
@@ -135,10 +180,9 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
     host: &H,
     config: &Config,
     keys: &K,
-    metrics: &Metrics,
-    routes: &RouteCache,
-    debug: bool,
+    vm: &PerVm<'_>,
 ) -> Result<Outcome, HostError> {
+    let PerVm { metrics, routes, debug, usage, now_secs } = *vm;
     let headers = host.request_headers()?;
     let pseudo = |name: &str| {
         headers
@@ -203,31 +247,36 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
     let mut allowed = None;
     match decision {
         Decision::Allow(id) => {
-            // One replacement of the whole header map: spoofed x-keyward-* out, the credential
-            // out, the identity in, the path without a query credential. One hostcall instead
-            // of one per change.
-            let strip = |name: &str| config.strip_credential && id.credential_headers.iter().any(|h| h == name);
-            let mut out: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + 3);
-            for (name, value) in &headers {
-                if name.starts_with(IDENTITY_PREFIX) || strip(name) {
-                    continue;
-                }
-                match (&id.stripped_path, name.as_str()) {
-                    (Some(path), ":path") => out.push((":path", path.as_bytes())),
-                    _ => out.push((name.as_str(), value.as_slice())),
+            // Targeted changes, not a whole-map replacement: rebuilding the map cost Envoy about
+            // twice as much as a removal and three additions (callgrind, instructions per request).
+            // Spoofed x-keyward-* and the credential out (rare spoofs, usually one credential
+            // header), the path without a query credential, the identity in.
+            let mut gone: Vec<&str> = Vec::new();
+            for (name, _) in &headers {
+                let spoofed = name.starts_with(IDENTITY_PREFIX);
+                let credential = config.strip_credential && id.credential_headers.iter().any(|h| h == name);
+                // A removal takes every copy of a name: once per name.
+                if (spoofed || credential) && !gone.contains(&name.as_str()) {
+                    host.set_request_header(name, None)?;
+                    gone.push(name);
                 }
             }
-            out.push((KEY_ID_HEADER, id.record.id.as_bytes()));
-            out.push((AGENT_HEADER, id.record.agent.as_bytes()));
-            out.push((SCOPES_HEADER, id.record.scopes_header.as_bytes()));
-            host.replace_request_headers(&out)?;
+            if let Some(path) = &id.stripped_path {
+                host.set_request_header(":path", Some(path))?;
+            }
+            host.add_request_header(KEY_ID_HEADER, id.record.id.as_bytes())?;
+            host.add_request_header(AGENT_HEADER, id.record.agent.as_bytes())?;
+            host.add_request_header(SCOPES_HEADER, id.record.scopes_header.as_bytes())?;
             if debug {
                 host::log(LogLevel::Debug, &format!("allowed key {} digest {}", id.record.id, id.digest.short()));
             }
             metrics.count(metrics.allowed);
+            if let Some(usage) = usage {
+                usage.count(&id.digest, &id.record.id, now_secs);
+            }
             let mut response_headers = deprecation_headers(&id.record);
             response_headers.append(&mut rate_headers);
-            allowed = Some(Allowed { key_id: id.record.id.clone(), response_headers });
+            allowed = Some(Allowed { response_headers });
         }
         Decision::FailOpen | Decision::Public | Decision::Deny(_) => {
             // Anything the client sent under our prefix is spoofed identity (rare: removed one by one).

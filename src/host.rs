@@ -25,8 +25,8 @@ pub trait Host {
     fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError>;
     /// Sets (`Some`) or removes (`None`, all copies) a request header.
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
-    /// Replaces every request header at once: one hostcall instead of one per change.
-    fn replace_request_headers(&self, headers: &[(&str, &[u8])]) -> Result<(), HostError>;
+    /// Adds a request header value (after any the request already has).
+    fn add_request_header(&self, name: &str, value: &[u8]) -> Result<(), HostError>;
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError>;
     fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
     /// Microseconds since the Unix epoch, from Envoy's clock.
@@ -56,8 +56,8 @@ impl Host for Envoy {
         hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).map_err(host_err("set_map_value"))
     }
 
-    fn replace_request_headers(&self, headers: &[(&str, &[u8])]) -> Result<(), HostError> {
-        hostcalls::set_map_bytes(MapType::HttpRequestHeaders, headers.to_vec()).map_err(host_err("set_map_bytes"))
+    fn add_request_header(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        hostcalls::add_map_value_bytes(MapType::HttpRequestHeaders, name, value).map_err(host_err("add_map_value"))
     }
 
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostError> {

@@ -9,7 +9,7 @@ pub mod filter;
 pub mod host;
 pub mod shared;
 
-use fetcher::{FeedMetrics, Fetcher, UsageCounts};
+use fetcher::{FeedMetrics, Fetcher};
 use filter::{Metrics, Outcome};
 use host::Host as _;
 use keyward_core::{Config, NoKeys};
@@ -36,9 +36,13 @@ struct Shared {
     debug: bool,
     /// The shared-data state as of the last tick.
     state: RefCell<State>,
-    usage: RefCell<UsageCounts>,
-    /// Requests with a control plane count usage.
+    /// Requests with a control plane count usage here; the tick hands it to the fetcher.
+    usage: filter::Usage,
+    /// Those counts by key id, until the fetcher takes them (once a second).
+    usage_by_id: RefCell<fetcher::UsageCounts>,
     count_usage: bool,
+    /// Key records read from shared data, per VM, dropped whenever the shared state moves.
+    records: shared::RecordCache,
     /// Unix seconds as of the last tick: good enough for `last used`, free per request.
     now_secs: Cell<i64>,
     routes: filter::RouteCache,
@@ -46,6 +50,18 @@ struct Shared {
     /// in its own size on its tick (wasm memory never shrinks, so this shows growth, never reuse).
     vm_memory_gauge: u32,
     vm_memory_reported: Cell<u64>,
+}
+
+impl Shared {
+    fn per_vm(&self, count_usage: bool) -> filter::PerVm<'_> {
+        filter::PerVm {
+            metrics: &self.metrics,
+            routes: &self.routes,
+            debug: self.debug,
+            usage: count_usage.then_some(&self.usage),
+            now_secs: self.now_secs.get(),
+        }
+    }
 }
 
 /// This VM's linear memory in bytes (0 off wasm, for the native unit tests).
@@ -133,7 +149,9 @@ impl RootContext for KeywardRoot {
             metrics,
             debug,
             state: RefCell::new(State::default()),
-            usage: RefCell::new(UsageCounts::new()),
+            usage: filter::Usage::default(),
+            usage_by_id: RefCell::new(fetcher::UsageCounts::new()),
+            records: shared::RecordCache::default(),
             count_usage,
             now_secs: Cell::new(i64::try_from(host::now_millis().unwrap_or(0) / 1000).unwrap_or(0)),
             routes: filter::RouteCache::default(),
@@ -159,10 +177,17 @@ impl RootContext for KeywardRoot {
             }
             if let Some(f) = &mut self.fetcher {
                 match State::read(&host::Envoy) {
-                    Ok(state) => *shared.state.borrow_mut() = state,
+                    Ok(state) => {
+                        // Any applied change (or a page of one) may have touched a cached record.
+                        if !state.same_snapshot(&shared.state.borrow()) {
+                            shared.records.clear();
+                        }
+                        *shared.state.borrow_mut() = state;
+                    }
                     Err(e) => host::log(LogLevel::Warn, &format!("reading the shared state: {e}")),
                 }
-                f.on_tick(now, &shared.usage);
+                fetcher::merge(&mut shared.usage_by_id.borrow_mut(), shared.usage.take());
+                f.on_tick(now, &shared.usage_by_id);
             }
         }
     }
@@ -194,10 +219,10 @@ impl KeywardHttp {
         let env = host::Envoy;
         let c = &shared.config;
         if let Some(snapshot) = &c.snapshot {
-            return filter::on_request(&env, c, snapshot, &shared.metrics, &shared.routes, shared.debug);
+            return filter::on_request(&env, c, snapshot, &shared.per_vm(false));
         }
         let Some(cp) = &c.control_plane else {
-            return filter::on_request(&env, c, &NoKeys, &shared.metrics, &shared.routes, shared.debug);
+            return filter::on_request(&env, c, &NoKeys, &shared.per_vm(false));
         };
         // The snapshot's age is judged against the tick's clock: no clock read per request.
         let now_ms = u64::try_from(shared.now_secs.get()).unwrap_or(0).saturating_mul(1000) + 999;
@@ -206,10 +231,13 @@ impl KeywardHttp {
             // Before the first load, look again on every request: the first snapshot counts at once.
             let fresh = State::read(&env)?;
             usable = fresh.usable(host::now_millis()?, cp.max_snapshot_age_secs);
+            if !fresh.same_snapshot(&shared.state.borrow()) {
+                shared.records.clear();
+            }
             *shared.state.borrow_mut() = fresh;
         }
-        let keys = SharedKeys { host: &env, usable, fault: Cell::new(false) };
-        let outcome = filter::on_request(&env, c, &keys, &shared.metrics, &shared.routes, shared.debug)?;
+        let keys = SharedKeys::new(&env, usable, &shared.records);
+        let outcome = filter::on_request(&env, c, &keys, &shared.per_vm(shared.count_usage))?;
         if keys.fault.get() {
             host::log(LogLevel::Error, "a shared-data key record could not be read; failing closed");
             shared.metrics.count(shared.metrics.internal_errors);
@@ -232,12 +260,6 @@ impl HttpContext for KeywardHttp {
         match self.judge(&shared) {
             Ok(Outcome::Continue(allowed)) => {
                 if let Some(a) = allowed {
-                    if shared.count_usage {
-                        let mut usage = shared.usage.borrow_mut();
-                        let e = usage.entry(a.key_id).or_insert((0, 0));
-                        e.0 += 1;
-                        e.1 = e.1.max(shared.now_secs.get());
-                    }
                     self.response_headers = a.response_headers;
                 }
                 Action::Continue

@@ -11,6 +11,9 @@ use keyward_core::decision::{KeyLookup, Unavailable};
 use keyward_core::feed::FeedCursor;
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Prefix of every entry: plugins on one Istio proxy share a namespace (no `vm_id` there).
 pub const PREFIX: &str = "keyward.";
@@ -66,18 +69,71 @@ impl State {
         Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(State::decode)).unwrap_or_default())
     }
 
+    /// The same snapshot content: nothing applied in between (the feed's last answer may differ).
+    pub fn same_snapshot(&self, other: &State) -> bool {
+        self.loaded == other.loaded && self.applied == other.applied && self.cursor == other.cursor
+    }
+
     /// Whether requests may use the shared keys now.
     pub fn usable(&self, now_ms: u64, max_age_secs: Option<u32>) -> bool {
         self.loaded && max_age_secs.is_none_or(|max| now_ms.saturating_sub(self.last_heard_ms) <= u64::from(max) * 1000)
     }
 }
 
-/// Per-request key lookup in shared data: one `get` of one entry.
+/// Records read from shared data, kept per VM so a hot key costs no hostcall. The root context
+/// clears it on every tick that finds the shared state moved (a change applied, or a page of
+/// one), so a cached record is at most one tick (100 ms) older than the shared data. Unknown
+/// digests are cached too (as `None`), so a flood of wrong keys does not reach shared data
+/// twice. Bounded: when full, it starts over.
+#[derive(Debug, Default)]
+pub struct RecordCache {
+    entries: RefCell<HashMap<Digest, Option<Rc<KeyRecord>>>>,
+}
+
+/// Most records a VM caches (about 300 bytes each).
+pub const RECORD_CACHE_MAX: usize = 10_000;
+
+impl RecordCache {
+    pub fn clear(&self) {
+        self.entries.borrow_mut().clear();
+    }
+
+    fn get(&self, digest: &Digest) -> Option<Option<Rc<KeyRecord>>> {
+        self.entries.borrow().get(digest).cloned()
+    }
+
+    fn put(&self, digest: Digest, record: Option<Rc<KeyRecord>>) {
+        let mut entries = self.entries.borrow_mut();
+        if entries.len() >= RECORD_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(digest, record);
+    }
+}
+
+/// Per-request key lookup: the VM's cache, else one `get` of one shared-data entry.
 pub struct SharedKeys<'h, H: Host> {
-    pub host: &'h H,
-    pub usable: bool,
+    host: &'h H,
+    usable: bool,
+    cache: &'h RecordCache,
+    /// Holds the record this request looked up, so the decision can borrow it.
+    found: std::cell::OnceCell<Rc<KeyRecord>>,
     /// Set when an entry could not be read or decoded.
     pub fault: std::cell::Cell<bool>,
+}
+
+impl<'h, H: Host> SharedKeys<'h, H> {
+    pub fn new(host: &'h H, usable: bool, cache: &'h RecordCache) -> Self {
+        SharedKeys { host, usable, cache, found: std::cell::OnceCell::new(), fault: std::cell::Cell::new(false) }
+    }
+
+    fn hand_out(&self, record: Rc<KeyRecord>) -> Cow<'_, KeyRecord> {
+        if self.found.get().is_some() {
+            // A second lookup in one request (the core makes one): a copy.
+            return Cow::Owned((*record).clone());
+        }
+        Cow::Borrowed(&**self.found.get_or_init(|| record))
+    }
 }
 
 impl<H: Host> KeyLookup for SharedKeys<'_, H> {
@@ -85,14 +141,24 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
         if !self.usable {
             return Err(Unavailable);
         }
+        if let Some(hit) = self.cache.get(digest) {
+            return Ok(hit.map(|r| self.hand_out(r)));
+        }
         let (value, _) = self.host.shared_get(&record_key(digest)).map_err(|_| {
             self.fault.set(true);
             Unavailable
         })?;
         match value {
-            None => Ok(None),
+            None => {
+                self.cache.put(*digest, None);
+                Ok(None)
+            }
             Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode) {
-                Some(record) => Ok(Some(Cow::Owned(record))),
+                Some(record) => {
+                    let record = Rc::new(record);
+                    self.cache.put(*digest, Some(Rc::clone(&record)));
+                    Ok(Some(self.hand_out(record)))
+                }
                 None => {
                     // Fail closed on an entry we cannot read; the fetcher only writes valid ones.
                     self.fault.set(true);

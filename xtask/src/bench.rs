@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
+/// Where BENCHMARKS.md's soak section starts; a bench run rewrites everything above it.
+pub const SOAK_MARKER: &str = "<!-- soak: written by `cargo xtask soak`, kept by `cargo xtask bench` -->";
+
 pub struct Options {
     pub quick: bool,
     /// Where the report goes.
@@ -326,6 +329,12 @@ pub fn run(opts: &Options) -> Result {
 
     let report = report(&plan, &subjects, &samples, &apply_ms, &scale, &propagation, t_total.elapsed());
     print!("{report}");
+    // The soak's section (`cargo xtask soak`, pasted below the marker) outlives a new bench run.
+    let kept = std::fs::read_to_string(&opts.out)
+        .ok()
+        .and_then(|old| old.find(SOAK_MARKER).map(|at| old[at..].to_string()))
+        .unwrap_or_default();
+    let report = if kept.is_empty() { report } else { format!("{}\n{kept}", report.trim_end()) };
     std::fs::write(&opts.out, &report).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     eprintln!("bench: wrote {} in {:.0} s", opts.out.display(), t_total.elapsed().as_secs_f64());
     Ok(())
