@@ -82,7 +82,7 @@ impl State {
 
 /// Records read from shared data, kept per VM so a hot key costs no hostcall. The root context
 /// clears it on every tick that finds the shared state moved (a change applied, or a page of
-/// one), so a cached record is at most one tick (100 ms) older than the shared data. Unknown
+/// one), so a cached record is at most one tick (25 ms) older than the shared data. Unknown
 /// digests are cached too (as `None`), so a flood of wrong keys does not reach shared data
 /// twice. Bounded: when full, it starts over.
 #[derive(Debug, Default)]

@@ -201,7 +201,7 @@ fn bench_cmd(args: &[String]) -> Result {
     if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out"].contains(&a.as_str()) || is_value_of_out(*i))) {
         return Err(format!("bench: unknown argument {:?}; use --quick and --out FILE", bad.1));
     }
-    ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux")])?;
+    ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;
     build_wasm()?;
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "noop-filter"]))?;

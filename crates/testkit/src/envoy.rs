@@ -27,6 +27,8 @@ pub struct EnvoyOptions {
     pub pin_cpus: Option<String>,
     /// A complete bootstrap to run instead of the generated one (listener must be named "main").
     pub bootstrap: Option<Value>,
+    /// A command Envoy runs under, e.g. `valgrind --tool=callgrind …` (after `taskset`).
+    pub wrapper: Vec<String>,
 }
 
 impl EnvoyOptions {
@@ -42,6 +44,7 @@ impl EnvoyOptions {
             node_id: "keyward-test".into(),
             pin_cpus: None,
             bootstrap: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -151,14 +154,14 @@ fn spawn(dir: &TempDir, config: &Value, opts: &EnvoyOptions) -> std::io::Result<
     let cfg = dir.path().join("envoy.json");
     std::fs::write(&cfg, serde_json::to_vec_pretty(config)?)?;
     let log = std::fs::File::create(dir.path().join("envoy.log"))?;
-    let mut cmd = match &opts.pin_cpus {
-        Some(cpus) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", cpus]).arg(envoy_bin());
-            c
-        }
-        None => Command::new(envoy_bin()),
-    };
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(cpus) = &opts.pin_cpus {
+        argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+    }
+    argv.extend(opts.wrapper.iter().map(Into::into));
+    argv.push(envoy_bin().into());
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
     cmd.arg("-c")
         .arg(&cfg)
         .args(["--concurrency", &opts.concurrency.to_string(), "--disable-hot-restart", "--log-level", "info"])
