@@ -1,6 +1,7 @@
-// Checks Istio and Gateway API resources against their CRD schemas, as published in the
-// @kubernetes-models packages (generated from the upstream CRDs; versions pinned by
-// package-lock.json). Core Kubernetes kinds are checked by kubernetes-validate instead.
+// Checks Istio and Gateway API resources against their CRD schemas: the @kubernetes-models
+// packages (validators generated from the upstream CRDs: Istio 1.2x, Gateway API v1), vendored
+// as tarballs in vendor/; their small runtime comes from npm, pinned by package-lock.json.
+// Core Kubernetes kinds are checked by kubernetes-validate instead.
 //
 //   npm ci --prefix deploy/validate && node deploy/validate/validate.mjs deploy/istio/*.yaml
 //
