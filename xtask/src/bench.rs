@@ -325,19 +325,8 @@ pub fn run(opts: &Options) -> Result {
     let scale = scale(&small, &mid, &large, up_port)?;
     let propagation = propagation(&serves, &subjects[5..])?;
     let instructions = if plan.rounds >= 7 {
-        eprintln!("bench: instructions per request (callgrind)");
-        let feed = |serve: &Keyward| {
-            let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
-            bootstrap("bench-cg", vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
-        };
-        let configs = vec![
-            ("1 no auth filter".to_string(), bootstrap("cg", vec![], vec![loopback_cluster("upstream", up_port)]), small.clone()),
-            ("2 no-op wasm (floor)".to_string(), bootstrap("cg", vec![wasm("noop", &noop, &json!({}))], vec![loopback_cluster("upstream", up_port)]), small.clone()),
-            // The propagation measurement revoked the first five keys of each set.
-            (format!("6 keyward, {} keys", small.len()), feed(&serves[0].0), small[5..].to_vec()),
-            (format!("7 keyward, {} keys", mid.len()), feed(&serves[1].0), mid[5..].to_vec()),
-        ];
-        instruction_counts(configs)?
+        let sets = [(&serves[0].0, &small), (&serves[1].0, &mid)];
+        instructions_table(up_port, &noop, sets)?
     } else {
         Vec::new()
     };
@@ -357,6 +346,49 @@ pub fn run(opts: &Options) -> Result {
     eprintln!("bench: wrote {} in {:.0} s", opts.out.display(), t_total.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// The callgrind table's configurations: no filter, the no-op floor, and keyward fed 1,000 and
+/// 100,000 keys by `sets` (each a serve and the keys it holds; the first five may be revoked).
+fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>); 2]) -> Result<Vec<(String, f64)>> {
+    eprintln!("bench: instructions per request (callgrind)");
+    let feed = |serve: &Keyward| {
+        let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
+        bootstrap("bench-cg", vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
+    };
+    let small = sets[0].1;
+    let mut configs = vec![
+        ("1 no auth filter".to_string(), bootstrap("cg", vec![], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
+        ("2 no-op wasm (floor)".to_string(), bootstrap("cg", vec![wasm("noop", noop, &json!({}))], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
+    ];
+    for (i, (serve, set)) in sets.into_iter().enumerate() {
+        // The propagation measurement revoked the first five keys of each set.
+        configs.push((format!("{} keyward, {} keys", 6 + i, set.len()), feed(serve), set[5..].to_vec()));
+    }
+    instruction_counts(configs)
+}
+
+/// `cargo xtask bench --instructions`: only the callgrind table, written over that section of
+/// `out` (the rest of the file is kept).
+pub fn run_instructions(out: &Path) -> Result {
+    let up = upstream()?;
+    let small = keys(1_000, "a");
+    let mid = keys(100_000, "b");
+    let (serve_small, _) = control_plane(&small, None)?;
+    let (serve_mid, _) = control_plane(&mid, None)?;
+    let noop = keyward_testkit::workspace_root().join("target/wasm32-wasip1/release/noop.wasm");
+    let counts = instructions_table(up.port, &noop, [(&serve_small, &small), (&serve_mid, &mid)])?;
+    let section = instruction_report(&counts);
+    print!("{section}");
+    let old = std::fs::read_to_string(out).unwrap_or_default();
+    let start = old.find(INSTRUCTIONS_HEADING).map(|i| old[..i].trim_end().len()).unwrap_or(old.find(SOAK_MARKER).unwrap_or(old.len()));
+    let end = old.find(SOAK_MARKER).unwrap_or(old.len()).max(start);
+    let new = format!("{}\n\n{}\n\n{}", old[..start].trim_end(), section.trim(), &old[end..]);
+    std::fs::write(out, new.trim_start()).map_err(|e| format!("{}: {e}", out.display()))?;
+    eprintln!("bench: wrote the instructions section of {}", out.display());
+    Ok(())
+}
+
+const INSTRUCTIONS_HEADING: &str = "## Instructions per request (callgrind)";
 
 /// Requests measured per configuration under callgrind.
 const CG_REQUESTS: usize = 2_000;
@@ -413,28 +445,42 @@ fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<
             (request(envoy.port, "GET", "/bench", &[("x-api-key", keys[0].as_bytes())]).ok()?.status == 200).then_some(())
         });
         keepalive_requests(envoy.port, &keys, 300)?;
-        let control = |arg: &str| Command::new("callgrind_control").args([arg, &envoy.pid().to_string()]).output().map_err(|e| format!("callgrind_control: {e}"));
-        let on = Command::new("callgrind_control").args(["-i", "on", &envoy.pid().to_string()]).output().map_err(|e| e.to_string())?;
-        if !on.status.success() {
-            return Err(format!("callgrind_control -i on: {}", String::from_utf8_lossy(&on.stderr)));
-        }
-        keepalive_requests(envoy.port, &keys, CG_REQUESTS)?;
-        Command::new("callgrind_control").args(["-i", "off", &envoy.pid().to_string()]).output().map_err(|e| e.to_string())?;
-        control("-d")?;
-        std::thread::sleep(Duration::from_secs(1));
-        let mut total = 0u64;
-        for entry in std::fs::read_dir(dir.path()).map_err(|e| e.to_string())?.flatten() {
-            if !entry.file_name().to_string_lossy().starts_with("cg.out") {
-                continue;
+        let pid = envoy.pid().to_string();
+        let control = |args: &[&str]| -> Result {
+            let out = Command::new("callgrind_control").args(args).arg(&pid).output().map_err(|e| format!("callgrind_control: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
             }
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let t = text.lines().filter_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:"))).filter_map(|v| v.trim().parse::<u64>().ok()).max();
-            total = total.max(t.unwrap_or(0));
-        }
-        if total == 0 {
+        };
+        let dumped = |n: u32| -> u64 {
+            let text = std::fs::read_to_string(format!("{}.{n}", file.display())).unwrap_or_default();
+            text.lines().filter_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:"))).filter_map(|v| v.trim().parse().ok()).max().unwrap_or(0)
+        };
+        // Phase 1: the requests. Phase 2: as long again with no requests, to subtract what the
+        // timers cost meanwhile (under valgrind a request takes ~50× longer, so a filter's
+        // periodic work would otherwise be charged to its requests ~50× over).
+        control(&["-i", "on"])?;
+        let t = Instant::now();
+        keepalive_requests(envoy.port, &keys, CG_REQUESTS)?;
+        let busy_secs = t.elapsed().as_secs_f64();
+        control(&["-i", "off"])?;
+        control(&["-d"])?;
+        control(&["-i", "on"])?;
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(busy_secs.max(2.0)));
+        let idle_secs = t.elapsed().as_secs_f64();
+        control(&["-i", "off"])?;
+        control(&["-d"])?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (busy, idle) = (dumped(1), dumped(2));
+        if busy == 0 {
             return Err(format!("{name}: callgrind counted nothing"));
         }
-        let per = total as f64 / CG_REQUESTS as f64;
+        let total = (busy as f64 - idle as f64 / idle_secs * busy_secs).max(0.0);
+        eprintln!("bench: {name}: {busy} instructions in {busy_secs:.1} s of requests, {idle} in {idle_secs:.1} s idle");
+        let per = total / CG_REQUESTS as f64;
         eprintln!("bench: {name}: {per:.0} instructions per request");
         out.push((name, per));
         drop(envoy);
@@ -449,7 +495,8 @@ fn instruction_report(counts: &[(String, f64)]) -> String {
     let floor = counts.iter().find(|(n, _)| n.starts_with("2 ")).map_or(f64::NAN, |(_, v)| *v);
     let mut r = String::from(
         "\n## Instructions per request (callgrind)\n\nEnvoy `--concurrency 1` under `valgrind --tool=callgrind`, \
-         instructions in user space over 2,000 keep-alive requests after a warm-up (repeatable to 0.3% \
+         instructions in user space over 2,000 keep-alive requests after a warm-up, less what the \
+         same Envoy executes idle for as long (timers: keyward's 25 ms tick) (repeatable to 0.3% \
          here, whatever the machine's load; the kernel's share of a request, which CPU time includes, \
          is not counted, so these ratios are larger than the CPU-time ones). Keyward runs in feed \
          mode; with 1,000 keys every key is in each VM's record cache, with 100,000 keys cycled \

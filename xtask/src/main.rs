@@ -20,7 +20,8 @@ Commands:
   bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
-            target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere.
+            target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere. `bench --instructions`
+            runs only the callgrind table (instructions per request) and rewrites that section.
   soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
             created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
@@ -192,14 +193,15 @@ fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
 
 fn bench_cmd(args: &[String]) -> Result {
     let quick = args.iter().any(|a| a == "--quick");
+    let instructions_only = args.iter().any(|a| a == "--instructions");
     let out = match args.iter().position(|a| a == "--out") {
         Some(i) => PathBuf::from(args.get(i + 1).ok_or("--out needs a file")?),
         None if quick => workspace_root().join("target/BENCHMARKS.quick.md"),
         None => workspace_root().join("BENCHMARKS.md"),
     };
     let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
-    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out"].contains(&a.as_str()) || is_value_of_out(*i))) {
-        return Err(format!("bench: unknown argument {:?}; use --quick and --out FILE", bad.1));
+    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions"].contains(&a.as_str()) || is_value_of_out(*i))) {
+        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions and --out FILE", bad.1));
     }
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;
@@ -209,6 +211,9 @@ fn bench_cmd(args: &[String]) -> Result {
     // The testkit finds these through the environment.
     std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
     std::env::set_var("ENVOY_BIN", envoy_default_path());
+    if instructions_only {
+        return bench::run_instructions(&out);
+    }
     bench::run(&bench::Options { quick, out })
 }
 
