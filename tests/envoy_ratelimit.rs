@@ -138,7 +138,12 @@ fn an_agent_limit_is_shared_and_a_rotation_keeps_the_budget() {
     poll_until(Duration::from_secs(10), "the agent's first key", || (get(&envoy, &a).status == 200).then_some(()));
     assert_eq!(get(&envoy, &a).status, 200, "the burst of two");
     assert_eq!(get(&envoy, &a).status, 429);
-    assert_denied(&get(&envoy, &b), 429, "RATE_LIMITED", b.as_bytes(), "the second key draws on the same agent budget");
+    // `b` was created after `a` and may arrive in a later feed answer: wait until it is known.
+    let b_first = poll_until(Duration::from_secs(10), "the agent's second key to be known", || {
+        let r = get(&envoy, &b);
+        (r.code().as_deref() != Some("INVALID_API_KEY")).then_some(r)
+    });
+    assert_denied(&b_first, 429, "RATE_LIMITED", b.as_bytes(), "the second key draws on the same agent budget");
 
     // A key with its own limit, rotated: the new key continues the old key's budget.
     let c = json_out(&["key", "create", "--agent", "team", "--name", "own", "--rate", "6/min", "--json"]);
