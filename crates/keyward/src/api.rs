@@ -263,7 +263,6 @@ async fn with_store<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&m
 /// The request body, or a JSON error if it could not be read (too large, cut short).
 type Body = std::result::Result<Bytes, BytesRejection>;
 
-/// Parses a JSON request body; an empty body is `{}`.
 /// Runs a changing store operation, then wakes the feed at once (rather than at the watcher's
 /// next look).
 async fn mutate<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static) -> Result<T> {
@@ -273,9 +272,15 @@ async fn mutate<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&mut S
     Ok(out)
 }
 
+/// Parses a JSON request body (at most [`MAX_BODY_BYTES`]); an empty body is `{}`.
 fn parse<T: DeserializeOwned>(body: Body) -> Result<T> {
+    parse_limited(body, MAX_BODY_BYTES)
+}
+
+/// [`parse`] for a route whose body limit is `limit` bytes, so a 413 names the right size.
+fn parse_limited<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T> {
     let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(MAX_BODY_BYTES),
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(limit),
         _ => Error::Invalid { field: "request", message: e.body_text() },
     })?;
     let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
@@ -417,7 +422,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
 }
 
 async fn feed_usage(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
-    let report: keyward_core::feed::UsageReport = parse(body)?;
+    let report: keyward_core::feed::UsageReport = parse_limited(body, USAGE_MAX_BODY_BYTES)?;
     let known = with_store(&state, move |s| s.record_usage(&report)).await?;
     Ok(ok(StatusCode::OK, serde_json::json!({"recorded": known})))
 }

@@ -74,10 +74,12 @@ fn request_bodies_are_bounded() {
     let big = format!(r#"{{"name":"a","description":"{filler}"}}"#).into_bytes();
     let (status, _, body) = call(&server.url, "POST", "/v1/agents", Some(TOKEN), Some(big));
     assert_eq!((status, body["error"]["code"].as_str()), (413, Some("PAYLOAD_TOO_LARGE")), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains(&MAX_BODY_BYTES.to_string()), "{body}");
     // Usage reports have their own, larger bound.
     let huge = vec![b' '; USAGE_MAX_BODY_BYTES + 1];
-    let (status, _, _) = call(&server.url, "POST", "/v1/feed/usage", None, Some(huge));
+    let (status, _, body) = call(&server.url, "POST", "/v1/feed/usage", None, Some(huge));
     assert_eq!(status, 413);
+    assert!(body["error"]["message"].as_str().unwrap_or("").contains(&USAGE_MAX_BODY_BYTES.to_string()), "the usage route names its own bound: {body}");
     let ok = json!({"envoy": "e", "usage": []}).to_string().into_bytes();
     assert_eq!(call(&server.url, "POST", "/v1/feed/usage", None, Some(ok)).0, 200);
     // Nothing was created by the refused request.
