@@ -130,7 +130,7 @@ fn a_locked_database_refuses_changes_cleanly_and_envoy_keeps_serving() {
     let out = Command::new(keyward_testkit::keyward_bin()).arg("--db").arg(&db).args(["key", "create", "--agent", "app"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("locked"), "{stderr}");
+    assert!(stderr.contains("locked by another writer; nothing was changed"), "{stderr}");
     // The data plane does not notice.
     assert_eq!(status_of(&envoy, &key).0, 200);
     let _ = locker.wait();

@@ -212,7 +212,11 @@ pub fn main() -> std::process::ExitCode {
                     }
                 }
                 None => {
-                    eprintln!("error: {e:#}");
+                    // A busy or full database gets the same plain words as the API's answer.
+                    match e.chain().find_map(|c| c.downcast_ref::<Error>()).filter(|err| err.store_fault().is_some()) {
+                        Some(err) => eprintln!("error: {e}: {}", err.message()),
+                        None => eprintln!("error: {e:#}"),
+                    }
                     1
                 }
             };
