@@ -83,11 +83,12 @@ impl State {
 /// Records read from shared data, kept per VM so a hot key costs no hostcall. The root context
 /// clears it on every tick that finds the shared state moved (a change applied, or a page of
 /// one), so a cached record is at most one tick (25 ms) older than the shared data. Unknown
-/// digests are cached too (as `None`), so a flood of wrong keys does not reach shared data
-/// twice. Bounded: when full, it starts over.
+/// digests are not cached: a key is usable on every worker as soon as it is in shared data
+/// (a worker that had looked for it must not refuse it for another tick), and a miss costs
+/// only the one read. Bounded: when full, it starts over.
 #[derive(Debug, Default)]
 pub struct RecordCache {
-    entries: RefCell<HashMap<Digest, Option<Rc<KeyRecord>>>>,
+    entries: RefCell<HashMap<Digest, Rc<KeyRecord>>>,
 }
 
 /// Most records a VM caches (about 300 bytes each).
@@ -98,11 +99,11 @@ impl RecordCache {
         self.entries.borrow_mut().clear();
     }
 
-    fn get(&self, digest: &Digest) -> Option<Option<Rc<KeyRecord>>> {
+    fn get(&self, digest: &Digest) -> Option<Rc<KeyRecord>> {
         self.entries.borrow().get(digest).cloned()
     }
 
-    fn put(&self, digest: Digest, record: Option<Rc<KeyRecord>>) {
+    fn put(&self, digest: Digest, record: Rc<KeyRecord>) {
         let mut entries = self.entries.borrow_mut();
         if entries.len() >= RECORD_CACHE_MAX {
             entries.clear();
@@ -142,21 +143,18 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
             return Err(Unavailable);
         }
         if let Some(hit) = self.cache.get(digest) {
-            return Ok(hit.map(|r| self.hand_out(r)));
+            return Ok(Some(self.hand_out(hit)));
         }
         let (value, _) = self.host.shared_get(&record_key(digest)).map_err(|_| {
             self.fault.set(true);
             Unavailable
         })?;
         match value {
-            None => {
-                self.cache.put(*digest, None);
-                Ok(None)
-            }
+            None => Ok(None),
             Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode) {
                 Some(record) => {
                     let record = Rc::new(record);
-                    self.cache.put(*digest, Some(Rc::clone(&record)));
+                    self.cache.put(*digest, Rc::clone(&record));
                     Ok(Some(self.hand_out(record)))
                 }
                 None => {
@@ -172,6 +170,78 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyward_core::{KeyStatus, LocalReply};
+
+    /// Shared data in a map; the other hostcalls are not used by a lookup.
+    #[derive(Default)]
+    struct SharedData(RefCell<HashMap<String, Vec<u8>>>, std::cell::Cell<u32>);
+
+    impl Host for SharedData {
+        fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+            unimplemented!()
+        }
+        fn set_request_header(&self, _: &str, _: Option<&str>) -> Result<(), HostError> {
+            unimplemented!()
+        }
+        fn add_request_header(&self, _: &str, _: &[u8]) -> Result<(), HostError> {
+            unimplemented!()
+        }
+        fn property(&self, _: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
+            unimplemented!()
+        }
+        fn send_reply(&self, _: &LocalReply) -> Result<(), HostError> {
+            unimplemented!()
+        }
+        fn now_micros(&self) -> Result<u64, HostError> {
+            unimplemented!()
+        }
+        fn increment(&self, _: u32, _: u64) -> Result<(), HostError> {
+            unimplemented!()
+        }
+        fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
+            self.1.set(self.1.get() + 1);
+            Ok((self.0.borrow().get(key).cloned(), None))
+        }
+        fn shared_set(&self, key: &str, value: &[u8], _: Option<u32>) -> Result<bool, HostError> {
+            self.0.borrow_mut().insert(key.to_string(), value.to_vec());
+            Ok(true)
+        }
+    }
+
+    fn record(id: &str, status: KeyStatus) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            agent: "a".into(),
+            status,
+            expires_at: None,
+            agent_enabled: true,
+            scopes: vec![],
+            scopes_header: String::new(),
+            path_prefixes: vec![],
+            rate_limit: None,
+            deprecated_at: None,
+            rate_bucket: None,
+        }
+    }
+
+    #[test]
+    fn a_key_written_after_a_miss_is_found_at_once_and_a_hit_costs_no_read() {
+        let host = SharedData::default();
+        let cache = RecordCache::default();
+        let digest = Digest::of(b"a-new-key");
+        let status = |keys: &SharedKeys<'_, SharedData>| keys.lookup(&digest).unwrap().map(|r| r.status);
+        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), None, "unknown before the feed wrote it");
+        host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();
+        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Active), "absence was not cached");
+        let reads = host.1.get();
+        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Active));
+        assert_eq!(host.1.get(), reads, "a cached record costs no shared-data read");
+        // A change is seen once the tick drops the cache.
+        host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Revoked).encode().as_bytes(), None).unwrap();
+        cache.clear();
+        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Revoked));
+        assert!(SharedKeys::new(&host, false, &cache).lookup(&digest).is_err(), "no snapshot: unavailable");
+    }
 
     #[test]
     fn state_round_trips() {
