@@ -377,7 +377,7 @@ impl Fetcher {
         self.report_more = !self.pending.is_empty();
         let report = UsageReport {
             envoy,
-            usage: sent.iter().map(|(id, (count, last))| KeyUsage { key_id: id.clone(), count: *count, last_used: *last }).collect(),
+            usage: sent.iter().map(|(id, (count, last))| KeyUsage { key_id: id.clone(), count: *count, last_used: *last, denied: Default::default() }).collect(),
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();

@@ -26,6 +26,11 @@ pub struct FeedMessage {
     /// When not complete: where to continue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<FeedCursor>,
+    /// The control plane's scope implications; when present, this page's records are compiled
+    /// with them instead of the filter configuration's. The control plane sends them on every
+    /// page, and re-sends every record an implication change affects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implications: Option<std::collections::BTreeMap<String, Vec<String>>>,
     pub keys: Vec<RawKeyRecord>,
 }
 
@@ -86,6 +91,11 @@ pub struct KeyUsage {
     pub count: u64,
     /// Unix seconds.
     pub last_used: i64,
+    /// Refused requests that presented this key since the last report, by contract code
+    /// (`REVOKED_API_KEY`, `EXPIRED_API_KEY`, `ACCESS_DISABLED`, `INSUFFICIENT_SCOPE`,
+    /// `RATE_LIMITED`, ...).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub denied: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

@@ -55,6 +55,14 @@ pub struct RawKeyRecord {
     /// agent with an agent limit, and every key of one rotation lineage. Default: the key's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_bucket: Option<String>,
+    /// How many requests an idle client may send at once, at most the limit's `N`. Default: `N`
+    /// (the whole limit). Set by `--burst` on the key or its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    /// Why the agent's API access is off (`agent disable --reason`): the `ACCESS_DISABLED`
+    /// message. Only meaningful with `agent_enabled: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
 }
 
 fn yes() -> bool {
@@ -70,6 +78,11 @@ fn is_true(b: &bool) -> bool {
 pub struct RawSnapshot {
     #[serde(default)]
     pub version: u64,
+    /// The control plane's scope catalogue implications (`scope imply`). When present, records
+    /// are compiled with these instead of the filter configuration's `implications`, so the
+    /// filter and the control plane never disagree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implications: Option<std::collections::BTreeMap<String, Vec<String>>>,
     #[serde(default)]
     pub keys: Vec<RawKeyRecord>,
 }

@@ -1,7 +1,7 @@
 //! The admin HTTP API: JSON in and out, the same operations as the CLI, behind an admin token.
 
 use crate::error::{Error, Result};
-use crate::model::{ImportKey, NewAgent, NewKey, RotateKey};
+use crate::model::{AgentUpdate, Applied, DisableAgent, ImportKey, Imply, KeyUpdate, NewAgent, NewKey, NewScope, RotateKey};
 use crate::store::Store;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -9,7 +9,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use keyward_core::Digest;
 use serde::de::DeserializeOwned;
@@ -26,14 +26,21 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/agents"),
     ("POST", "/v1/agents"),
     ("GET", "/v1/agents/{name}"),
+    ("PATCH", "/v1/agents/{name}"),
     ("DELETE", "/v1/agents/{name}"),
     ("POST", "/v1/agents/{name}/disable"),
     ("POST", "/v1/agents/{name}/enable"),
     ("GET", "/v1/keys"),
     ("POST", "/v1/keys"),
     ("POST", "/v1/keys/import"),
+    ("GET", "/v1/keys/{id}"),
+    ("PATCH", "/v1/keys/{id}"),
     ("POST", "/v1/keys/{id}/revoke"),
     ("POST", "/v1/keys/{id}/rotate"),
+    ("GET", "/v1/scopes"),
+    ("POST", "/v1/scopes"),
+    ("DELETE", "/v1/scopes/{name}"),
+    ("POST", "/v1/scopes/{name}/implies"),
     ("GET", "/v1/status"),
     ("GET", "/v1/audit"),
     ("GET", "/v1/snapshot"),
@@ -53,7 +60,10 @@ pub const USAGE_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     pub store: Mutex<Store>,
     /// SHA-256 of the admin token; the token itself is never kept.
-    pub token_digest: Digest,
+    pub token_digest: std::sync::RwLock<Digest>,
+    /// The token's digest lives in the store (`admin-token rotate` changes it), not in the
+    /// environment: the version watcher re-reads it.
+    pub token_from_store: bool,
     /// SHA-256 of the feed token, if the feed requires one (`KEYWARD_FEED_TOKEN`).
     pub feed_token_digest: Option<Digest>,
     /// The store's snapshot version, as last seen by the watcher.
@@ -115,7 +125,8 @@ impl AppState {
         let version = store.snapshot_version()?;
         Ok(AppState {
             store: Mutex::new(store),
-            token_digest,
+            token_digest: std::sync::RwLock::new(token_digest),
+            token_from_store: false,
             feed_token_digest,
             version: tokio::sync::watch::channel(version).0,
             guard: AuthGuard::default(),
@@ -125,7 +136,16 @@ impl AppState {
     /// Re-reads the store's version and wakes feed requests if it moved. Changes made by the
     /// CLI straight to the file are seen this way too.
     pub fn refresh_version(&self) -> Result<u64> {
-        let v = self.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?.snapshot_version()?;
+        let store = self.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
+        let v = store.snapshot_version()?;
+        if self.token_from_store {
+            if let Some(d) = store.meta("admin_token_sha256")?.and_then(|h| Digest::from_hex(&h)) {
+                if let Ok(mut t) = self.token_digest.write() {
+                    *t = d;
+                }
+            }
+        }
+        drop(store);
         self.version.send_if_modified(|cur| {
             let moved = *cur != v;
             *cur = v;
@@ -164,13 +184,17 @@ impl IntoResponse for Error {
 pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
         .route("/v1/agents", get(list_agents).post(create_agent))
-        .route("/v1/agents/{name}", get(show_agent).delete(delete_agent))
+        .route("/v1/agents/{name}", get(show_agent).patch(update_agent).delete(delete_agent))
         .route("/v1/agents/{name}/disable", post(disable_agent))
         .route("/v1/agents/{name}/enable", post(enable_agent))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/import", post(import_key))
+        .route("/v1/keys/{id}", get(get_key).patch(update_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/scopes", get(list_scopes).post(add_scope))
+        .route("/v1/scopes/{name}", delete(remove_scope))
+        .route("/v1/scopes/{name}/implies", post(imply_scope))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
         .route("/v1/snapshot", get(snapshot))
@@ -186,7 +210,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .merge(admin)
         .merge(feed)
-        .fallback(|| async { Error::NotFound { field: "request", what: "route", name: "no such route".into() } })
+        .fallback(|req: Request| async move { Error::NoRoute(format!("{} {}", req.method(), req.uri().path())) })
+        .method_not_allowed_fallback(|req: Request| async move { Error::MethodNotAllowed(format!("{} {}", req.method(), req.uri().path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
@@ -224,7 +249,10 @@ async fn require_feed_token(State(state): State<Arc<AppState>>, headers: HeaderM
 }
 
 async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let want = state.token_digest;
+    let want = match state.token_digest.read() {
+        Ok(d) => *d,
+        Err(_) => return Error::Internal("token lock poisoned".into()).into_response(),
+    };
     let messages = ("send the admin token as 'Authorization: Bearer <token>'", "the admin token is not valid");
     guarded(&state, &headers, &want, messages, req, next).await
 }
@@ -263,13 +291,58 @@ async fn with_store<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&m
 /// The request body, or a JSON error if it could not be read (too large, cut short).
 type Body = std::result::Result<Bytes, BytesRejection>;
 
-/// Runs a changing store operation, then wakes the feed at once (rather than at the watcher's
-/// next look).
-async fn mutate<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static) -> Result<T> {
-    let out = with_store(state, op).await?;
+/// `?wait=false` skips waiting for the Envoys after a change.
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    wait: Option<String>,
+}
+
+fn wait_param(q: std::result::Result<Query<WaitQuery>, QueryRejection>) -> Result<bool> {
+    match query(q, "wait")?.wait.as_deref() {
+        None | Some("true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        Some(other) => Err(Error::Invalid { field: "wait", message: format!("{other:?} must be true or false") }),
+    }
+}
+
+type WaitQ = std::result::Result<Query<WaitQuery>, QueryRejection>;
+
+/// Runs a changing store operation, wakes the feed at once (rather than at the watcher's next
+/// look), then waits until every connected Envoy has applied it (unless `wait` is false), and
+/// answers the result with an `applied` object.
+async fn mutate<T: Serialize + Send + 'static>(
+    state: &Arc<AppState>,
+    wait: bool,
+    status: StatusCode,
+    op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
+) -> Result<Response> {
+    let (out, version) = with_store(state, move |s| {
+        s.last_change = None;
+        let out = op(s)?;
+        Ok((out, s.last_change.take()))
+    })
+    .await?;
     let s = Arc::clone(state);
     let _ = tokio::task::spawn_blocking(move || s.refresh_version()).await;
-    Ok(out)
+    let mut value = serde_json::to_value(out).map_err(|e| Error::Internal(e.to_string()))?;
+    if let (Some(version), Some(obj)) = (version, value.as_object_mut()) {
+        let applied = wait_applied(state, version, wait).await?;
+        obj.insert("applied".into(), serde_json::to_value(applied).map_err(|e| Error::Internal(e.to_string()))?);
+    }
+    Ok(ok(status, value))
+}
+
+/// Waits (up to [`crate::applied::DEFAULT_WAIT`]) until every Envoy connected now has applied
+/// `version`, as its next feed request says.
+async fn wait_applied(state: &Arc<AppState>, version: u64, wait: bool) -> Result<Applied> {
+    let start = std::time::Instant::now();
+    loop {
+        let (done, pending) = with_store(state, move |s| s.envoys_applied(version)).await?;
+        if !wait || pending.is_empty() || start.elapsed() >= crate::applied::DEFAULT_WAIT {
+            return Ok(crate::applied::applied(version, true, wait, &done, pending, start));
+        }
+        tokio::time::sleep(crate::applied::POLL).await;
+    }
 }
 
 /// Parses a JSON request body (at most [`MAX_BODY_BYTES`]); an empty body is `{}`.
@@ -300,25 +373,31 @@ async fn list_agents(State(state): State<Arc<AppState>>) -> Result<Response> {
     Ok(ok(StatusCode::OK, with_store(&state, |s| s.list_agents()).await?))
 }
 
-async fn create_agent(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+async fn create_agent(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: NewAgent = parse(body)?;
-    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.create_agent(&req)).await?))
+    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.create_agent(&req)).await
+}
+
+async fn update_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
+    let req: AgentUpdate = parse(body)?;
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.update_agent(&name, &req)).await
 }
 
 async fn show_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
     Ok(ok(StatusCode::OK, with_store(&state, move |s| s.show_agent(&name)).await?))
 }
 
-async fn delete_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.delete_agent(&name)).await?))
+async fn delete_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ) -> Result<Response> {
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.delete_agent(&name)).await
 }
 
-async fn disable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.set_agent_enabled(&name, false)).await?))
+async fn disable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
+    let req: DisableAgent = parse(body)?;
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.set_agent_enabled(&name, false, req.reason.as_deref())).await
 }
 
-async fn enable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.set_agent_enabled(&name, true)).await?))
+async fn enable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ) -> Result<Response> {
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.set_agent_enabled(&name, true, None)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,23 +414,50 @@ async fn list_keys(State(state): State<Arc<AppState>>, q: std::result::Result<Qu
     Ok(ok(StatusCode::OK, with_store(&state, move |s| s.list_keys(q.agent.as_deref())).await?))
 }
 
-async fn create_key(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+async fn create_key(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: NewKey = parse(body)?;
-    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.create_key(&req)).await?))
+    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.create_key(&req)).await
 }
 
-async fn import_key(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+async fn import_key(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: ImportKey = parse(body)?;
-    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.import_key(&req)).await?))
+    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.import_key(&req)).await
 }
 
-async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, mutate(&state, move |s| s.revoke_key(&id)).await?))
+async fn get_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.get_key(&id)).await?))
 }
 
-async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, body: Body) -> Result<Response> {
+async fn update_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
+    let req: KeyUpdate = parse(body)?;
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.update_key(&id, &req)).await
+}
+
+async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, w: WaitQ) -> Result<Response> {
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.revoke_key(&id)).await
+}
+
+async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
     let req: RotateKey = parse(body)?;
-    Ok(ok(StatusCode::CREATED, mutate(&state, move |s| s.rotate_key(&id, &req)).await?))
+    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.rotate_key(&id, &req)).await
+}
+
+async fn list_scopes(State(state): State<Arc<AppState>>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, |s| s.list_scopes()).await?))
+}
+
+async fn add_scope(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
+    let req: NewScope = parse(body)?;
+    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.add_scope(&req)).await
+}
+
+async fn remove_scope(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ) -> Result<Response> {
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.remove_scope(&name)).await
+}
+
+async fn imply_scope(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
+    let req: Imply = parse(body)?;
+    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.imply_scope(&name, &req)).await
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Result<Response> {

@@ -2,7 +2,7 @@
 
 use crate::client::{Admin, Remote};
 use crate::error::{self, Error};
-use crate::model::{self, ImportKey, NewAgent, NewKey, RotateKey};
+use crate::model::{self, AgentUpdate, Imply, ImportKey, KeyUpdate, NewAgent, NewKey, NewScope, RotateKey};
 use crate::store::{self, Store};
 use crate::{api, output};
 use anyhow::Context as _;
@@ -33,13 +33,16 @@ pub struct Cli {
     /// Machine-readable JSON output
     #[arg(long, global = true)]
     json: bool,
+    /// After a change, do not wait (up to 2 s) for every connected Envoy to apply it
+    #[arg(long, global = true)]
+    no_wait: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane: the admin API (and, later, the snapshot feed)
+    /// Run the control plane: the admin API and the snapshot feed the Envoys fetch
     Serve {
         /// Address to listen on
         #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:7070")]
@@ -51,6 +54,12 @@ enum Command {
     /// Manage keys
     #[command(subcommand)]
     Key(KeyCommand),
+    /// The scope catalogue: the only scopes agents and keys may carry, and their implications
+    #[command(subcommand)]
+    Scope(ScopeCommand),
+    /// The bootstrap admin token of `keyward serve`
+    #[command(subcommand, name = "admin-token")]
+    AdminToken(AdminTokenCommand),
     /// Show the snapshot version and each connected Envoy's applied version
     Status,
     /// Show the append-only audit log of changes
@@ -84,15 +93,44 @@ enum AgentCommand {
         /// Default rate limit for the agent's keys: N/s, N/min, N/h or N/day
         #[arg(long, value_name = "RATE")]
         rate: Option<String>,
+        /// Requests an idle client may send at once, at most the limit's N [default: N]
+        #[arg(long, value_name = "N", requires = "rate")]
+        burst: Option<u32>,
         #[arg(long)]
         description: Option<String>,
+    },
+    /// Change an agent's description, scopes (capabilities), rate limit or burst
+    Update {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// Replace the scopes, comma-separated
+        #[arg(long, value_name = "SCOPES", conflicts_with_all = ["add_scope", "remove_scope"])]
+        scopes: Option<String>,
+        /// Add a scope (repeatable)
+        #[arg(long = "add-scope", value_name = "SCOPE")]
+        add_scope: Vec<String>,
+        /// Remove a scope (repeatable); the agent's keys lose it at once
+        #[arg(long = "remove-scope", value_name = "SCOPE")]
+        remove_scope: Vec<String>,
+        /// Rate limit for the agent's keys (N/s, N/min, N/h, N/day), or `none`
+        #[arg(long, value_name = "RATE")]
+        rate: Option<String>,
+        /// Requests an idle client may send at once, or `none` for the whole limit
+        #[arg(long, value_name = "N")]
+        burst: Option<String>,
     },
     /// List agents
     List,
     /// Show an agent and its keys
     Show { name: String },
     /// Turn off API access for an agent: its keys get 403 ACCESS_DISABLED
-    Disable { name: String },
+    Disable {
+        name: String,
+        /// Shown to API users as the ACCESS_DISABLED message, e.g. "Your plan does not include API access"
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Turn API access back on
     Enable { name: String },
     /// Delete an agent and revoke all of its keys
@@ -119,6 +157,9 @@ struct KeyOptions {
     /// Rate limit overriding the agent's: N/s, N/min, N/h or N/day
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
+    /// Requests an idle client may send at once, at most the limit's N [default: N]
+    #[arg(long, value_name = "N", requires = "rate")]
+    burst: Option<u32>,
     /// Restrict the key to paths under this prefix (repeatable)
     #[arg(long = "path-prefix", value_name = "PATH")]
     path_prefixes: Vec<String>,
@@ -133,8 +174,21 @@ impl KeyOptions {
             expires_at: self.expires,
             ttl: self.ttl,
             rate: self.rate,
+            burst: self.burst,
             path_prefixes: self.path_prefixes,
         }
+    }
+}
+
+/// `none` clears a value; anything else must parse.
+fn clearable_u32(flag: &str, v: Option<String>) -> Result<Option<Option<u32>>, CliError> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some("none") => Ok(Some(None)),
+        Some(n) => n.parse().map(|n| Some(Some(n))).map_err(|_| CliError {
+            error: error::invalid("burst", format!("{n:?} is not a number of requests (or `none`)")),
+            flag: flag.into(),
+        }),
     }
 }
 
@@ -149,6 +203,9 @@ enum KeyCommand {
         /// SHA-256 of the key, 64 hex digits, instead of the key on stdin
         #[arg(long, value_name = "HEX", conflicts_with = "batch")]
         digest: Option<String>,
+        /// Accept keys shorter than 16 characters (easy to guess)
+        #[arg(long)]
+        allow_weak: bool,
         /// Import many keys in one change: one per stdin line, a key or `sha256:<hex>`;
         /// they are named `<name>-<line>`
         #[arg(long)]
@@ -159,6 +216,38 @@ enum KeyCommand {
         #[arg(long)]
         agent: Option<String>,
     },
+    /// Show one key, masked
+    Show { id: String },
+    /// Change a key's name, scopes, expiry, rate limit, burst or path restrictions
+    Update {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Scopes, a subset of the agent's
+        #[arg(long, value_name = "SCOPES")]
+        scopes: Option<String>,
+        /// New expiry time, RFC 3339
+        #[arg(long, value_name = "RFC3339", conflicts_with_all = ["ttl", "no_expiry"])]
+        expires: Option<String>,
+        /// New lifetime from now, e.g. 30d
+        #[arg(long, value_name = "DURATION", conflicts_with = "no_expiry")]
+        ttl: Option<String>,
+        /// Remove the expiry
+        #[arg(long)]
+        no_expiry: bool,
+        /// Rate limit overriding the agent's (N/s, N/min, N/h, N/day), or `none` to use the agent's
+        #[arg(long, value_name = "RATE")]
+        rate: Option<String>,
+        /// Requests an idle client may send at once, or `none` for the whole limit
+        #[arg(long, value_name = "N")]
+        burst: Option<String>,
+        /// Restrict the key to paths under this prefix (repeatable; replaces the list)
+        #[arg(long = "path-prefix", value_name = "PATH", conflicts_with = "no_path_prefix")]
+        path_prefixes: Vec<String>,
+        /// Remove the path restrictions
+        #[arg(long)]
+        no_path_prefix: bool,
+    },
     /// Revoke a key
     Revoke { id: String },
     /// Issue a new key with the same settings; the old one expires after the grace period
@@ -167,7 +256,46 @@ enum KeyCommand {
         /// How long the old key keeps working
         #[arg(long, default_value = store::DEFAULT_GRACE, value_name = "DURATION")]
         grace: String,
+        /// The new key's lifetime from now [default: the old key's original lifetime]
+        #[arg(long, value_name = "DURATION", conflicts_with_all = ["expires", "no_expiry"])]
+        ttl: Option<String>,
+        /// The new key's expiry time, RFC 3339
+        #[arg(long, value_name = "RFC3339", conflicts_with = "no_expiry")]
+        expires: Option<String>,
+        /// The new key never expires
+        #[arg(long)]
+        no_expiry: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScopeCommand {
+    /// List the catalogue: each scope, its description, what it implies and who carries it
+    List,
+    /// Add a scope to the catalogue
+    Add {
+        name: String,
+        /// What the scope grants, e.g. "Read access to all resources"
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove a scope that no agent or key carries
+    Remove { name: String },
+    /// Make scope A imply scope B (a key with A may do what B allows)
+    Imply {
+        scope: String,
+        implies: String,
+        /// Remove the implication instead
+        #[arg(long)]
+        remove: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminTokenCommand {
+    /// Replace the admin token `keyward serve` accepts (unless it runs with KEYWARD_ADMIN_TOKEN);
+    /// the new token is printed once
+    Rotate,
 }
 
 fn default_db() -> PathBuf {
@@ -178,15 +306,22 @@ fn default_db() -> PathBuf {
     data.join("keyward").join("keyward.db")
 }
 
-/// The CLI flag a request field came from, for error messages.
-fn flag_for(field: &str, positional_name: bool) -> String {
+/// The CLI flag a request field came from, for error messages. `positional` is the field the
+/// command takes as its positional argument, named as the user typed it.
+fn flag_for(field: &str, positional: Option<(&str, &str)>) -> String {
+    if let Some((f, shown)) = positional {
+        if f == field {
+            return shown.to_string();
+        }
+    }
     match field {
-        "name" if positional_name => "NAME".into(),
         "id" => "ID".into(),
+        "add_scopes" => "--add-scope".into(),
+        "remove_scopes" => "--remove-scope".into(),
+        "request" => "error".into(),
         "expires_at" => "--expires".into(),
         "path_prefixes" => "--path-prefix".into(),
         "key" => "the key on stdin".into(),
-        "request" => "request".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
@@ -194,6 +329,15 @@ fn flag_for(field: &str, positional_name: bool) -> String {
 /// Runs the CLI; the process exit code says how it went.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // `keyward key list | head -1`: a closed pipe ends the command quietly, as in other
+        // Unix tools, instead of a panic in println!.
+        #[cfg(unix)]
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let json = cli.json;
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -202,11 +346,13 @@ pub fn main() -> std::process::ExitCode {
                 Some(CliError { error, flag }) => {
                     if json {
                         eprintln!("{}", error.body());
+                    } else if flag == "error" {
+                        eprintln!("error: {}", error.message());
                     } else {
                         eprintln!("error: {flag}: {}", error.message());
                     }
                     match error {
-                        Error::Invalid { .. } | Error::NotFound { .. } | Error::Conflict { .. } => 2,
+                        Error::Invalid { .. } | Error::NotFound { .. } | Error::Conflict { .. } | Error::Missing(_) => 2,
                         Error::Unauthorized(_) => 3,
                         _ => 1,
                     }
@@ -245,42 +391,103 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Serve { listen } = &cli.command {
         return serve(&db, listen, cli.token.clone(), &cli.key_prefix);
     }
+    if let Command::AdminToken(AdminTokenCommand::Rotate) = &cli.command {
+        if cli.url.is_some() {
+            anyhow::bail!("admin-token rotate works on the database file (where serve keeps the token's digest); run it without --url");
+        }
+        return rotate_admin_token(&db);
+    }
+    let wait = !cli.no_wait;
     let mut backend: Box<dyn Admin> = match &cli.url {
         Some(url) => {
             let token = cli.token.clone().context("--url needs the admin token: pass --token or set KEYWARD_ADMIN_TOKEN")?;
-            Box::new(Remote::new(url, token))
+            Box::new(Remote::new(url, token, wait).map_err(|error| CliError { error, flag: "--url".into() })?)
         }
         None => {
-            let mut store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+            // Only a change may create the store; anything else on a missing file is an error.
+            let creates = matches!(
+                cli.command,
+                Command::Agent(AgentCommand::Create { .. }) | Command::Key(KeyCommand::Import { .. }) | Command::Scope(ScopeCommand::Add { .. })
+            );
+            let opened = if creates { Store::open(&db) } else { Store::open_existing(&db) };
+            let mut store = match opened {
+                Err(error @ Error::Missing(_)) => return Err(CliError { error, flag: "--db".into() }.into()),
+                other => other.with_context(|| format!("opening {}", db.display()))?,
+            };
             store.actor = format!("cli:{}", std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()));
             store.key_prefix = cli.key_prefix.clone();
             Box::new(store)
         }
     };
-    let positional_name = matches!(cli.command, Command::Agent(_));
-    let wrap = |error: Error| CliError { flag: error.field().map_or_else(|| "error".into(), |f| flag_for(f, positional_name)), error };
-    let out = output::Output { json: cli.json };
+    let positional = match &cli.command {
+        Command::Agent(AgentCommand::Create { .. }) => Some(("name", "NAME")),
+        Command::Agent(_) => Some(("agent", "NAME")),
+        Command::Key(KeyCommand::Show { .. } | KeyCommand::Update { .. } | KeyCommand::Revoke { .. } | KeyCommand::Rotate { .. }) => Some(("id", "ID")),
+        Command::Scope(ScopeCommand::Imply { .. }) => Some(("implies", "B")),
+        Command::Scope(_) => Some(("name", "NAME")),
+        _ => None,
+    };
+    let wrap = |error: Error| CliError { flag: error.field().map_or_else(|| "error".into(), |f| flag_for(f, positional)), error };
+    let mut out = output::Output { json: cli.json, applied: None };
+    // After a change: how it reached the Envoys, said plainly.
+    let reach = |backend: &mut Box<dyn Admin>, out: &mut output::Output| -> anyhow::Result<()> {
+        out.applied = backend.applied(wait).map_err(wrap)?;
+        Ok(())
+    };
     match cli.command {
         // Handled above, before any backend is opened.
-        Command::Serve { .. } => {}
-        Command::Agent(AgentCommand::Create { name, scopes, rate, description }) => {
-            let req = NewAgent { name, scopes: model::split_scopes(&scopes), rate, description };
-            out.created_agent(&backend.create_agent(&req).map_err(wrap)?)
+        Command::Serve { .. } | Command::AdminToken(_) => {}
+        Command::Agent(AgentCommand::Create { name, scopes, rate, burst, description }) => {
+            let req = NewAgent { name, scopes: model::split_scopes(&scopes), rate, burst, description };
+            let r = backend.create_agent(&req).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.created_agent(&r)
+        }
+        Command::Agent(AgentCommand::Update { name, description, scopes, add_scope, remove_scope, rate, burst }) => {
+            let burst = clearable_u32("--burst", burst)?;
+            let req = AgentUpdate {
+                description,
+                scopes: scopes.as_deref().map(model::split_scopes),
+                add_scopes: add_scope.iter().flat_map(|s| model::split_scopes(s)).collect(),
+                remove_scopes: remove_scope.iter().flat_map(|s| model::split_scopes(s)).collect(),
+                rate: rate.map(|r| Some(r).filter(|r| r != "none")),
+                burst,
+            };
+            let r = backend.update_agent(&name, &req).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.agent_changed("Updated", &r)
         }
         Command::Agent(AgentCommand::List) => out.agents(&backend.list_agents().map_err(wrap)?),
         Command::Agent(AgentCommand::Show { name }) => out.agent_detail(&backend.show_agent(&name).map_err(wrap)?),
-        Command::Agent(AgentCommand::Disable { name }) => out.agent_changed("Disabled", &backend.set_agent_enabled(&name, false).map_err(wrap)?),
-        Command::Agent(AgentCommand::Enable { name }) => out.agent_changed("Enabled", &backend.set_agent_enabled(&name, true).map_err(wrap)?),
-        Command::Agent(AgentCommand::Delete { name }) => out.agent_changed("Deleted", &backend.delete_agent(&name).map_err(wrap)?),
-        Command::Key(KeyCommand::Create(opts)) => out.created_key(&backend.create_key(&opts.into_new_key()).map_err(wrap)?),
-        Command::Key(KeyCommand::Import { key, batch: true, .. }) => {
+        Command::Agent(AgentCommand::Disable { name, reason }) => {
+            let r = backend.set_agent_enabled(&name, false, reason.as_deref()).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.agent_changed("Disabled", &r)
+        }
+        Command::Agent(AgentCommand::Enable { name }) => {
+            let r = backend.set_agent_enabled(&name, true, None).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.agent_changed("Enabled", &r)
+        }
+        Command::Agent(AgentCommand::Delete { name }) => {
+            let r = backend.delete_agent(&name).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.agent_changed("Deleted", &r)
+        }
+        Command::Key(KeyCommand::Create(opts)) => {
+            let r = backend.create_key(&opts.into_new_key()).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.created_key(&r)
+        }
+        Command::Key(KeyCommand::Import { key, batch: true, allow_weak, .. }) => {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text).context("reading keys from stdin")?;
             let lines: Vec<String> = text.lines().map(str::to_string).collect();
-            let ids = backend.import_batch(&key.into_new_key(), &lines).map_err(wrap)?;
+            let ids = backend.import_batch(&key.into_new_key(), &lines, allow_weak).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
             out.imported_batch(&ids)
         }
-        Command::Key(KeyCommand::Import { key, digest, .. }) => {
+        Command::Key(KeyCommand::Import { key, digest, allow_weak, .. }) => {
             let secret = match digest {
                 Some(_) => None,
                 None => {
@@ -289,19 +496,71 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(s.trim().to_string())
                 }
             };
-            let req = ImportKey { key: key.into_new_key(), secret, digest };
-            out.key_changed("Imported", &backend.import_key(&req).map_err(wrap)?)
+            let req = ImportKey { key: key.into_new_key(), secret, digest, allow_weak };
+            let r = backend.import_key(&req).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.key_changed("Imported", &r)
         }
         Command::Key(KeyCommand::List { agent }) => out.keys(&backend.list_keys(agent.as_deref()).map_err(wrap)?),
-        Command::Key(KeyCommand::Revoke { id }) => out.key_changed("Revoked", &backend.revoke_key(&id).map_err(wrap)?),
-        Command::Key(KeyCommand::Rotate { id, grace }) => {
-            out.rotated(&backend.rotate_key(&id, &RotateKey { grace: Some(grace) }).map_err(wrap)?)
+        Command::Key(KeyCommand::Show { id }) => out.key(&backend.get_key(&id).map_err(wrap)?),
+        Command::Key(KeyCommand::Update { id, name, scopes, expires, ttl, no_expiry, rate, burst, path_prefixes, no_path_prefix }) => {
+            let burst = clearable_u32("--burst", burst)?;
+            let req = KeyUpdate {
+                name,
+                scopes: scopes.as_deref().map(|s| Some(model::split_scopes(s))),
+                expires_at: if no_expiry { Some(None) } else { expires.map(Some) },
+                ttl,
+                rate: rate.map(|r| Some(r).filter(|r| r != "none")),
+                burst,
+                path_prefixes: if no_path_prefix { Some(Vec::new()) } else { Some(path_prefixes).filter(|p| !p.is_empty()) },
+            };
+            let r = backend.update_key(&id, &req).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.key_changed("Updated", &r)
+        }
+        Command::Key(KeyCommand::Revoke { id }) => {
+            let r = backend.revoke_key(&id).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.key_changed("Revoked", &r)
+        }
+        Command::Key(KeyCommand::Rotate { id, grace, ttl, expires, no_expiry }) => {
+            let r = backend.rotate_key(&id, &RotateKey { grace: Some(grace), ttl, expires_at: expires, no_expiry }).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.rotated(&r)
+        }
+        Command::Scope(ScopeCommand::List) => out.scopes(&backend.list_scopes().map_err(wrap)?),
+        Command::Scope(ScopeCommand::Add { name, description }) => {
+            let r = backend.add_scope(&NewScope { name, description }).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.scope_changed("Added", &r)
+        }
+        Command::Scope(ScopeCommand::Remove { name }) => {
+            let r = backend.remove_scope(&name).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.scope_changed("Removed", &r)
+        }
+        Command::Scope(ScopeCommand::Imply { scope, implies, remove }) => {
+            let r = backend.imply_scope(&scope, &Imply { implies, remove }).map_err(wrap)?;
+            reach(&mut backend, &mut out)?;
+            out.scope_changed(if remove { "No longer implied by" } else { "Implications of" }, &r)
         }
         Command::Status => out.status(&backend.status().map_err(wrap)?),
         Command::Audit { limit } => out.audit(&backend.audit(limit).map_err(wrap)?),
         Command::Snapshot => out.json_value(&backend.snapshot().map_err(wrap)?),
         Command::Usage { agent, since } => out.usage(&backend.usage(agent.as_deref(), &since).map_err(wrap)?),
     }
+    Ok(())
+}
+
+/// `admin-token rotate`: a new bootstrap admin token, printed once; only its digest is kept.
+fn rotate_admin_token(db: &std::path::Path) -> anyhow::Result<()> {
+    let mut store = Store::open_existing(db).map_err(|error| CliError { error, flag: "--db".into() })?;
+    store.actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+    let token = store::generate_key("kwadm")?;
+    store.set_meta("admin_token_sha256", &keyward_core::Digest::of(token.as_bytes()).to_hex(), "admin_token.rotate")?;
+    println!("New admin token (shown once; store it now, only its digest is kept):\n\n  {token}\n");
+    println!("A running `keyward serve` accepts it within a second, and no longer accepts the old one,");
+    println!("unless it was started with KEYWARD_ADMIN_TOKEN, which then stays the token.");
     Ok(())
 }
 
@@ -314,9 +573,14 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    // Held while serve runs: the CLI on the file sees that its changes are published.
+    let _lock = crate::applied::ServeLock::acquire(db).with_context(|| format!("locking {}", crate::applied::lock_path(db).display()))?;
+    store.forget_open_feeds()?;
+    store.is_server = true;
     store.actor = "api".into();
     store.key_prefix = key_prefix.to_string();
     // An empty KEYWARD_ADMIN_TOKEN (docker-compose.yml passes `${KEYWARD_ADMIN_TOKEN-}`) is unset.
+    let from_env = env_token.as_deref().is_some_and(|t| !t.is_empty());
     let token_digest = match env_token.filter(|t| !t.is_empty()) {
         Some(token) => {
             if token.len() < 16 {
@@ -340,11 +604,14 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
         Ok(_) => anyhow::bail!("KEYWARD_FEED_TOKEN must be at least 16 characters"),
         Err(_) => None,
     };
-    let state = Arc::new(api::AppState::new(store, token_digest, feed_token_digest)?);
+    let mut state = api::AppState::new(store, token_digest, feed_token_digest)?;
+    // `admin-token rotate` writes a new digest to the file; the watcher picks it up.
+    state.token_from_store = !from_env;
+    let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // Changes made by the CLI straight to the file reach the feed through this watcher.
-        tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(50)));
+        tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(20)));
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         tracing::info!(address = %listener.local_addr()?, db = %db.display(), version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
         // Client addresses feed the token brute-force guard.

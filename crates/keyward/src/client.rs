@@ -12,11 +12,20 @@ pub trait Admin {
     fn create_agent(&mut self, req: &NewAgent) -> Result<CreatedAgent>;
     fn list_agents(&mut self) -> Result<Vec<AgentView>>;
     fn show_agent(&mut self, name: &str) -> Result<AgentDetail>;
-    fn set_agent_enabled(&mut self, name: &str, enabled: bool) -> Result<AgentView>;
+    fn set_agent_enabled(&mut self, name: &str, enabled: bool, reason: Option<&str>) -> Result<AgentView>;
+    fn update_agent(&mut self, name: &str, req: &AgentUpdate) -> Result<AgentView>;
+    fn get_key(&mut self, id: &str) -> Result<KeyView>;
+    fn update_key(&mut self, id: &str, req: &KeyUpdate) -> Result<KeyView>;
+    fn list_scopes(&mut self) -> Result<Vec<ScopeView>>;
+    fn add_scope(&mut self, req: &NewScope) -> Result<ScopeView>;
+    fn remove_scope(&mut self, name: &str) -> Result<ScopeView>;
+    fn imply_scope(&mut self, name: &str, req: &Imply) -> Result<ScopeView>;
+    /// How the last change reached the Envoys: waited for here (the file) or by the server.
+    fn applied(&mut self, wait: bool) -> Result<Option<Applied>>;
     fn delete_agent(&mut self, name: &str) -> Result<AgentView>;
     fn create_key(&mut self, req: &NewKey) -> Result<CreatedKey>;
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView>;
-    fn import_batch(&mut self, template: &NewKey, lines: &[String]) -> Result<Vec<String>>;
+    fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool) -> Result<Vec<String>>;
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>>;
     fn revoke_key(&mut self, id: &str) -> Result<KeyView>;
     fn rotate_key(&mut self, id: &str, req: &RotateKey) -> Result<Rotated>;
@@ -36,8 +45,35 @@ impl Admin for Store {
     fn show_agent(&mut self, name: &str) -> Result<AgentDetail> {
         Store::show_agent(self, name)
     }
-    fn set_agent_enabled(&mut self, name: &str, enabled: bool) -> Result<AgentView> {
-        Store::set_agent_enabled(self, name, enabled)
+    fn set_agent_enabled(&mut self, name: &str, enabled: bool, reason: Option<&str>) -> Result<AgentView> {
+        Store::set_agent_enabled(self, name, enabled, reason)
+    }
+    fn update_agent(&mut self, name: &str, req: &AgentUpdate) -> Result<AgentView> {
+        Store::update_agent(self, name, req)
+    }
+    fn get_key(&mut self, id: &str) -> Result<KeyView> {
+        Store::get_key(self, id)
+    }
+    fn update_key(&mut self, id: &str, req: &KeyUpdate) -> Result<KeyView> {
+        Store::update_key(self, id, req)
+    }
+    fn list_scopes(&mut self) -> Result<Vec<ScopeView>> {
+        Store::list_scopes(self)
+    }
+    fn add_scope(&mut self, req: &NewScope) -> Result<ScopeView> {
+        Store::add_scope(self, req)
+    }
+    fn remove_scope(&mut self, name: &str) -> Result<ScopeView> {
+        Store::remove_scope(self, name)
+    }
+    fn imply_scope(&mut self, name: &str, req: &Imply) -> Result<ScopeView> {
+        Store::imply_scope(self, name, req)
+    }
+    fn applied(&mut self, wait: bool) -> Result<Option<Applied>> {
+        match self.last_change.take() {
+            Some(v) => crate::applied::wait_on_store(self, v, wait, crate::applied::DEFAULT_WAIT).map(Some),
+            None => Ok(None),
+        }
     }
     fn delete_agent(&mut self, name: &str) -> Result<AgentView> {
         Store::delete_agent(self, name)
@@ -48,8 +84,8 @@ impl Admin for Store {
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         Store::import_key(self, req)
     }
-    fn import_batch(&mut self, template: &NewKey, lines: &[String]) -> Result<Vec<String>> {
-        Store::import_batch(self, template, lines)
+    fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool) -> Result<Vec<String>> {
+        Store::import_batch(self, template, lines, allow_weak)
     }
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>> {
         Store::list_keys(self, agent)
@@ -80,27 +116,49 @@ pub struct Remote {
     base: String,
     token: String,
     agent: ureq::Agent,
+    /// Whether changes wait for the Envoys (`?wait=false` when not).
+    wait: bool,
+    /// The `applied` object of the last change's answer.
+    last_applied: std::cell::RefCell<Option<Applied>>,
 }
 
 use keyward_core::url::encode_component as segment;
 
 impl Remote {
-    pub fn new(base: &str, token: String) -> Remote {
+    /// `base` is `http://host:port`; a bare `host:port` means plain HTTP.
+    pub fn new(base: &str, token: String, wait: bool) -> Result<Remote> {
+        let base = base.trim().trim_end_matches('/');
+        let base = match base.split_once("://") {
+            None if !base.is_empty() => format!("http://{base}"),
+            Some(("http" | "https", rest)) if !rest.is_empty() => base.to_string(),
+            Some((scheme, _)) if scheme != "http" && scheme != "https" => {
+                return Err(invalid("url", format!("{base:?}: the admin API speaks http:// or https://, not {scheme}://")));
+            }
+            _ => return Err(invalid("url", format!("{base:?} is not an address; write e.g. http://127.0.0.1:7070"))),
+        };
         let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(30)).build();
-        Remote { base: base.trim_end_matches('/').to_string(), token, agent }
+        Ok(Remote { base, token, agent, wait, last_applied: Default::default() })
     }
 
     fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&impl Serialize>) -> Result<T> {
-        let req = self
-            .agent
-            .request(method, &format!("{}{path}", self.base))
-            .set("authorization", &format!("Bearer {}", self.token));
+        let changes = method != "GET";
+        let mut url = format!("{}{path}", self.base);
+        if changes && !self.wait {
+            url.push_str(if path.contains('?') { "&wait=false" } else { "?wait=false" });
+        }
+        let req = self.agent.request(method, &url).set("authorization", &format!("Bearer {}", self.token));
         let resp = match body {
             Some(b) => req.send_json(serde_json::to_value(b).map_err(|e| Error::Internal(e.to_string()))?),
             None => req.call(),
         };
         match resp {
-            Ok(r) => r.into_json().map_err(|e| Error::Internal(format!("bad response from {}: {e}", self.base))),
+            Ok(r) => {
+                let value: serde_json::Value = r.into_json().map_err(|e| Error::Internal(format!("bad response from {}: {e}", self.base)))?;
+                if changes {
+                    *self.last_applied.borrow_mut() = value.get("applied").and_then(|a| serde_json::from_value(a.clone()).ok());
+                }
+                serde_json::from_value(value).map_err(|e| Error::Internal(format!("bad response from {}: {e}", self.base)))
+            }
             Err(ureq::Error::Status(code, r)) => {
                 let body: serde_json::Value = r.into_json().unwrap_or_default();
                 Err(Error::from_body(code, &body))
@@ -125,9 +183,36 @@ impl Admin for Remote {
     fn show_agent(&mut self, name: &str) -> Result<AgentDetail> {
         self.get(&format!("/v1/agents/{}", segment(name)))
     }
-    fn set_agent_enabled(&mut self, name: &str, enabled: bool) -> Result<AgentView> {
-        let verb = if enabled { "enable" } else { "disable" };
-        self.call("POST", &format!("/v1/agents/{}/{verb}", segment(name)), None::<&()>)
+    fn set_agent_enabled(&mut self, name: &str, enabled: bool, reason: Option<&str>) -> Result<AgentView> {
+        if enabled {
+            return self.call("POST", &format!("/v1/agents/{}/enable", segment(name)), None::<&()>);
+        }
+        let body = DisableAgent { reason: reason.map(str::to_string) };
+        self.call("POST", &format!("/v1/agents/{}/disable", segment(name)), Some(&body))
+    }
+    fn update_agent(&mut self, name: &str, req: &AgentUpdate) -> Result<AgentView> {
+        self.call("PATCH", &format!("/v1/agents/{}", segment(name)), Some(req))
+    }
+    fn get_key(&mut self, id: &str) -> Result<KeyView> {
+        self.get(&format!("/v1/keys/{}", segment(id)))
+    }
+    fn update_key(&mut self, id: &str, req: &KeyUpdate) -> Result<KeyView> {
+        self.call("PATCH", &format!("/v1/keys/{}", segment(id)), Some(req))
+    }
+    fn list_scopes(&mut self) -> Result<Vec<ScopeView>> {
+        self.get("/v1/scopes")
+    }
+    fn add_scope(&mut self, req: &NewScope) -> Result<ScopeView> {
+        self.call("POST", "/v1/scopes", Some(req))
+    }
+    fn remove_scope(&mut self, name: &str) -> Result<ScopeView> {
+        self.call("DELETE", &format!("/v1/scopes/{}", segment(name)), None::<&()>)
+    }
+    fn imply_scope(&mut self, name: &str, req: &Imply) -> Result<ScopeView> {
+        self.call("POST", &format!("/v1/scopes/{}/implies", segment(name)), Some(req))
+    }
+    fn applied(&mut self, _wait: bool) -> Result<Option<Applied>> {
+        Ok(self.last_applied.borrow_mut().take())
     }
     fn delete_agent(&mut self, name: &str) -> Result<AgentView> {
         self.call("DELETE", &format!("/v1/agents/{}", segment(name)), None::<&()>)
@@ -138,7 +223,7 @@ impl Admin for Remote {
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         self.call("POST", "/v1/keys/import", Some(req))
     }
-    fn import_batch(&mut self, _template: &NewKey, _lines: &[String]) -> Result<Vec<String>> {
+    fn import_batch(&mut self, _template: &NewKey, _lines: &[String], _allow_weak: bool) -> Result<Vec<String>> {
         // A batch can be far larger than an API body; it is a migration step run on the store.
         Err(invalid("request", "--batch works on the database file; run it without --url"))
     }

@@ -22,6 +22,15 @@ pub enum Error {
     Store(#[from] rusqlite::Error),
     #[error("{0}")]
     Internal(String),
+    /// No route at this path (API).
+    #[error("no route {0}")]
+    NoRoute(String),
+    /// The route exists, not with this method (API).
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
+    /// A command that reads found no store at this path.
+    #[error("no keyward store at {0}")]
+    Missing(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -75,6 +84,8 @@ impl Error {
             Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
             Error::TooManyAttempts { .. } => "TOO_MANY_ATTEMPTS",
             Error::Store(_) | Error::Internal(_) => "INTERNAL_ERROR",
+            Error::Missing(_) | Error::NoRoute(_) => "NOT_FOUND",
+            Error::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
         }
     }
 
@@ -92,6 +103,8 @@ impl Error {
             Error::TooLarge(_) => 413,
             Error::TooManyAttempts { .. } => 429,
             Error::Store(_) | Error::Internal(_) => 500,
+            Error::Missing(_) | Error::NoRoute(_) => 404,
+            Error::MethodNotAllowed(_) => 405,
         }
     }
 
@@ -108,6 +121,11 @@ impl Error {
             Error::Invalid { message, .. } | Error::Conflict { message, .. } => message.clone(),
             Error::NotFound { what, name, .. } => format!("{what} {name:?} not found"),
             Error::Unauthorized(m) | Error::Internal(m) => m.clone(),
+            Error::NoRoute(r) => format!("there is no route {r}; the admin API is described in openapi.json"),
+            Error::MethodNotAllowed(r) => format!("{r}: this route does not take that method; the admin API is described in openapi.json"),
+            Error::Missing(path) => format!(
+                "no keyward store at {path}: create an agent first (`keyward agent create`), or pass --db / --url to use another store"
+            ),
             Error::TooLarge(n) => format!("the request body is larger than {n} bytes"),
             Error::TooManyAttempts { retry_after_secs } => {
                 format!("too many requests with a wrong token from this address; retry in {retry_after_secs} s")
@@ -148,7 +166,8 @@ impl Error {
 fn static_field(f: &str) -> &'static str {
     const FIELDS: &[&str] = &[
         "name", "scopes", "rate", "description", "agent", "expires_at", "ttl", "grace", "id", "key", "digest",
-        "path_prefixes", "limit", "since", "prefix", "request",
+        "path_prefixes", "limit", "since", "prefix", "request", "burst", "reason", "add_scopes", "remove_scopes", "implies",
+        "no_expiry", "allow_weak",
     ];
     FIELDS.iter().find(|x| **x == f).copied().unwrap_or("request")
 }

@@ -2,6 +2,7 @@
 //! the CLI. `keyward-core` supplies the key format, digests and the snapshot wire types.
 
 pub mod api;
+pub mod applied;
 pub mod cli;
 pub mod client;
 pub mod error;

@@ -17,8 +17,14 @@ pub struct AgentView {
     pub scopes: Vec<String>,
     pub enabled: bool,
     pub rate_limit: Option<String>,
+    /// Requests an idle client may send at once (`--burst`); none means the whole limit.
+    pub burst: Option<u32>,
+    /// Why API access is off (`agent disable --reason`), shown to API users.
+    pub disabled_reason: Option<String>,
     pub created_at: String,
     pub active_keys: u64,
+    /// The most recent use of any of its keys, as the Envoys reported it.
+    pub last_used_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,10 +34,16 @@ pub struct KeyView {
     /// Display prefix and last four characters, e.g. `kw_live_…Qa2b`.
     pub masked: String,
     pub agent: String,
-    /// Effective scopes: the key's own, or its agent's.
+    /// Effective scopes: the key's own (or its agent's) with implications, intersected with
+    /// its agent's. This is what the filter enforces.
     pub scopes: Vec<String>,
+    /// The scopes set on the key itself; `None` inherits the agent's.
+    pub own_scopes: Option<Vec<String>>,
     pub path_prefixes: Vec<String>,
+    /// The effective limit: the key's own, or its agent's.
     pub rate_limit: Option<String>,
+    /// The effective burst, with the effective limit.
+    pub burst: Option<u32>,
     pub created_at: String,
     pub expires_at: Option<String>,
     pub last_used_at: Option<String>,
@@ -74,6 +86,8 @@ pub struct StatusView {
     pub snapshot_version: u64,
     pub agents: u64,
     pub active_keys: u64,
+    /// A `keyward serve` publishes this store now; without one no Envoy sees changes.
+    pub serving: bool,
     pub envoys: Vec<EnvoyView>,
 }
 
@@ -85,8 +99,28 @@ pub struct EnvoyView {
     /// Versions behind the store.
     pub lag: u64,
     pub last_seen: String,
-    /// A feed request from it is open right now.
+    /// Heard from within its feed request's wait plus 2 s, by a `keyward serve` running now.
     pub connected: bool,
+    /// `connected`, `lagging` (connected, behind the store), or `stale` (not heard from).
+    pub state: String,
+}
+
+/// How a change reached the Envoys: returned by every changing command and API call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The snapshot version the change committed.
+    pub version: u64,
+    /// Whether a `keyward serve` is publishing this store (always true through the API).
+    pub serving: bool,
+    /// Whether the caller waited (false with `--no-wait` / `?wait=false`).
+    pub waited: bool,
+    /// Envoys connected when the wait ended.
+    pub envoys: u64,
+    /// How many of them have applied `version`.
+    pub applied: u64,
+    /// The connected Envoys that have not applied it yet.
+    pub pending: Vec<String>,
+    pub elapsed_ms: u64,
 }
 
 /// Requests made with one key in one hour.
@@ -98,6 +132,9 @@ pub struct UsageRow {
     /// Start of the hour, RFC 3339.
     pub hour: String,
     pub count: u64,
+    /// Refused requests with this key in that hour, by contract code.
+    #[serde(default)]
+    pub denied: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +155,9 @@ pub struct NewAgent {
     pub scopes: Vec<String>,
     #[serde(default)]
     pub rate: Option<String>,
+    /// At most the limit's N; default N.
+    #[serde(default)]
+    pub burst: Option<u32>,
     #[serde(default)]
     pub description: Option<String>,
 }
@@ -140,6 +180,8 @@ pub struct NewKey {
     #[serde(default)]
     pub rate: Option<String>,
     #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
     pub path_prefixes: Vec<String>,
 }
 
@@ -154,6 +196,9 @@ pub struct ImportKey {
     /// Or its SHA-256, 64 hex digits.
     #[serde(default)]
     pub digest: Option<String>,
+    /// Accept a key shorter than 16 characters.
+    #[serde(default)]
+    pub allow_weak: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +207,104 @@ pub struct RotateKey {
     /// How long the old key keeps working, e.g. `24h`; default 24h.
     #[serde(default)]
     pub grace: Option<String>,
+    /// The new key's lifetime from now, e.g. `90d`. Default: the old key's original lifetime.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// The new key's expiry, RFC 3339.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// The new key never expires.
+    #[serde(default)]
+    pub no_expiry: bool,
+}
+
+/// Absent leaves a field alone; `null` clears it (a JSON merge patch, RFC 7396).
+fn patch<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `PATCH /v1/agents/{name}` and `agent update`: only the fields present change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Replaces the agent's scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_scopes: Vec<String>,
+    /// A rate limit, or `null` for none.
+    #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Option<String>>,
+    /// A burst, or `null` for the whole limit.
+    #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
+    pub burst: Option<Option<u32>>,
+}
+
+/// `PATCH /v1/keys/{id}` and `key update`: only the fields present change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The key's scopes (a subset of its agent's), or `null` to inherit the agent's.
+    #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Option<Vec<String>>>,
+    /// RFC 3339, or `null` for no expiry.
+    #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Option<String>>,
+    /// A lifetime from now, e.g. `30d` (instead of `expires_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// A rate limit overriding the agent's, or `null` to use the agent's.
+    #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Option<String>>,
+    #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
+    pub burst: Option<Option<u32>>,
+    /// Replaces the path restrictions; an empty list removes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefixes: Option<Vec<String>>,
+}
+
+/// `POST /v1/agents/{name}/disable`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisableAgent {
+    /// Shown to API users as the `ACCESS_DISABLED` message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One scope of the catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeView {
+    pub name: String,
+    pub description: String,
+    /// Scopes this one implies directly.
+    pub implies: Vec<String>,
+    /// Live agents and keys that carry it.
+    pub agents: u64,
+    pub keys: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewScope {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `POST /v1/scopes/{name}/implies`: `name` implies `implies` (or no longer, with `remove`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Imply {
+    pub implies: String,
+    #[serde(default)]
+    pub remove: bool,
 }
 
 pub fn name_ok(field: &'static str, name: &str) -> Result<()> {
@@ -193,8 +336,8 @@ pub fn split_scopes(s: &str) -> Vec<String> {
 }
 
 /// A key's scopes must be a subset of its agent's, implications included.
-pub fn subset_ok(key: &[String], agent: &[String], agent_name: &str) -> Result<()> {
-    let allowed = Implications::default().expand(agent.iter().map(String::as_str));
+pub fn subset_ok(key: &[String], agent: &[String], agent_name: &str, implications: &Implications) -> Result<()> {
+    let allowed = implications.expand(agent.iter().map(String::as_str));
     match key.iter().find(|s| !allowed.contains(s)) {
         Some(bad) => Err(invalid(
             "scopes",
@@ -206,6 +349,58 @@ pub fn subset_ok(key: &[String], agent: &[String], agent_name: &str) -> Result<(
 
 pub fn rate_ok(field: &'static str, rate: &str) -> Result<()> {
     RateLimit::parse(rate).map(|_| ()).map_err(|e| invalid(field, e))
+}
+
+/// A burst qualifies a rate limit: between 1 and the limit's N.
+pub fn burst_ok(burst: Option<u32>, rate: Option<&str>) -> Result<()> {
+    let Some(b) = burst else { return Ok(()) };
+    let Some(rate) = rate else {
+        return Err(invalid("burst", "a burst needs a rate limit on the same agent or key"));
+    };
+    let limit = RateLimit::parse(rate).map_err(|e| invalid("rate", e))?;
+    if b == 0 || b > limit.count {
+        return Err(invalid("burst", format!("{b} must be between 1 and the limit's {} requests", limit.count)));
+    }
+    Ok(())
+}
+
+/// The effective scopes of a key: its own (or its agent's) with implications, intersected with
+/// its agent's with implications. Sorted and unique: what the filter enforces.
+pub fn effective_scopes(own: Option<&[String]>, agent: &[String], implications: &Implications) -> Vec<String> {
+    let allowed = implications.expand(agent.iter().map(String::as_str));
+    match own {
+        None => allowed,
+        Some(own) => implications.expand(own.iter().map(String::as_str)).into_iter().filter(|s| allowed.contains(s)).collect(),
+    }
+}
+
+/// A name for the scope catalogue: lowercase letters, digits and `:._-`, 1 to 64 characters.
+pub fn scope_name_ok(field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b":._-".contains(&b)) {
+        return Err(invalid(field, format!("{name:?} must be 1 to 64 lowercase letters, digits, ':', '.', '_' or '-'")));
+    }
+    Ok(())
+}
+
+/// Every scope must be in the catalogue; an unknown one is refused with the nearest known name.
+pub fn known_scopes_ok(field: &'static str, scopes: &[String], catalogue: &[String]) -> Result<()> {
+    for s in scopes {
+        if catalogue.iter().any(|c| c == s) {
+            continue;
+        }
+        let lower = s.to_ascii_lowercase();
+        let nearest = catalogue
+            .iter()
+            .map(|c| (strsim::damerau_levenshtein(&lower, c), c))
+            .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+            .min_by_key(|(d, _)| *d);
+        let hint = match nearest {
+            Some((_, c)) => format!("; did you mean {c:?}?"),
+            None => format!("; known scopes: {}", catalogue.join(" ")),
+        };
+        return Err(invalid(field, format!("{s:?} is not in the scope catalogue{hint}; add it to the catalogue first")));
+    }
+    Ok(())
 }
 
 /// Parses `90d`, `24h`, `30m`, `45s` (or combinations like `1h30m`) into seconds.
@@ -255,6 +450,13 @@ pub fn expiry(expires_at: Option<&str>, ttl: Option<&str>, now: i64) -> Result<O
         return Err(invalid("expires_at", format!("{} is not in the future", format_rfc3339(at))));
     }
     Ok(Some(at))
+}
+
+pub fn description_ok(description: &str) -> Result<()> {
+    if description.chars().count() > 1024 || description.chars().any(char::is_control) {
+        return Err(invalid("description", "must be at most 1024 characters, without control characters"));
+    }
+    Ok(())
 }
 
 pub fn path_prefixes_ok(prefixes: &[String]) -> Result<()> {
@@ -317,12 +519,46 @@ mod tests {
     #[test]
     fn key_scopes_must_narrow_the_agents() {
         let agent = vec!["admin".to_string(), "webhook".to_string()];
-        assert!(subset_ok(&["read:all".into(), "webhook".into()], &agent, "a").is_ok());
-        assert!(subset_ok(&[], &agent, "a").is_ok());
-        let err = subset_ok(&["billing".into()], &agent, "a").unwrap_err();
+        let imp = Implications::default();
+        assert!(subset_ok(&["read:all".into(), "webhook".into()], &agent, "a", &imp).is_ok());
+        assert!(subset_ok(&[], &agent, "a", &imp).is_ok());
+        let err = subset_ok(&["billing".into()], &agent, "a", &imp).unwrap_err();
         assert_eq!(err.field(), Some("scopes"));
         assert!(err.to_string().contains("\"billing\""), "{err}");
-        assert!(subset_ok(&["admin".into()], &["read:all".into()], "a").is_err());
+        assert!(subset_ok(&["admin".into()], &["read:all".into()], "a", &imp).is_err());
+    }
+
+    #[test]
+    fn effective_scopes_are_key_and_agent_with_implications() {
+        let imp = Implications::default();
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let check = |own: Option<&[&str]>, agent: &[&str], want: &[&str]| {
+            let own = own.map(v);
+            assert_eq!(effective_scopes(own.as_deref(), &v(agent), &imp), v(want), "{own:?} {agent:?}");
+        };
+        check(None, &["admin"], &["admin", "read:all", "write:all"]);
+        check(Some(&["read:all"]), &["admin"], &["read:all"]);
+        // The agent lost write:all: its key that had it is narrowed at once.
+        check(Some(&["read:all", "write:all"]), &["read:all"], &["read:all"]);
+        check(Some(&["admin"]), &["read:all"], &["read:all"]);
+        check(Some(&["webhook"]), &["read:all"], &[]);
+    }
+
+    #[test]
+    fn unknown_scopes_suggest_the_nearest_known_one() {
+        let cat = vec!["read:all".to_string(), "write:all".to_string(), "admin".to_string()];
+        let msg = |s: &str| known_scopes_ok("scopes", &[s.to_string()], &cat).unwrap_err().message();
+        assert!(msg("Read:All").contains("did you mean \"read:all\""), "{}", msg("Read:All"));
+        assert!(msg("read_all").contains("did you mean \"read:all\""));
+        assert!(msg("wrte:all").contains("did you mean \"write:all\""));
+        assert!(msg("billing").contains("known scopes: read:all write:all admin"));
+        assert!(known_scopes_ok("scopes", &cat, &cat).is_ok());
+        assert!(burst_ok(Some(10), Some("10/s")).is_ok());
+        assert_eq!(burst_ok(Some(11), Some("10/s")).unwrap_err().field(), Some("burst"));
+        assert_eq!(burst_ok(Some(0), Some("10/s")).unwrap_err().field(), Some("burst"));
+        assert_eq!(burst_ok(Some(1), None).unwrap_err().field(), Some("burst"));
+        assert!(scope_name_ok("name", "billing:read").is_ok());
+        assert!(scope_name_ok("name", "Billing").is_err());
     }
 
     #[test]

@@ -5,6 +5,9 @@ use serde::Serialize;
 
 pub struct Output {
     pub json: bool,
+    /// How the change being printed reached the Envoys: an `applied` object in `--json`, a
+    /// line after the result otherwise.
+    pub applied: Option<Applied>,
 }
 
 /// Prints rows as aligned columns under a header.
@@ -25,6 +28,14 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// `RATE_LIMITED=3 REVOKED_API_KEY=1`, or `-`.
+fn denied(d: &std::collections::BTreeMap<String, u64>) -> String {
+    if d.is_empty() {
+        return "-".into();
+    }
+    d.iter().map(|(c, n)| format!("{c}={n}")).collect::<Vec<_>>().join(" ")
+}
+
 fn or_dash(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "-".into())
 }
@@ -33,10 +44,67 @@ const SHOWN_ONCE: &str = "This key is shown once. Store it now: only its SHA-256
 
 impl Output {
     pub fn json_value(&self, v: &impl Serialize) {
-        match serde_json::to_string_pretty(v) {
+        let mut value = match serde_json::to_value(v) {
+            Ok(v) => v,
+            Err(e) => return eprintln!("error: cannot serialise output: {e}"),
+        };
+        if let (Some(a), Some(obj)) = (&self.applied, value.as_object_mut()) {
+            obj.insert("applied".into(), serde_json::to_value(a).unwrap_or_default());
+        }
+        match serde_json::to_string_pretty(&value) {
             Ok(s) => println!("{s}"),
             Err(e) => eprintln!("error: cannot serialise output: {e}"),
         }
+        // A change no Envoy will see is said on stderr even in --json.
+        if let Some(a) = self.applied.as_ref().filter(|a| !a.serving) {
+            eprintln!("{}", crate::applied::summary(a).1);
+        }
+    }
+
+    /// After a change's human output: whether every Envoy has it.
+    fn reach(&self) {
+        if let Some(a) = &self.applied {
+            match crate::applied::summary(a) {
+                (true, line) => println!("{line}"),
+                (false, line) => eprintln!("{line}"),
+            }
+        }
+    }
+
+    pub fn key(&self, k: &KeyView) {
+        if self.json {
+            return self.json_value(k);
+        }
+        println!("key:          {} ({})", k.id, k.masked);
+        println!("name:         {}", k.name);
+        println!("agent:        {}", k.agent);
+        println!("scopes:       {}{}", k.scopes.join(" "), if k.own_scopes.is_none() { " (the agent's)" } else { "" });
+        println!("paths:        {}", if k.path_prefixes.is_empty() { "any".to_string() } else { k.path_prefixes.join(" ") });
+        println!("rate limit:   {}{}", or_dash(&k.rate_limit), k.burst.map(|b| format!(", burst {b}")).unwrap_or_default());
+        println!("created:      {}", k.created_at);
+        println!("expires:      {}", k.expires_at.as_deref().unwrap_or("never"));
+        println!("last used:    {}", or_dash(&k.last_used_at));
+        println!("status:       {}", k.status);
+    }
+
+    pub fn scopes(&self, scopes: &[ScopeView]) {
+        if self.json {
+            return self.json_value(&scopes);
+        }
+        let rows: Vec<Vec<String>> = scopes
+            .iter()
+            .map(|s| vec![s.name.clone(), s.implies.join(" "), s.agents.to_string(), s.keys.to_string(), s.description.clone()])
+            .collect();
+        table(&["SCOPE", "IMPLIES", "AGENTS", "KEYS", "DESCRIPTION"], &rows);
+    }
+
+    pub fn scope_changed(&self, what: &str, s: &ScopeView) {
+        if self.json {
+            return self.json_value(s);
+        }
+        let implies = if s.implies.is_empty() { String::new() } else { format!("; implies {}", s.implies.join(" ")) };
+        println!("{what} scope {}{implies}.", s.name);
+        self.reach();
     }
 
     pub fn created_agent(&self, c: &CreatedAgent) {
@@ -45,6 +113,7 @@ impl Output {
         }
         println!("Created agent {} ({}) with scopes {}.", c.agent.name, c.agent.id, c.agent.scopes.join(" "));
         println!("Created key {} {:?} for agent {}.\n\n  {}\n\n{SHOWN_ONCE}", c.key.id, c.key.name, c.agent.name, c.secret);
+        self.reach();
     }
 
     pub fn created_key(&self, c: &CreatedKey) {
@@ -53,6 +122,7 @@ impl Output {
         }
         let expires = c.key.expires_at.as_deref().map(|e| format!(", expires {e}")).unwrap_or_default();
         println!("Created key {} {:?} for agent {}{expires}.\n\n  {}\n\n{SHOWN_ONCE}", c.key.id, c.key.name, c.key.agent, c.secret);
+        self.reach();
     }
 
     pub fn rotated(&self, r: &Rotated) {
@@ -68,6 +138,7 @@ impl Output {
             r.new.key.id,
             r.new.secret
         );
+        self.reach();
     }
 
     pub fn imported_batch(&self, ids: &[String]) {
@@ -75,6 +146,7 @@ impl Output {
             return self.json_value(&serde_json::json!({"imported": ids.len(), "ids": ids}));
         }
         println!("Imported {} keys in one change.", ids.len());
+        self.reach();
     }
 
     pub fn key_changed(&self, what: &str, k: &KeyView) {
@@ -82,6 +154,7 @@ impl Output {
             return self.json_value(k);
         }
         println!("{what} key {} {:?} ({}) of agent {}; status {}.", k.id, k.name, k.masked, k.agent, k.status);
+        self.reach();
     }
 
     pub fn agent_changed(&self, what: &str, a: &AgentView) {
@@ -89,6 +162,7 @@ impl Output {
             return self.json_value(a);
         }
         println!("{what} agent {} ({}).", a.name, a.id);
+        self.reach();
     }
 
     pub fn agents(&self, agents: &[AgentView]) {
@@ -105,11 +179,12 @@ impl Output {
                     if a.enabled { "enabled".into() } else { "disabled".into() },
                     or_dash(&a.rate_limit),
                     a.active_keys.to_string(),
+                    or_dash(&a.last_used_at),
                     a.created_at.clone(),
                 ]
             })
             .collect();
-        table(&["NAME", "ID", "SCOPES", "ACCESS", "RATE", "ACTIVE KEYS", "CREATED"], &rows);
+        table(&["NAME", "ID", "SCOPES", "ACCESS", "RATE", "ACTIVE KEYS", "LAST USED", "CREATED"], &rows);
     }
 
     pub fn agent_detail(&self, d: &AgentDetail) {
@@ -120,8 +195,13 @@ impl Output {
         println!("agent:       {} ({})", a.name, a.id);
         println!("description: {}", if a.description.is_empty() { "-" } else { &a.description });
         println!("scopes:      {}", a.scopes.join(" "));
-        println!("api access:  {}", if a.enabled { "enabled" } else { "disabled" });
-        println!("rate limit:  {}", or_dash(&a.rate_limit));
+        match (&a.enabled, &a.disabled_reason) {
+            (true, _) => println!("api access:  enabled"),
+            (false, Some(r)) => println!("api access:  disabled ({r})"),
+            (false, None) => println!("api access:  disabled"),
+        }
+        println!("rate limit:  {}{}", or_dash(&a.rate_limit), a.burst.map(|b| format!(", burst {b}")).unwrap_or_default());
+        println!("last used:   {}", or_dash(&a.last_used_at));
         println!("created:     {}\n", a.created_at);
         self.keys(&d.keys);
     }
@@ -156,6 +236,9 @@ impl Output {
         println!("snapshot version: {}", s.snapshot_version);
         println!("agents:           {}", s.agents);
         println!("active keys:      {}", s.active_keys);
+        if !s.serving {
+            println!("control plane:    NOT SERVING: no `keyward serve` runs on this store, so no Envoy is connected");
+        }
         if s.envoys.is_empty() {
             println!("envoys:           none seen");
             return;
@@ -164,9 +247,17 @@ impl Output {
         let rows: Vec<Vec<String>> = s
             .envoys
             .iter()
-            .map(|e| vec![e.id.clone(), e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), if e.connected { "yes".into() } else { "no".into() }])
+            .map(|e| {
+                let state = match e.state.as_str() {
+                    "lagging" => format!("LAGGING by {}", e.lag),
+                    "stale" => "STALE (not heard from)".into(),
+                    other => other.into(),
+                };
+                vec![e.id.clone(), e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
+            })
             .collect();
-        table(&["ENVOY", "APPLIED", "LAG", "LAST SEEN", "CONNECTED"], &rows);
+        table(&["ENVOY", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
+        println!("\nAn Envoy is connected while its feed request is open, or until 2 s after its last answer.");
     }
 
     pub fn usage(&self, rows: &[UsageRow]) {
@@ -175,19 +266,28 @@ impl Output {
         }
         let mut table_rows: Vec<Vec<String>> = rows
             .iter()
-            .map(|r| vec![r.key_id.clone(), r.key_name.clone(), r.agent.clone(), r.hour.clone(), r.count.to_string()])
+            .map(|r| vec![r.key_id.clone(), r.key_name.clone(), r.agent.clone(), r.hour.clone(), r.count.to_string(), denied(&r.denied)])
             .collect();
-        let mut totals: Vec<(String, u64)> = Vec::new();
+        let mut totals: Vec<(String, u64, std::collections::BTreeMap<String, u64>)> = Vec::new();
         for r in rows {
-            match totals.iter_mut().find(|(id, _)| *id == r.key_id) {
-                Some((_, n)) => *n += r.count,
-                None => totals.push((r.key_id.clone(), r.count)),
+            let i = match totals.iter().position(|(id, _, _)| *id == r.key_id) {
+                Some(i) => i,
+                None => {
+                    totals.push((r.key_id.clone(), 0, Default::default()));
+                    totals.len() - 1
+                }
+            };
+            if let Some((_, n, d)) = totals.get_mut(i) {
+                *n += r.count;
+                for (code, c) in &r.denied {
+                    *d.entry(code.clone()).or_default() += c;
+                }
             }
         }
-        for (id, n) in totals {
-            table_rows.push(vec![id, "(total)".into(), String::new(), String::new(), n.to_string()]);
+        for (id, n, d) in totals {
+            table_rows.push(vec![id, "(total)".into(), String::new(), String::new(), n.to_string(), denied(&d)]);
         }
-        table(&["KEY ID", "NAME", "AGENT", "HOUR", "REQUESTS"], &table_rows);
+        table(&["KEY ID", "NAME", "AGENT", "HOUR", "ALLOWED", "DENIED"], &table_rows);
     }
 
     pub fn audit(&self, entries: &[AuditEntry]) {

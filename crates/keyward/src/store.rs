@@ -6,6 +6,7 @@ use crate::error::{invalid, Error, Result};
 use crate::model::*;
 use keyward_core::feed::{FeedCursor, FeedMessage, UsageReport};
 use keyward_core::keyformat;
+use keyward_core::scope::Implications;
 use keyward_core::snapshot::{KeyStatus, RawKeyRecord, RawSnapshot, RawTime};
 use keyward_core::Digest;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
@@ -89,6 +90,39 @@ CREATE TABLE envoys (
 r#"
 ALTER TABLE keys ADD COLUMN lineage TEXT;
 UPDATE keys SET lineage = id WHERE lineage IS NULL;
+"#,
+// 5: the scope catalogue (seed 004's scopes, and every scope already in use), bursts, the reason
+// an agent is disabled, and refused requests per key.
+r#"
+ALTER TABLE agents ADD COLUMN disabled_reason TEXT;
+ALTER TABLE agents ADD COLUMN rate_burst INTEGER;
+ALTER TABLE keys ADD COLUMN rate_burst INTEGER;
+CREATE TABLE scopes (
+    name TEXT PRIMARY KEY,
+    description TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE scope_implications (
+    scope TEXT NOT NULL REFERENCES scopes(name),
+    implies TEXT NOT NULL REFERENCES scopes(name),
+    PRIMARY KEY (scope, implies)
+) STRICT;
+INSERT INTO scopes (name, description, created_at) VALUES
+    ('read:all', 'Read access to all resources (users, projects, records, settings)', 0),
+    ('write:all', 'Create and update access to all non-administrative resources', 0),
+    ('admin', 'Full access, including team management, billing and API key administration', 0);
+INSERT INTO scope_implications (scope, implies) VALUES ('admin', 'read:all'), ('admin', 'write:all');
+INSERT OR IGNORE INTO scopes (name, description, created_at)
+    SELECT DISTINCT j.value, '', 0 FROM agents a, json_each(a.scopes) j;
+INSERT OR IGNORE INTO scopes (name, description, created_at)
+    SELECT DISTINCT j.value, '', 0 FROM keys k, json_each(k.scopes) j WHERE k.scopes IS NOT NULL;
+CREATE TABLE usage_denied (
+    key_id TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (key_id, hour, code)
+) STRICT;
 "#];
 
 /// The schema version this build writes.
@@ -136,6 +170,12 @@ pub struct Store {
     /// Who is acting, for the audit log (`cli:alice`, `api`).
     pub actor: String,
     pub key_prefix: String,
+    /// The database file (`None` in memory): where `keyward serve`'s lock lives.
+    path: Option<std::path::PathBuf>,
+    /// This process is `keyward serve` (it publishes the store).
+    pub is_server: bool,
+    /// The version the last change committed, for read-your-writes.
+    pub last_change: Option<u64>,
 }
 
 struct AgentRow {
@@ -146,6 +186,8 @@ struct AgentRow {
     enabled: bool,
     rate_limit: Option<String>,
     created_at: i64,
+    rate_burst: Option<u32>,
+    disabled_reason: Option<String>,
 }
 
 /// A validated key request: its agent, scopes override, expiry and name.
@@ -180,11 +222,15 @@ struct KeyRow {
     rotated_at: Option<i64>,
     version: i64,
     lineage: String,
+    agent_burst: Option<u32>,
+    rate_burst: Option<u32>,
+    agent_disabled_reason: Option<String>,
 }
 
 const KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enabled, a.rate_limit, k.name, k.display_prefix, k.last4, \
     k.digest, k.scopes, k.path_prefixes, k.rate_limit, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, \
-    k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version, COALESCE(k.lineage, k.id)";
+    k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version, COALESCE(k.lineage, k.id), a.rate_burst, k.rate_burst, \
+    a.disabled_reason";
 
 fn json_list(s: &str) -> Vec<String> {
     serde_json::from_str(s).unwrap_or_default()
@@ -219,12 +265,16 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         rotated_at: r.get(20)?,
         version: r.get(21)?,
         lineage: r.get(22)?,
+        agent_burst: r.get(23)?,
+        rate_burst: r.get(24)?,
+        agent_disabled_reason: r.get(25)?,
     })
 }
 
 impl KeyRow {
     /// The record the filter enforces: digests and the fields it needs, nothing else.
-    fn raw_record(&self) -> RawKeyRecord {
+    fn raw_record(&self, imp: &Implications) -> RawKeyRecord {
+        let (rate_limit, rate_burst) = self.limit();
         RawKeyRecord {
             digest: self.digest.clone(),
             id: self.id.clone(),
@@ -232,9 +282,9 @@ impl KeyRow {
             status: if self.revoked_at.is_some() { KeyStatus::Revoked } else { KeyStatus::Active },
             expires_at: self.expires_at.map(RawTime::Unix),
             agent_enabled: self.agent_enabled,
-            scopes: self.effective_scopes(),
+            scopes: self.effective_scopes(imp),
             path_prefixes: self.path_prefixes.clone(),
-            rate_limit: self.rate_limit.clone().or_else(|| self.agent_rate.clone()),
+            rate_limit,
             deprecated_at: self.rotated_to.as_ref().and(self.rotated_at),
             // A key's own limit is shared along its rotation lineage; an agent's limit by all
             // of the agent's keys.
@@ -243,27 +293,40 @@ impl KeyRow {
                 (None, Some(_)) => Some(format!("a:{}", self.agent_id)),
                 (None, None) => None,
             },
+            rate_burst,
+            disabled_reason: if self.agent_enabled { None } else { self.agent_disabled_reason.clone() },
         }
     }
 
-    fn effective_scopes(&self) -> Vec<String> {
-        self.scopes.clone().unwrap_or_else(|| self.agent_scopes.clone())
+    /// The effective limit and burst: the key's own, else its agent's.
+    fn limit(&self) -> (Option<String>, Option<u32>) {
+        match &self.rate_limit {
+            Some(r) => (Some(r.clone()), self.rate_burst),
+            None => (self.agent_rate.clone(), self.agent_rate.as_ref().and(self.agent_burst)),
+        }
     }
 
-    fn view(&self, now: i64) -> KeyView {
+    fn effective_scopes(&self, imp: &Implications) -> Vec<String> {
+        crate::model::effective_scopes(self.scopes.as_deref(), &self.agent_scopes, imp)
+    }
+
+    fn view(&self, now: i64, imp: &Implications) -> KeyView {
         let masked = if self.last4.is_empty() {
             format!("sha256:{}…", self.digest.get(..8).unwrap_or(""))
         } else {
             format!("{}…{}", self.display_prefix, self.last4)
         };
+        let (rate_limit, burst) = self.limit();
         KeyView {
             id: self.id.clone(),
             name: self.name.clone(),
             masked,
             agent: self.agent_name.clone(),
-            scopes: self.effective_scopes(),
+            scopes: self.effective_scopes(imp),
+            own_scopes: self.scopes.clone(),
             path_prefixes: self.path_prefixes.clone(),
-            rate_limit: self.rate_limit.clone().or_else(|| self.agent_rate.clone()),
+            rate_limit,
+            burst,
             created_at: keyward_core::time::format_rfc3339(self.created_at),
             expires_at: rfc3339(self.expires_at),
             last_used_at: rfc3339(self.last_used_at),
@@ -273,6 +336,18 @@ impl KeyRow {
             rotated_from: self.rotated_from.clone(),
             rotated_to: self.rotated_to.clone(),
         }
+    }
+
+    /// The fields `key update` can change, for the audit log (never the digest).
+    fn editable(&self) -> serde_json::Value {
+        json!({
+            "name": self.name,
+            "scopes": self.scopes,
+            "expires_at": rfc3339(self.expires_at),
+            "rate": self.rate_limit,
+            "burst": self.rate_burst,
+            "path_prefixes": self.path_prefixes,
+        })
     }
 }
 
@@ -285,10 +360,66 @@ fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         enabled: r.get(4)?,
         rate_limit: r.get(5)?,
         created_at: r.get(6)?,
+        rate_burst: r.get(7)?,
+        disabled_reason: r.get(8)?,
     })
 }
 
-const AGENT_COLUMNS: &str = "id, name, description, scopes, enabled, rate_limit, created_at";
+const AGENT_COLUMNS: &str = "id, name, description, scopes, enabled, rate_limit, created_at, rate_burst, disabled_reason";
+
+impl AgentRow {
+    /// The fields `agent update` can change, for the audit log.
+    fn editable(&self) -> serde_json::Value {
+        json!({"description": self.description, "scopes": self.scopes, "rate": self.rate_limit, "burst": self.rate_burst})
+    }
+}
+
+/// Only the fields that differ, as `{"before": {...}, "after": {...}}`.
+fn changes(before: &serde_json::Value, after: &serde_json::Value) -> serde_json::Value {
+    let (mut b, mut a) = (serde_json::Map::new(), serde_json::Map::new());
+    if let (Some(before), Some(after)) = (before.as_object(), after.as_object()) {
+        for (k, v) in before {
+            if after.get(k) != Some(v) {
+                b.insert(k.clone(), v.clone());
+                a.insert(k.clone(), after.get(k).cloned().unwrap_or_default());
+            }
+        }
+    }
+    json!({"before": b, "after": a})
+}
+
+/// The scope catalogue's names, in creation order.
+fn catalogue(tx: &Connection) -> Result<Vec<String>> {
+    let mut stmt = tx.prepare("SELECT name FROM scopes ORDER BY created_at, rowid")?;
+    let rows = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+    Ok(rows)
+}
+
+/// The catalogue's implications, as the snapshot carries them.
+fn implication_map(tx: &Connection) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let mut stmt = tx.prepare("SELECT scope, implies FROM scope_implications ORDER BY scope, implies")?;
+    let mut map: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+        let (from, to) = row?;
+        map.entry(from).or_default().push(to);
+    }
+    Ok(map)
+}
+
+fn implications(tx: &Connection) -> Result<Implications> {
+    Implications::new(&implication_map(tx)?).map_err(Error::Internal)
+}
+
+/// Scopes of a request: valid tokens, all in the catalogue.
+fn catalogue_ok(tx: &Connection, field: &'static str, scopes: &[String]) -> Result<()> {
+    scopes_ok(field, scopes)?;
+    known_scopes_ok(field, scopes, &catalogue(tx)?)
+}
+
+/// `none` (the CLI's word) and `null` both clear a rate limit.
+fn rate_patch(rate: &Option<Option<String>>) -> Option<Option<String>> {
+    rate.as_ref().map(|r| r.clone().filter(|r| r != "none"))
+}
 
 fn find_agent(tx: &Connection, name: &str) -> Result<AgentRow> {
     tx.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE name = ?1 AND deleted_at IS NULL"), [name], agent_row)
@@ -312,6 +443,7 @@ fn active_keys(tx: &Connection, agent_id: &str, now: i64) -> Result<u64> {
 }
 
 fn agent_view(tx: &Connection, a: &AgentRow, now: i64) -> Result<AgentView> {
+    let last_used: Option<i64> = tx.query_row("SELECT MAX(last_used_at) FROM keys WHERE agent_id = ?1", [&a.id], |r| r.get(0))?;
     Ok(AgentView {
         id: a.id.clone(),
         name: a.name.clone(),
@@ -319,8 +451,11 @@ fn agent_view(tx: &Connection, a: &AgentRow, now: i64) -> Result<AgentView> {
         scopes: a.scopes.clone(),
         enabled: a.enabled,
         rate_limit: a.rate_limit.clone(),
+        burst: a.rate_burst,
+        disabled_reason: a.disabled_reason.clone(),
         created_at: keyward_core::time::format_rfc3339(a.created_at),
         active_keys: active_keys(tx, &a.id, now)?,
+        last_used_at: rfc3339(last_used),
     })
 }
 
@@ -338,7 +473,17 @@ impl Store {
             std::fs::create_dir_all(dir).map_err(|e| Error::Internal(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path)?;
-        Store::init(conn)
+        let mut store = Store::init(conn)?;
+        store.path = Some(path.to_path_buf());
+        Ok(store)
+    }
+
+    /// Opens an existing store; a missing file is an error that says how one is made.
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(Error::Missing(path.display().to_string()));
+        }
+        Store::open(path)
     }
 
     /// An in-memory store, for tests.
@@ -366,7 +511,7 @@ impl Store {
             tx.pragma_update(None, "user_version", i + 1)?;
         }
         tx.commit()?;
-        Ok(Store { conn, actor: "cli".into(), key_prefix: DEFAULT_KEY_PREFIX.into() })
+        Ok(Store { conn, actor: "cli".into(), key_prefix: DEFAULT_KEY_PREFIX.into(), path: None, is_server: false, last_change: None })
     }
 
     pub fn schema_version(&self) -> Result<i64> {
@@ -400,40 +545,42 @@ impl Store {
     fn begin(&mut self) -> Result<(Transaction<'_>, u64, &str)> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version = bump(&tx)?;
+        // Recorded before commit: a refused change rolls back, and its caller sees the error.
+        self.last_change = Some(version);
         Ok((tx, version, self.actor.as_str()))
     }
 
     pub fn create_agent(&mut self, req: &NewAgent) -> Result<CreatedAgent> {
         name_ok("name", &req.name)?;
         if req.scopes.is_empty() {
-            return Err(invalid("scopes", "an agent needs at least one scope, e.g. --scopes read:all"));
+            return Err(invalid("scopes", "an agent needs at least one scope, e.g. read:all"));
         }
         scopes_ok("scopes", &req.scopes)?;
         if let Some(rate) = &req.rate {
             rate_ok("rate", rate)?;
         }
+        burst_ok(req.burst, req.rate.as_deref())?;
         let description = req.description.clone().unwrap_or_default();
-        if description.len() > 1024 || description.chars().any(char::is_control) {
-            return Err(invalid("description", "must be at most 1024 characters, without control characters"));
-        }
+        description_ok(&description)?;
         let now = now_unix();
         let id = format!("agt_{}", random_base62(16)?);
         let secret = generate_key(&self.key_prefix)?;
         let key_id = format!("key_{}", random_base62(16)?);
         let prefix = self.key_prefix.clone();
         let (tx, version, actor) = self.begin()?;
+        catalogue_ok(&tx, "scopes", &req.scopes)?;
         let taken: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM agents WHERE name = ?1 AND deleted_at IS NULL)", [&req.name], |r| r.get(0))?;
         if taken {
             return Err(Error::Conflict { field: "name", message: format!("an agent named {:?} already exists", req.name) });
         }
         tx.execute(
-            "INSERT INTO agents (id, name, description, scopes, enabled, rate_limit, created_at, updated_at, version) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?6, ?7)",
-            params![id, req.name, description, to_json(&req.scopes), req.rate, now, version],
+            "INSERT INTO agents (id, name, description, scopes, enabled, rate_limit, created_at, updated_at, version, rate_burst) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?6, ?7, ?8)",
+            params![id, req.name, description, to_json(&req.scopes), req.rate, now, version, req.burst],
         )?;
-        insert_key(&tx, &key_id, &id, "Production", &prefix, &secret, None, &[], None, now, None, None, false, version)?;
-        audit(&tx, actor, "agent.create", &id, json!({"name": req.name, "scopes": req.scopes, "rate": req.rate, "first_key": key_id}), version)?;
+        insert_key(&tx, &key_id, &id, "Production", &prefix, &secret, None, &[], (None, None), now, None, None, false, version)?;
+        audit(&tx, actor, "agent.create", &id, json!({"name": req.name, "scopes": req.scopes, "rate": req.rate, "burst": req.burst, "first_key": key_id}), version)?;
         let agent = agent_view(&tx, &find_agent(&tx, &req.name)?, now)?;
-        let key = find_key(&tx, &key_id)?.view(now);
+        let key = find_key(&tx, &key_id)?.view(now, &implications(&tx)?);
         tx.commit()?;
         Ok(CreatedAgent { agent, key, secret })
     }
@@ -452,15 +599,33 @@ impl Store {
         Ok(AgentDetail { agent: agent_view(&self.conn, &agent, now)?, keys })
     }
 
-    pub fn set_agent_enabled(&mut self, name: &str, enabled: bool) -> Result<AgentView> {
+    /// Turns API access on or off; `reason` (when turning it off) becomes the `ACCESS_DISABLED`
+    /// message API users see.
+    pub fn set_agent_enabled(&mut self, name: &str, enabled: bool, reason: Option<&str>) -> Result<AgentView> {
         let now = now_unix();
+        let reason = reason.map(str::trim).filter(|r| !r.is_empty());
+        if let Some(r) = reason {
+            if enabled {
+                return Err(invalid("reason", "a reason goes with disabling an agent"));
+            }
+            if r.chars().count() > 200 || r.chars().any(char::is_control) {
+                return Err(invalid("reason", "must be at most 200 characters, without control characters"));
+            }
+        }
         let (tx, version, actor) = self.begin()?;
         let agent = find_agent(&tx, name)?;
-        tx.execute("UPDATE agents SET enabled = ?1, updated_at = ?2, version = ?3 WHERE id = ?4", params![enabled, now, version, agent.id])?;
+        tx.execute(
+            "UPDATE agents SET enabled = ?1, disabled_reason = ?2, updated_at = ?3, version = ?4 WHERE id = ?5",
+            params![enabled, reason, now, version, agent.id],
+        )?;
         // Every key of the agent changes in the snapshot (its agent switch), so stamp them too.
         tx.execute("UPDATE keys SET version = ?1 WHERE agent_id = ?2", params![version, agent.id])?;
         let action = if enabled { "agent.enable" } else { "agent.disable" };
-        audit(&tx, actor, action, &agent.id, json!({"name": name}), version)?;
+        let details = match reason {
+            Some(r) => json!({"name": name, "reason": r}),
+            None => json!({"name": name}),
+        };
+        audit(&tx, actor, action, &agent.id, details, version)?;
         let view = agent_view(&tx, &find_agent(&tx, name)?, now)?;
         tx.commit()?;
         Ok(view)
@@ -491,13 +656,17 @@ impl Store {
         let name = req.name.clone().or_else(|| default_name.map(str::to_string)).unwrap_or_default();
         name_ok("name", &name)?;
         if let Some(scopes) = &req.scopes {
-            scopes_ok("scopes", scopes)?;
-            subset_ok(scopes, &agent.scopes, &agent.name)?;
+            if scopes.is_empty() {
+                return Err(invalid("scopes", "give at least one scope, or none to use the agent's"));
+            }
+            catalogue_ok(tx, "scopes", scopes)?;
+            subset_ok(scopes, &agent.scopes, &agent.name, &implications(tx)?)?;
         }
         let expires_at = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now)?;
         if let Some(rate) = &req.rate {
             rate_ok("rate", rate)?;
         }
+        burst_ok(req.burst, req.rate.as_deref())?;
         path_prefixes_ok(&req.path_prefixes)?;
         let taken: bool = tx.query_row(
             "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3))",
@@ -517,16 +686,16 @@ impl Store {
         let prefix = self.key_prefix.clone();
         let (tx, version, actor) = self.begin()?;
         let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, req, Some(&key_id), now)?;
-        insert_key(&tx, &key_id, &agent.id, &name, &prefix, &secret, scopes.as_deref(), &req.path_prefixes, req.rate.as_deref(), now, expires_at, None, false, version)?;
-        audit(&tx, actor, "key.create", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.rate, "path_prefixes": req.path_prefixes}), version)?;
-        let key = find_key(&tx, &key_id)?.view(now);
+        insert_key(&tx, &key_id, &agent.id, &name, &prefix, &secret, scopes.as_deref(), &req.path_prefixes, (req.rate.as_deref(), req.burst), now, expires_at, None, false, version)?;
+        audit(&tx, actor, "key.create", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.rate, "burst": req.burst, "path_prefixes": req.path_prefixes}), version)?;
+        let key = find_key(&tx, &key_id)?.view(now, &implications(&tx)?);
         tx.commit()?;
         Ok(CreatedKey { key, secret })
     }
 
     pub fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         let now = now_unix();
-        let (digest, prefix, last4) = imported_digest(req.secret.as_deref(), req.digest.as_deref())?;
+        let (digest, prefix, last4) = imported_digest(req.secret.as_deref(), req.digest.as_deref(), &self.key_prefix, req.allow_weak)?;
         let key_id = format!("key_{}", random_base62(16)?);
         let (tx, version, actor) = self.begin()?;
         let CheckedKey { agent, scopes, expires_at, name } = Store::check_new_key(&tx, &req.key, Some(&key_id), now)?;
@@ -535,12 +704,12 @@ impl Store {
             return Err(Error::Conflict { field: "key", message: "this key is already registered".into() });
         }
         tx.execute(
-            "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12)",
-            params![key_id, agent.id, name, prefix, last4, digest, scopes.as_deref().map(to_json), to_json(&req.key.path_prefixes), req.key.rate, now, expires_at, version],
+            "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version, rate_burst) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12, ?13)",
+            params![key_id, agent.id, name, prefix, last4, digest, scopes.as_deref().map(to_json), to_json(&req.key.path_prefixes), req.key.rate, now, expires_at, version, req.key.burst],
         )?;
-        audit(&tx, actor, "key.import", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.key.rate}), version)?;
-        let key = find_key(&tx, &key_id)?.view(now);
+        audit(&tx, actor, "key.import", &key_id, json!({"agent": agent.name, "name": name, "scopes": scopes, "expires_at": rfc3339(expires_at), "rate": req.key.rate, "burst": req.key.burst}), version)?;
+        let key = find_key(&tx, &key_id)?.view(now, &implications(&tx)?);
         tx.commit()?;
         Ok(key)
     }
@@ -548,7 +717,7 @@ impl Store {
     /// Imports many existing keys in one transaction (one version, one audit entry): each line
     /// is a key, or `sha256:<hex>` for its digest. Keys are named `<name>-<line>`. Any bad line
     /// refuses the whole batch, naming the line.
-    pub fn import_batch(&mut self, template: &NewKey, lines: &[String]) -> Result<Vec<String>> {
+    pub fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool) -> Result<Vec<String>> {
         let now = now_unix();
         let base = template.name.clone().unwrap_or_else(|| "imported".into());
         name_ok("name", &base)?;
@@ -559,8 +728,8 @@ impl Store {
                 continue;
             }
             let parsed = match line.strip_prefix("sha256:") {
-                Some(hex) => imported_digest(None, Some(hex)),
-                None => imported_digest(Some(line), None),
+                Some(hex) => imported_digest(None, Some(hex), &self.key_prefix, allow_weak),
+                None => imported_digest(Some(line), None, &self.key_prefix, allow_weak),
             };
             let (digest, prefix, last4) = parsed.map_err(|e| invalid("key", format!("line {}: {}", i + 1, e.message())))?;
             rows.push((format!("{base}-{}", i + 1), format!("key_{}", random_base62(16)?), digest, prefix, last4));
@@ -577,8 +746,8 @@ impl Store {
                 "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3))",
             )?;
             let mut insert = tx.prepare(
-                "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12)",
+                "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version, rate_burst) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12, ?13)",
             )?;
             let scopes_json = scopes.as_deref().map(to_json);
             let paths_json = to_json(&template.path_prefixes);
@@ -589,7 +758,7 @@ impl Store {
                 if taken.query_row(params![agent.id, name, now], |r| r.get::<_, bool>(0))? {
                     return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
                 }
-                insert.execute(params![id, agent.id, name, prefix, last4, digest, scopes_json, paths_json, template.rate, now, expires_at, version])?;
+                insert.execute(params![id, agent.id, name, prefix, last4, digest, scopes_json, paths_json, template.rate, now, expires_at, version, template.burst])?;
             }
         }
         audit(&tx, actor, "key.import_batch", &agent.id, json!({"agent": agent.name, "count": rows.len(), "name": base}), version)?;
@@ -602,7 +771,8 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE {cond} ORDER BY a.name, k.created_at, k.id"
         ))?;
         let rows = stmt.query_map([arg], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows.iter().map(|k| k.view(now)).collect())
+        let imp = implications(&self.conn)?;
+        Ok(rows.iter().map(|k| k.view(now, &imp)).collect())
     }
 
     pub fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>> {
@@ -625,7 +795,7 @@ impl Store {
         }
         tx.execute("UPDATE keys SET revoked_at = ?1, version = ?2 WHERE id = ?3", params![now, version, id])?;
         audit(&tx, actor, "key.revoke", id, json!({"agent": key.agent_name, "name": key.name}), version)?;
-        let view = find_key(&tx, id)?.view(now);
+        let view = find_key(&tx, id)?.view(now, &implications(&tx)?);
         tx.commit()?;
         Ok(view)
     }
@@ -633,6 +803,10 @@ impl Store {
     pub fn rotate_key(&mut self, id: &str, req: &RotateKey) -> Result<Rotated> {
         let now = now_unix();
         let grace = parse_duration("grace", req.grace.as_deref().unwrap_or(DEFAULT_GRACE))?;
+        if req.no_expiry && (req.ttl.is_some() || req.expires_at.is_some()) {
+            return Err(invalid("no_expiry", "give no expiry, a TTL or an expiry time, not two of them"));
+        }
+        let chosen = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now)?;
         let secret = generate_key(&self.key_prefix)?;
         let new_id = format!("key_{}", random_base62(16)?);
         let prefix = self.key_prefix.clone();
@@ -647,19 +821,25 @@ impl Store {
         if let Some(next) = &old.rotated_to {
             return Err(Error::Conflict { field: "id", message: format!("key {id} was already rotated to {next}; rotate that one") });
         }
-        // The new key lives as long as the old one was meant to, counted from now.
-        let new_expiry = old.expires_at.map(|t| now.saturating_add(t - old.created_at));
+        // By default the new key lives as long as the old one was meant to, counted from now;
+        // a key that never expired gives one that never expires.
+        let new_expiry = match (req.no_expiry, chosen) {
+            (true, _) => None,
+            (false, Some(t)) => Some(t),
+            (false, None) => old.expires_at.map(|t| now.saturating_add(t - old.created_at)),
+        };
         let old_expiry = now.saturating_add(grace);
         let old_expiry = old.expires_at.map_or(old_expiry, |t| t.min(old_expiry));
-        insert_key(&tx, &new_id, &old.agent_id, &old.name, &prefix, &secret, old.scopes.as_deref(), &old.path_prefixes, old.rate_limit.as_deref(), now, new_expiry, Some(id), false, version)?;
+        insert_key(&tx, &new_id, &old.agent_id, &old.name, &prefix, &secret, old.scopes.as_deref(), &old.path_prefixes, (old.rate_limit.as_deref(), old.rate_burst), now, new_expiry, Some(id), false, version)?;
         tx.execute(
             "UPDATE keys SET expires_at = ?1, rotated_to = ?2, rotated_at = ?3, version = ?4 WHERE id = ?5",
             params![old_expiry, new_id, now, version, id],
         )?;
         tx.execute("UPDATE keys SET lineage = ?1 WHERE id = ?2", params![old.lineage, new_id])?;
-        audit(&tx, actor, "key.rotate", id, json!({"agent": old.agent_name, "new_key": new_id, "old_expires_at": rfc3339(Some(old_expiry))}), version)?;
-        let old_view = find_key(&tx, id)?.view(now);
-        let new_view = find_key(&tx, &new_id)?.view(now);
+        audit(&tx, actor, "key.rotate", id, json!({"agent": old.agent_name, "new_key": new_id, "old_expires_at": rfc3339(Some(old_expiry)), "new_expires_at": rfc3339(new_expiry)}), version)?;
+        let imp = implications(&tx)?;
+        let old_view = find_key(&tx, id)?.view(now, &imp);
+        let new_view = find_key(&tx, &new_id)?.view(now, &imp);
         tx.commit()?;
         Ok(Rotated { old: old_view, new: CreatedKey { key: new_view, secret } })
     }
@@ -677,20 +857,27 @@ impl Store {
         Ok(())
     }
 
-    fn envoys(&self, version: u64, now: i64) -> Result<Vec<EnvoyView>> {
+    fn envoys(&self, version: u64, now: i64, serving: bool) -> Result<Vec<EnvoyView>> {
         let mut stmt = self.conn.prepare("SELECT id, applied_version, last_seen, open_until FROM envoys ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (id, applied, last_seen, open_until) = row?;
             let applied = u64::try_from(applied).unwrap_or(0);
-            let connected = now <= open_until;
+            let connected = serving && now <= open_until;
+            let lag = version.saturating_sub(applied);
+            let state = match (connected, lag) {
+                (false, _) => "stale",
+                (true, 0) => "connected",
+                (true, _) => "lagging",
+            };
             out.push(EnvoyView {
                 id,
                 applied_version: applied,
-                lag: version.saturating_sub(applied),
+                lag,
                 last_seen: keyward_core::time::format_rfc3339(if connected { now } else { last_seen }),
                 connected,
+                state: state.into(),
             });
         }
         Ok(out)
@@ -705,11 +892,13 @@ impl Store {
             |r| r.get(0),
         )?;
         let version = self.snapshot_version()?;
+        let serving = self.serving();
         Ok(StatusView {
             snapshot_version: version,
             agents: u64::try_from(agents).unwrap_or(0),
             active_keys: u64::try_from(keys).unwrap_or(0),
-            envoys: self.envoys(version, now)?,
+            serving,
+            envoys: self.envoys(version, now, serving)?,
         })
     }
 
@@ -737,11 +926,291 @@ impl Store {
         let version: String = tx.query_row("SELECT value FROM meta WHERE name = 'snapshot_version'", [], |r| r.get(0))?;
         let mut stmt = tx.prepare(&format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id ORDER BY k.id"))?;
         let rows = stmt.query_map([], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
-        let keys = rows.iter().map(KeyRow::raw_record).collect();
+        let map = implication_map(&tx)?;
+        let imp = Implications::new(&map).map_err(Error::Internal)?;
+        let keys = rows.iter().map(|k| k.raw_record(&imp)).collect();
         drop(stmt);
         tx.commit()?;
-        Ok(RawSnapshot { version: version.parse().unwrap_or(0), keys })
+        Ok(RawSnapshot { version: version.parse().unwrap_or(0), implications: Some(map), keys })
     }
+}
+
+impl Store {
+    /// Edits an agent: every field present changes, in one version with one audit entry that
+    /// records the fields before and after. Its keys are re-stamped: their effective scopes and
+    /// limits are the agent's business too.
+    pub fn update_agent(&mut self, name: &str, upd: &AgentUpdate) -> Result<AgentView> {
+        let now = now_unix();
+        let rate = rate_patch(&upd.rate);
+        if upd.description.is_none() && upd.scopes.is_none() && upd.add_scopes.is_empty() && upd.remove_scopes.is_empty() && rate.is_none() && upd.burst.is_none() {
+            return Err(invalid("request", "nothing to change: give a description, scopes, scopes to add or remove, a rate or a burst"));
+        }
+        if upd.scopes.is_some() && !(upd.add_scopes.is_empty() && upd.remove_scopes.is_empty()) {
+            return Err(invalid("scopes", "replace the scopes or add and remove some, not both"));
+        }
+        if let Some(d) = &upd.description {
+            description_ok(d)?;
+        }
+        if let Some(Some(r)) = &rate {
+            rate_ok("rate", r)?;
+        }
+        let (tx, version, actor) = self.begin()?;
+        let agent = find_agent(&tx, name)?;
+        let mut scopes = upd.scopes.clone().unwrap_or_else(|| agent.scopes.clone());
+        catalogue_ok(&tx, "scopes", &scopes)?;
+        catalogue_ok(&tx, "add_scopes", &upd.add_scopes)?;
+        for s in &upd.add_scopes {
+            if !scopes.contains(s) {
+                scopes.push(s.clone());
+            }
+        }
+        for s in &upd.remove_scopes {
+            if !scopes.contains(s) {
+                return Err(invalid("remove_scopes", format!("agent {name} does not have scope {s:?} (it has {})", scopes.join(" "))));
+            }
+            scopes.retain(|x| x != s);
+        }
+        if scopes.is_empty() {
+            return Err(invalid("scopes", "an agent needs at least one scope; disable it to turn API access off"));
+        }
+        let new_rate = rate.clone().unwrap_or_else(|| agent.rate_limit.clone());
+        // Removing the limit removes its burst, unless a burst is given (and then refused).
+        let new_burst = match (upd.burst, &new_rate) {
+            (Some(b), _) => b,
+            (None, None) => None,
+            (None, Some(_)) => agent.rate_burst,
+        };
+        burst_ok(new_burst, new_rate.as_deref())?;
+        let description = upd.description.clone().unwrap_or_else(|| agent.description.clone());
+        tx.execute(
+            "UPDATE agents SET description = ?1, scopes = ?2, rate_limit = ?3, rate_burst = ?4, updated_at = ?5, version = ?6 WHERE id = ?7",
+            params![description, to_json(&scopes), new_rate, new_burst, now, version, agent.id],
+        )?;
+        tx.execute("UPDATE keys SET version = ?1 WHERE agent_id = ?2", params![version, agent.id])?;
+        let after = find_agent(&tx, name)?;
+        audit(&tx, actor, "agent.update", &agent.id, json!({"name": name, "changes": changes(&agent.editable(), &after.editable())}), version)?;
+        let view = agent_view(&tx, &after, now)?;
+        tx.commit()?;
+        Ok(view)
+    }
+
+    /// One key, masked.
+    pub fn get_key(&mut self, id: &str) -> Result<KeyView> {
+        let key = find_key(&self.conn, id)?;
+        Ok(key.view(now_unix(), &implications(&self.conn)?))
+    }
+
+    /// Edits a key with the rules that hold at creation: scopes within its agent's and in the
+    /// catalogue, an expiry in the future, a valid limit and burst, a name unique among the
+    /// agent's live keys.
+    pub fn update_key(&mut self, id: &str, upd: &KeyUpdate) -> Result<KeyView> {
+        let now = now_unix();
+        let rate = rate_patch(&upd.rate);
+        if upd.name.is_none() && upd.scopes.is_none() && upd.expires_at.is_none() && upd.ttl.is_none() && rate.is_none() && upd.burst.is_none() && upd.path_prefixes.is_none() {
+            return Err(invalid("request", "nothing to change: give a name, scopes, an expiry, a rate, a burst or path prefixes"));
+        }
+        if let Some(n) = &upd.name {
+            name_ok("name", n)?;
+        }
+        if let Some(Some(r)) = &rate {
+            rate_ok("rate", r)?;
+        }
+        if let Some(p) = &upd.path_prefixes {
+            path_prefixes_ok(p)?;
+        }
+        let expires_at = match (&upd.expires_at, &upd.ttl) {
+            (Some(_), Some(_)) => return Err(invalid("expires_at", "give an expiry time, a TTL or no expiry, not two of them")),
+            (Some(None), None) => Some(None),
+            (Some(Some(t)), None) => Some(expiry(Some(t), None, now)?),
+            (None, Some(ttl)) => Some(expiry(None, Some(ttl), now)?),
+            (None, None) => None,
+        };
+        let (tx, version, actor) = self.begin()?;
+        let key = find_key(&tx, id)?;
+        if key.revoked_at.is_some() {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} is revoked; revoked keys cannot be changed") });
+        }
+        if let Some(Some(scopes)) = &upd.scopes {
+            if scopes.is_empty() {
+                return Err(invalid("scopes", "give at least one scope, or none to use the agent's"));
+            }
+            catalogue_ok(&tx, "scopes", scopes)?;
+            subset_ok(scopes, &key.agent_scopes, &key.agent_name, &implications(&tx)?)?;
+        }
+        if let Some(name) = &upd.name {
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND id != ?3 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?4))",
+                params![key.agent_id, name, id, now],
+                |r| r.get(0),
+            )?;
+            if taken {
+                return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", key.agent_name) });
+            }
+        }
+        let new_rate = rate.clone().unwrap_or_else(|| key.rate_limit.clone());
+        let new_burst = match (upd.burst, &new_rate) {
+            (Some(b), _) => b,
+            (None, None) => None,
+            (None, Some(_)) => key.rate_burst,
+        };
+        burst_ok(new_burst, new_rate.as_deref())?;
+        let scopes = upd.scopes.clone().unwrap_or_else(|| key.scopes.clone());
+        let paths = upd.path_prefixes.clone().unwrap_or_else(|| key.path_prefixes.clone());
+        tx.execute(
+            "UPDATE keys SET name = ?1, scopes = ?2, expires_at = ?3, rate_limit = ?4, rate_burst = ?5, path_prefixes = ?6, version = ?7 WHERE id = ?8",
+            params![
+                upd.name.clone().unwrap_or_else(|| key.name.clone()),
+                scopes.as_deref().map(to_json),
+                expires_at.unwrap_or(key.expires_at),
+                new_rate,
+                new_burst,
+                to_json(&paths),
+                version,
+                id
+            ],
+        )?;
+        let after = find_key(&tx, id)?;
+        audit(&tx, actor, "key.update", id, json!({"agent": key.agent_name, "changes": changes(&key.editable(), &after.editable())}), version)?;
+        let view = after.view(now, &implications(&tx)?);
+        tx.commit()?;
+        Ok(view)
+    }
+
+    /// The scope catalogue, in creation order.
+    pub fn list_scopes(&mut self) -> Result<Vec<ScopeView>> {
+        let now = now_unix();
+        let map = implication_map(&self.conn)?;
+        let mut stmt = self.conn.prepare("SELECT name, description FROM scopes ORDER BY created_at, rowid")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        drop(stmt);
+        rows.into_iter()
+            .map(|(name, description)| {
+                let (agents, keys) = scope_use(&self.conn, &name, now)?;
+                Ok(ScopeView { implies: map.get(&name).cloned().unwrap_or_default(), name, description, agents, keys })
+            })
+            .collect()
+    }
+
+    pub fn add_scope(&mut self, req: &NewScope) -> Result<ScopeView> {
+        scope_name_ok("name", &req.name)?;
+        description_ok(&req.description)?;
+        let now = now_unix();
+        let (tx, version, actor) = self.begin()?;
+        let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM scopes WHERE name = ?1)", [&req.name], |r| r.get(0))?;
+        if exists {
+            return Err(Error::Conflict { field: "name", message: format!("scope {:?} is already in the catalogue", req.name) });
+        }
+        tx.execute("INSERT INTO scopes (name, description, created_at) VALUES (?1, ?2, ?3)", params![req.name, req.description, now])?;
+        audit(&tx, actor, "scope.add", &req.name, json!({"description": req.description}), version)?;
+        tx.commit()?;
+        Ok(ScopeView { name: req.name.clone(), description: req.description.clone(), implies: vec![], agents: 0, keys: 0 })
+    }
+
+    /// Removes a scope nobody carries, with its implications.
+    pub fn remove_scope(&mut self, name: &str) -> Result<ScopeView> {
+        let now = now_unix();
+        let (tx, version, actor) = self.begin()?;
+        let description: String = tx
+            .query_row("SELECT description FROM scopes WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| Error::NotFound { field: "name", what: "scope", name: name.to_string() })?;
+        let (agents, keys) = scope_use(&tx, name, now)?;
+        if agents + keys > 0 {
+            return Err(Error::Conflict {
+                field: "name",
+                message: format!("scope {name:?} is still carried by {agents} agent(s) and {keys} key(s); remove it from them first"),
+            });
+        }
+        let implied = tx.execute("DELETE FROM scope_implications WHERE scope = ?1 OR implies = ?1", [name])?;
+        tx.execute("DELETE FROM scopes WHERE name = ?1", [name])?;
+        if implied > 0 {
+            // Another scope implied it: every key's effective scopes may change.
+            tx.execute("UPDATE keys SET version = ?1", [version])?;
+        }
+        audit(&tx, actor, "scope.remove", name, json!({"description": description}), version)?;
+        tx.commit()?;
+        Ok(ScopeView { name: name.to_string(), description, implies: vec![], agents: 0, keys: 0 })
+    }
+
+    /// `scope` implies `implies` (or no longer does, with `remove`). Every key is re-sent: the
+    /// filter expands scopes with the catalogue's implications.
+    pub fn imply_scope(&mut self, scope: &str, req: &Imply) -> Result<ScopeView> {
+        let (tx, version, actor) = self.begin()?;
+        let names = catalogue(&tx)?;
+        known_scopes_ok("name", &[scope.to_string()], &names)?;
+        known_scopes_ok("implies", std::slice::from_ref(&req.implies), &names)?;
+        if scope == req.implies {
+            return Err(invalid("implies", "a scope always implies itself"));
+        }
+        if req.remove {
+            let n = tx.execute("DELETE FROM scope_implications WHERE scope = ?1 AND implies = ?2", params![scope, req.implies])?;
+            if n == 0 {
+                return Err(invalid("implies", format!("{scope:?} does not imply {:?}", req.implies)));
+            }
+        } else {
+            let n = tx.execute("INSERT OR IGNORE INTO scope_implications (scope, implies) VALUES (?1, ?2)", params![scope, req.implies])?;
+            if n == 0 {
+                return Err(Error::Conflict { field: "implies", message: format!("{scope:?} already implies {:?}", req.implies) });
+            }
+        }
+        tx.execute("UPDATE keys SET version = ?1", [version])?;
+        let action = if req.remove { "scope.unimply" } else { "scope.imply" };
+        audit(&tx, actor, action, scope, json!({"implies": req.implies}), version)?;
+        tx.commit()?;
+        self.list_scopes()?
+            .into_iter()
+            .find(|s| s.name == scope)
+            .ok_or_else(|| Error::NotFound { field: "name", what: "scope", name: scope.to_string() })
+    }
+
+    /// Whether a `keyward serve` publishes this store now. The server itself, and in-memory
+    /// stores (tests), always do.
+    pub fn serving(&self) -> bool {
+        match &self.path {
+            Some(p) if !self.is_server => crate::applied::serve_running(p),
+            _ => true,
+        }
+    }
+
+    /// The Envoys connected now (heard from within their feed request's wait plus 2 s), and which
+    /// of them have applied `version`.
+    pub fn envoys_applied(&self, version: u64) -> Result<(Vec<String>, Vec<String>)> {
+        let now = now_unix();
+        let mut stmt = self.conn.prepare_cached("SELECT id, applied_version FROM envoys WHERE open_until >= ?1 ORDER BY id")?;
+        let rows = stmt.query_map([now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let (mut done, mut pending) = (Vec::new(), Vec::new());
+        for row in rows {
+            let (id, applied) = row?;
+            if u64::try_from(applied).unwrap_or(0) >= version {
+                done.push(id);
+            } else {
+                pending.push(id);
+            }
+        }
+        Ok((done, pending))
+    }
+
+    /// On `serve` start: feed requests held by an earlier process are gone.
+    pub fn forget_open_feeds(&mut self) -> Result<()> {
+        self.conn.execute("UPDATE envoys SET open_until = MIN(open_until, ?1)", [now_unix() - 1])?;
+        Ok(())
+    }
+}
+
+/// Live agents and live keys (not revoked or expired) that carry `scope` themselves.
+fn scope_use(tx: &Connection, scope: &str, now: i64) -> Result<(u64, u64)> {
+    let agents: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM agents a, json_each(a.scopes) j WHERE a.deleted_at IS NULL AND j.value = ?1",
+        [scope],
+        |r| r.get(0),
+    )?;
+    let keys: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM keys k, json_each(k.scopes) j WHERE k.scopes IS NOT NULL AND k.revoked_at IS NULL \
+         AND (k.expires_at IS NULL OR k.expires_at > ?2) AND j.value = ?1",
+        params![scope, now],
+        |r| r.get(0),
+    )?;
+    Ok((u64::try_from(agents).unwrap_or(0), u64::try_from(keys).unwrap_or(0)))
 }
 
 /// Records per feed page: bounds the memory of one answer (and of the filter VM applying it).
@@ -768,14 +1237,16 @@ impl Store {
             let rows = stmt.query_map(params![since_i, after, limit_i], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             rows
         };
+        let map = implication_map(&tx)?;
         tx.commit()?;
+        let imp = Implications::new(&map).map_err(Error::Internal)?;
         let complete = rows.len() <= limit;
         let page = &rows[..rows.len().min(limit)];
         let cursor = match (complete, page.last()) {
             (false, Some(last)) => Some(FeedCursor { version: u64::try_from(last.version).unwrap_or(0), id: last.id.clone() }),
             _ => None,
         };
-        Ok(FeedMessage { version, complete, cursor, keys: page.iter().map(KeyRow::raw_record).collect() })
+        Ok(FeedMessage { version, complete, cursor, implications: Some(map), keys: page.iter().map(|k| k.raw_record(&imp)).collect() })
     }
 
     /// Adds an Envoy's usage report: hourly counts, and each key's last use.
@@ -792,10 +1263,24 @@ impl Store {
                 continue; // A key the store no longer has: nothing to attribute it to.
             }
             known += 1;
-            tx.execute(
-                "INSERT INTO usage (key_id, hour, count) VALUES (?1, ?2, ?3) ON CONFLICT(key_id, hour) DO UPDATE SET count = count + ?3",
-                params![u.key_id, u.last_used - u.last_used.rem_euclid(3600), count],
-            )?;
+            let hour = u.last_used - u.last_used.rem_euclid(3600);
+            if count > 0 {
+                tx.execute(
+                    "INSERT INTO usage (key_id, hour, count) VALUES (?1, ?2, ?3) ON CONFLICT(key_id, hour) DO UPDATE SET count = count + ?3",
+                    params![u.key_id, hour, count],
+                )?;
+            }
+            for (code, n) in &u.denied {
+                // Codes are the contract's upper-case words; anything else is not stored.
+                if code.is_empty() || code.len() > 32 || !code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+                    continue;
+                }
+                tx.execute(
+                    "INSERT INTO usage_denied (key_id, hour, code, count) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT(key_id, hour, code) DO UPDATE SET count = count + ?4",
+                    params![u.key_id, hour, code, i64::try_from(*n).unwrap_or(i64::MAX)],
+                )?;
+            }
         }
         tx.commit()?;
         Ok(known)
@@ -807,9 +1292,14 @@ impl Store {
             Some(name) => Some(find_agent(&self.conn, name)?.id),
             None => None,
         };
+        // Allowed and refused counts, per key and hour: one row wherever either is non-zero.
         let mut stmt = self.conn.prepare(
-            "SELECT u.key_id, k.name, a.name, u.hour, u.count FROM usage u JOIN keys k ON k.id = u.key_id JOIN agents a ON a.id = k.agent_id \
-             WHERE u.hour >= ?1 AND (?2 IS NULL OR k.agent_id = ?2) ORDER BY a.name, k.name, u.key_id, u.hour",
+            "WITH hours AS (SELECT key_id, hour FROM usage UNION SELECT key_id, hour FROM usage_denied) \
+             SELECT h.key_id, k.name, a.name, h.hour, COALESCE(u.count, 0), \
+                    (SELECT json_group_object(d.code, d.count) FROM usage_denied d WHERE d.key_id = h.key_id AND d.hour = h.hour) \
+             FROM hours h JOIN keys k ON k.id = h.key_id JOIN agents a ON a.id = k.agent_id \
+             LEFT JOIN usage u ON u.key_id = h.key_id AND u.hour = h.hour \
+             WHERE h.hour >= ?1 AND (?2 IS NULL OR k.agent_id = ?2) ORDER BY a.name, k.name, h.key_id, h.hour",
         )?;
         let rows = stmt.query_map(params![since - since.rem_euclid(3600), agent_id], |r| {
             Ok(UsageRow {
@@ -818,21 +1308,48 @@ impl Store {
                 agent: r.get(2)?,
                 hour: keyward_core::time::format_rfc3339(r.get(3)?),
                 count: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                denied: r.get::<_, Option<String>>(5)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 }
 
-/// The digest, display prefix and last four of an imported key (by value or by digest).
-fn imported_digest(secret: Option<&str>, digest: Option<&str>) -> Result<(String, String, String)> {
+/// Longest key the filter accepts by default (its `max_key_length`).
+pub const FILTER_MAX_KEY_LENGTH: usize = 256;
+/// Imported keys shorter than this are guessable; they need `allow_weak`.
+pub const WEAK_KEY_LENGTH: usize = 16;
+
+/// The digest, display prefix and last four of an imported key (by value or by digest). A key
+/// the filter would always refuse is refused here: over its length bound, outside printable
+/// ASCII, or in keyward's format (`kw…_`, or this store's prefix) with a wrong checksum.
+fn imported_digest(secret: Option<&str>, digest: Option<&str>, key_prefix: &str, allow_weak: bool) -> Result<(String, String, String)> {
     match (secret, digest) {
         (Some(_), Some(_)) => Err(invalid("digest", "give the key or its digest, not both")),
-        (None, None) => Err(invalid("key", "give the existing key (on stdin) or --digest")),
+        (None, None) => Err(invalid("key", "give the existing key, or its SHA-256 digest")),
         (Some(secret), None) => {
             let secret = secret.trim();
-            if secret.is_empty() || secret.len() > 4096 || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
-                return Err(invalid("key", "the key must be 1 to 4096 printable ASCII characters without spaces or commas"));
+            if secret.is_empty() || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+                return Err(invalid("key", "the key must be printable ASCII without spaces or commas: the filter refuses anything else"));
+            }
+            if secret.len() > FILTER_MAX_KEY_LENGTH {
+                return Err(invalid(
+                    "key",
+                    format!("the key is {} characters; the filter refuses keys over {FILTER_MAX_KEY_LENGTH} (its max_key_length)", secret.len()),
+                ));
+            }
+            let prefixes = [key_prefix.to_string(), "kw".to_string(), "kw_live".to_string(), "kw_test".to_string()];
+            if keyformat::check(&prefixes, secret) == keyformat::FormatCheck::BadChecksum {
+                return Err(invalid(
+                    "key",
+                    "the key looks like a keyward key but its checksum is wrong (a typo?); the filter refuses it as MALFORMED_API_KEY",
+                ));
+            }
+            if secret.len() < WEAK_KEY_LENGTH && !allow_weak {
+                return Err(invalid(
+                    "key",
+                    format!("the key is only {} characters and easy to guess; import it as a weak key (allow_weak) only if you must", secret.len()),
+                ));
             }
             // Short keys show nothing: eight characters of a 12-character key is too much.
             let shown = secret.len() >= 16;
@@ -857,7 +1374,7 @@ fn insert_key(
     secret: &str,
     scopes: Option<&[String]>,
     path_prefixes: &[String],
-    rate: Option<&str>,
+    (rate, burst): (Option<&str>, Option<u32>),
     now: i64,
     expires_at: Option<i64>,
     rotated_from: Option<&str>,
@@ -866,8 +1383,8 @@ fn insert_key(
 ) -> Result<()> {
     let last4 = secret.get(secret.len().saturating_sub(4)..).unwrap_or("");
     tx.execute(
-        "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, rotated_from, imported, version) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, rotated_from, imported, version, rate_burst) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             id,
             agent_id,
@@ -882,7 +1399,8 @@ fn insert_key(
             expires_at,
             rotated_from,
             imported,
-            version
+            version,
+            burst
         ],
     )?;
     Ok(())
@@ -946,7 +1464,7 @@ mod tests {
         let mut s = Store::memory().unwrap();
         let a = s.create_agent(&NewAgent { name: "a".into(), scopes: vec!["read:all".into()], ..Default::default() }).unwrap();
         let k = s.create_key(&NewKey { agent: "a".into(), name: Some("k".into()), ..Default::default() }).unwrap();
-        s.set_agent_enabled("a", false).unwrap();
+        s.set_agent_enabled("a", false, None).unwrap();
         s.revoke_key(&k.key.id).unwrap();
         assert_eq!(s.snapshot_version().unwrap(), 4);
         let row_version = |id: &str| -> i64 { s.conn.query_row("SELECT version FROM keys WHERE id = ?1", [id], |r| r.get(0)).unwrap() };

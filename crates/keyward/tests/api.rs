@@ -154,6 +154,8 @@ async fn agent_validation_errors_change_nothing() {
 #[tokio::test]
 async fn key_lifecycle_create_list_revoke_rotate_import() {
     let api = api();
+    let (s, _) = api.call("POST", "/v1/scopes", Some(json!({"name": "webhook", "description": "Receive webhooks"}))).await;
+    assert_eq!(s, StatusCode::CREATED);
     api.agent("crm", &["admin", "webhook"]).await;
     // admin implies read:all, so a read:all key narrows the agent.
     let (s, k) = api

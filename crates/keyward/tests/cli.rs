@@ -42,6 +42,7 @@ fn agent_commands_work_end_to_end() {
 #[test]
 fn key_commands_work_end_to_end() {
     let dir = Dir::new("key");
+    kw(&dir, &["scope", "add", "webhook", "--description", "Receive webhooks"]).ok();
     kw(&dir, &["agent", "create", "crm", "--scopes", "admin,webhook"]).ok();
     let created = kw(&dir, &["key", "create", "--agent", "crm", "--name", "sync", "--scopes", "read:all", "--ttl", "90d", "--rate", "10/s", "--path-prefix", "/v1/projects/42", "--json"]).ok().json();
     let secret = created["secret"].as_str().unwrap().to_string();
@@ -98,7 +99,7 @@ fn key_commands_work_end_to_end() {
     assert!(status.contains("snapshot version:") && status.contains("envoys:"), "{status}");
     let audit = kw(&dir, &["audit", "--json"]).ok().json();
     let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["agent.create", "key.create", "key.create", "key.rotate", "key.rotate", "key.revoke", "key.import", "key.import", "key.import_batch"]);
+    assert_eq!(actions, ["scope.add", "agent.create", "key.create", "key.create", "key.rotate", "key.rotate", "key.revoke", "key.import", "key.import", "key.import_batch"]);
     assert!(audit.as_array().unwrap().iter().all(|e| e["actor"] == "cli:tester"));
     let text = kw(&dir, &["audit"]).ok().stdout;
     assert!(text.contains("key.revoke"));
@@ -116,9 +117,23 @@ fn bad_arguments_name_themselves_and_change_nothing() {
         (&["agent", "create", "x", "--scopes", ""], "--scopes"),
         (&["agent", "create", "x", "--scopes", "a\"b"], "--scopes"),
         (&["agent", "create", "x", "--scopes", "a", "--rate", "5/week"], "--rate"),
-        (&["agent", "show", "ghost"], "--agent"),
-        (&["agent", "disable", "ghost"], "--agent"),
-        (&["agent", "delete", "ghost"], "--agent"),
+        // Positional arguments are named as the user typed them (regression: issue 12, bug 6).
+        (&["agent", "show", "ghost"], "NAME"),
+        (&["agent", "disable", "ghost"], "NAME"),
+        (&["agent", "delete", "ghost"], "NAME"),
+        (&["agent", "update", "ghost", "--description", "x"], "NAME"),
+        (&["agent", "update", "crm", "--add-scope", "Read:All"], "--add-scope"),
+        (&["agent", "update", "crm", "--remove-scope", "admin"], "--remove-scope"),
+        (&["agent", "update", "crm", "--burst", "5"], "--burst"),
+        (&["agent", "update", "crm"], "error"),
+        (&["key", "update", "key_missing", "--name", "x"], "ID"),
+        (&["key", "update", "key_missing", "--ttl", "0s"], "--ttl"),
+        (&["key", "create", "--agent", "crm", "--scopes", "read_all"], "--scopes"),
+        (&["key", "create", "--agent", "crm", "--rate", "10/s", "--burst", "11"], "--burst"),
+        (&["key", "rotate", "key_missing", "--ttl", "soon"], "--ttl"),
+        (&["scope", "remove", "read:all"], "NAME"),
+        (&["scope", "add", "Bad Scope"], "NAME"),
+        (&["scope", "imply", "admin", "nosuch"], "B"),
         (&["key", "create", "--agent", "ghost"], "--agent"),
         (&["key", "create", "--agent", "crm", "--scopes", "admin"], "--scopes"),
         (&["key", "create", "--agent", "crm", "--expires", "2001-01-01T00:00:00Z"], "--expires"),
@@ -137,7 +152,12 @@ fn bad_arguments_name_themselves_and_change_nothing() {
         let out = kw(&dir, args);
         assert_ne!(out.code, 0, "{args:?} succeeded");
         assert!(out.stdout.is_empty(), "{args:?} printed to stdout: {}", out.stdout);
-        assert!(out.stderr.starts_with(&format!("error: {flag}: ")), "{args:?}: {}", out.stderr);
+        if *flag == "error" {
+            // No single argument is at fault: a plain message (regression: issue 12, bug 2).
+            assert!(out.stderr.starts_with("error: ") && !out.stderr.starts_with("error: error"), "{args:?}: {}", out.stderr);
+        } else {
+            assert!(out.stderr.starts_with(&format!("error: {flag}: ")), "{args:?}: {}", out.stderr);
+        }
         assert_eq!(version(&dir), before, "{args:?} changed the store");
     }
     // The agent-scoped subcommands say which agent they could not find.
@@ -253,7 +273,7 @@ fn readme_cli_reference_matches_help() {
     for c in &top {
         assert!(readme.contains(&format!("keyward {c}")), "README.md lacks `keyward {c}`");
     }
-    for group in ["agent", "key"] {
+    for group in ["agent", "key", "scope", "admin-token"] {
         for c in subcommands(&[group]) {
             assert!(readme.contains(&format!("keyward {group} {c}")), "README.md lacks `keyward {group} {c}`");
         }
@@ -263,7 +283,7 @@ fn readme_cli_reference_matches_help() {
     for line in section.lines().filter(|l| l.starts_with("| `keyward ")) {
         let words: Vec<&str> = line.trim_start_matches("| `keyward ").split(['`', ' ']).collect();
         assert!(top.iter().any(|c| c == words[0]), "README documents unknown `keyward {}`", words[0]);
-        if ["agent", "key"].contains(&words[0]) {
+        if ["agent", "key", "scope", "admin-token"].contains(&words[0]) {
             assert!(subcommands(&[words[0]]).iter().any(|c| c == words[1]), "README documents unknown `keyward {} {}`", words[0], words[1]);
         }
     }
