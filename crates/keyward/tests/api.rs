@@ -274,3 +274,305 @@ async fn oversized_bodies_and_unknown_routes_get_json_errors() {
     assert_eq!(api.version(), 0);
     assert_error(&api.call("GET", "/v2/nothing", None).await, StatusCode::NOT_FOUND, "NOT_FOUND", None);
 }
+
+// ---- Issue 12: manage keys over their whole life ----
+
+/// Every answer to a change carries `applied`; without Envoys, nobody is waited for.
+fn applied_ok(v: &Value) {
+    let a = &v["applied"];
+    assert_eq!(a["serving"], true, "{v}");
+    assert_eq!(a["envoys"], 0, "{v}");
+    assert!(a["version"].as_u64().unwrap() > 0, "{v}");
+}
+
+#[tokio::test]
+async fn agent_edits_are_one_change_each_with_before_and_after_in_the_audit() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let key = api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "narrow", "scopes": ["read:all"]}))).await.1;
+    let key_id = key["key"]["id"].as_str().unwrap().to_string();
+    let before = api.version();
+    // Seed 000's capability toggle: add write:all.
+    let (s, v) = api.call("PATCH", "/v1/agents/crm", Some(json!({"add_scopes": ["write:all"], "rate": "60/min", "burst": 10, "description": "CRM sync"}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    applied_ok(&v);
+    assert_eq!(v["scopes"], json!(["read:all", "write:all"]));
+    assert_eq!((v["rate_limit"].as_str(), v["burst"].as_u64(), v["description"].as_str()), (Some("60/min"), Some(10), Some("CRM sync")));
+    assert_eq!(api.version(), before + 1, "one edit, one version");
+    assert_eq!(v["applied"]["version"], before + 1);
+    let (_, audit) = api.call("GET", "/v1/audit?limit=1", None).await;
+    let entry = &audit[0];
+    assert_eq!(entry["action"], "agent.update");
+    assert_eq!(entry["details"]["changes"]["before"], json!({"scopes": ["read:all"], "rate": null, "burst": null, "description": ""}));
+    assert_eq!(entry["details"]["changes"]["after"], json!({"scopes": ["read:all", "write:all"], "rate": "60/min", "burst": 10, "description": "CRM sync"}));
+    // The feed delta carries every key of the agent, with the agent's new limit and burst.
+    let (_, page) = api.call("GET", &format!("/v1/feed?since={before}"), None).await;
+    let records = page["keys"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "{page}");
+    assert!(records.iter().all(|r| r["rate_limit"] == "60/min" && r["rate_burst"] == 10), "{page}");
+    assert_eq!(page["implications"], json!({"admin": ["read:all", "write:all"]}));
+    // `rate: null` removes the limit and its burst; replacing scopes narrows the keys.
+    let (s, v) = api.call("PATCH", "/v1/agents/crm", Some(json!({"rate": null}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["rate_limit"].clone(), v["burst"].clone()), (Value::Null, Value::Null));
+    let (_, k) = api.call("GET", &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!(k["rate_limit"], Value::Null);
+    // Removing read:all from the agent narrows the key that had it at once: key ∩ agent.
+    api.call("PATCH", "/v1/agents/crm", Some(json!({"scopes": ["write:all"]}))).await;
+    let (_, k) = api.call("GET", &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!((k["scopes"].clone(), k["own_scopes"].clone()), (json!([]), json!(["read:all"])), "{k}");
+    let (_, snap) = api.call("GET", "/v1/snapshot", None).await;
+    let rec = snap["keys"].as_array().unwrap().iter().find(|r| r["id"] == key_id.as_str()).unwrap().clone();
+    assert_eq!(rec["scopes"], json!([]), "the filter gets the narrowed set");
+    // Adding it back restores the key.
+    api.call("PATCH", "/v1/agents/crm", Some(json!({"add_scopes": ["read:all"]}))).await;
+    let (_, k) = api.call("GET", &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!(k["scopes"], json!(["read:all"]));
+}
+
+#[tokio::test]
+async fn agent_edits_keep_every_creation_rule() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let before = api.version();
+    for (body, field) in [
+        (json!({}), "request"),
+        (json!({"scopes": []}), "scopes"),
+        (json!({"scopes": ["Read:All"]}), "scopes"),
+        (json!({"add_scopes": ["nosuch"]}), "add_scopes"),
+        (json!({"remove_scopes": ["admin"]}), "remove_scopes"),
+        (json!({"remove_scopes": ["read:all"]}), "scopes"),
+        (json!({"scopes": ["admin"], "add_scopes": ["read:all"]}), "scopes"),
+        (json!({"rate": "5/week"}), "rate"),
+        (json!({"burst": 3}), "burst"),
+        (json!({"rate": "10/s", "burst": 11}), "burst"),
+        (json!({"description": "a\nb"}), "description"),
+        (json!({"color": "red"}), "request"),
+    ] {
+        assert_error(&api.call("PATCH", "/v1/agents/crm", Some(body.clone())).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some(field));
+    }
+    assert_error(&api.call("PATCH", "/v1/agents/ghost", Some(json!({"description": "x"}))).await, StatusCode::NOT_FOUND, "NOT_FOUND", Some("agent"));
+    assert_eq!(api.version(), before, "a refused edit changed the store");
+    // The suggestion names the nearest catalogue scope, in words an API user can act on.
+    let (_, v) = api.call("PATCH", "/v1/agents/crm", Some(json!({"scopes": ["Read:All"]}))).await;
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("did you mean \"read:all\""), "{message}");
+    assert!(!message.contains("--"), "REST messages name no CLI flags: {message}");
+}
+
+#[tokio::test]
+async fn key_edits_keep_every_creation_rule_and_record_before_and_after() {
+    let api = api();
+    api.agent("crm", &["admin"]).await;
+    let (_, k) = api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "sync", "ttl": "90d"}))).await;
+    let id = k["key"]["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/keys/{id}");
+    // Seed 004: "edit the key, and add the necessary scope".
+    let (s, v) = api.call("PATCH", &path, Some(json!({"name": "sync-2", "scopes": ["read:all"], "rate": "10/s", "burst": 5, "path_prefixes": ["/v1/projects/42"], "ttl": "30d"}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    applied_ok(&v);
+    assert_eq!(v["name"], "sync-2");
+    assert_eq!(v["scopes"], json!(["read:all"]));
+    assert_eq!((v["rate_limit"].as_str(), v["burst"].as_u64()), (Some("10/s"), Some(5)));
+    assert_eq!(v["path_prefixes"], json!(["/v1/projects/42"]));
+    let (_, audit) = api.call("GET", "/v1/audit?limit=1", None).await;
+    let changes = &audit[0]["details"]["changes"];
+    assert_eq!(audit[0]["action"], "key.update");
+    assert_eq!(changes["before"]["name"], "sync");
+    assert_eq!(changes["after"]["name"], "sync-2");
+    assert_eq!(changes["before"]["scopes"], Value::Null);
+    assert_eq!(changes["after"]["scopes"], json!(["read:all"]));
+    assert!(!audit.to_string().contains("digest"), "the audit log holds no digests or keys");
+    // null clears: no expiry, the agent's scopes, the agent's limit; [] removes path prefixes.
+    let (s, v) = api.call("PATCH", &path, Some(json!({"expires_at": null, "scopes": null, "rate": null, "path_prefixes": []}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["expires_at"].clone(), v["own_scopes"].clone(), v["rate_limit"].clone(), v["burst"].clone()), (Value::Null, Value::Null, Value::Null, Value::Null));
+    assert_eq!(v["scopes"], json!(["admin", "read:all", "write:all"]));
+    assert_eq!(v["path_prefixes"], json!([]));
+    let before = api.version();
+    for (body, field) in [
+        (json!({}), "request"),
+        (json!({"scopes": ["webhook"]}), "scopes"),
+        (json!({"scopes": []}), "scopes"),
+        (json!({"expires_at": "2001-01-01T00:00:00Z"}), "expires_at"),
+        (json!({"expires_at": "2099-01-01T00:00:00Z", "ttl": "1d"}), "expires_at"),
+        (json!({"ttl": "0s"}), "ttl"),
+        (json!({"rate": "1/fortnight"}), "rate"),
+        (json!({"burst": 2}), "burst"),
+        (json!({"path_prefixes": ["v1"]}), "path_prefixes"),
+        (json!({"name": "bad/name"}), "name"),
+    ] {
+        assert_error(&api.call("PATCH", &path, Some(body.clone())).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some(field));
+    }
+    // Names stay unique among the agent's live keys.
+    api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "other"}))).await;
+    assert_error(&api.call("PATCH", &path, Some(json!({"name": "other"}))).await, StatusCode::CONFLICT, "CONFLICT", Some("name"));
+    assert_error(&api.call("PATCH", "/v1/keys/key_nope", Some(json!({"name": "x"}))).await, StatusCode::NOT_FOUND, "NOT_FOUND", Some("id"));
+    assert_eq!(api.version(), before + 1, "only the second key's creation changed the store");
+    api.call("POST", &format!("{path}/revoke"), None).await;
+    assert_error(&api.call("PATCH", &path, Some(json!({"name": "x"}))).await, StatusCode::CONFLICT, "CONFLICT", Some("id"));
+}
+
+#[tokio::test]
+async fn get_key_shows_one_key_masked() {
+    let api = api();
+    let created = api.agent("crm", &["read:all"]).await;
+    let id = created["key"]["id"].as_str().unwrap();
+    let (s, k) = api.call("GET", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{k}");
+    assert_eq!(k["id"], id);
+    assert_eq!(k["masked"], created["key"]["masked"]);
+    assert!(!k.to_string().contains(created["secret"].as_str().unwrap()));
+    assert_error(&api.call("GET", "/v1/keys/key_nope", None).await, StatusCode::NOT_FOUND, "NOT_FOUND", Some("id"));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_the_json_error_body() {
+    let api = api();
+    let (s, v) = api.call("GET", "/v1/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "NOT_FOUND");
+    assert!(v["error"]["message"].as_str().unwrap().contains("GET /v1/nope"), "{v}");
+    let (s, v) = api.call("PUT", "/v1/agents", None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(v["error"]["code"], "METHOD_NOT_ALLOWED");
+    assert_eq!(v["success"], false);
+}
+
+#[tokio::test]
+async fn rotation_gives_the_new_key_a_lifetime_of_its_own() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let mk = |ttl: Option<&str>| {
+        let body = match ttl {
+            Some(t) => json!({"agent": "crm", "ttl": t}),
+            None => json!({"agent": "crm"}),
+        };
+        let api = &api;
+        async move { api.call("POST", "/v1/keys", Some(body)).await.1["key"]["id"].as_str().unwrap().to_string() }
+    };
+    let day = 86_400;
+    let expiry = |v: &Value| keyward_core::time::parse_rfc3339(v.as_str().unwrap()).unwrap();
+    let now = keyward_control::store::now_unix();
+    // Default: the old key's original lifetime (90 days), counted from now.
+    let id = mk(Some("90d")).await;
+    let (s, r) = api.call("POST", &format!("/v1/keys/{id}/rotate"), Some(json!({}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert!((expiry(&r["new"]["key"]["expires_at"]) - (now + 90 * day)).abs() <= 5, "{r}");
+    // Its own: a TTL, or no expiry at all.
+    let id = mk(Some("90d")).await;
+    let (_, r) = api.call("POST", &format!("/v1/keys/{id}/rotate"), Some(json!({"ttl": "7d"}))).await;
+    assert!((expiry(&r["new"]["key"]["expires_at"]) - (now + 7 * day)).abs() <= 5, "{r}");
+    let id = mk(Some("90d")).await;
+    let (_, r) = api.call("POST", &format!("/v1/keys/{id}/rotate"), Some(json!({"no_expiry": true}))).await;
+    assert_eq!(r["new"]["key"]["expires_at"], Value::Null);
+    // A key that never expired keeps no expiry.
+    let id = mk(None).await;
+    let (_, r) = api.call("POST", &format!("/v1/keys/{id}/rotate"), Some(json!({}))).await;
+    assert_eq!(r["new"]["key"]["expires_at"], Value::Null);
+    let id = mk(None).await;
+    for (body, field) in [(json!({"ttl": "1d", "no_expiry": true}), "no_expiry"), (json!({"ttl": "soon"}), "ttl"), (json!({"expires_at": "2001-01-01T00:00:00Z"}), "expires_at")] {
+        assert_error(&api.call("POST", &format!("/v1/keys/{id}/rotate"), Some(body)).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some(field));
+    }
+}
+
+#[tokio::test]
+async fn the_scope_catalogue_is_the_one_source_of_scopes_and_implications() {
+    let api = api();
+    let (_, scopes) = api.call("GET", "/v1/scopes", None).await;
+    let names: Vec<&str> = scopes.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["read:all", "write:all", "admin"], "seed 004's catalogue");
+    assert_eq!(scopes[2]["implies"], json!(["read:all", "write:all"]));
+    assert!(scopes[0]["description"].as_str().unwrap().contains("Read access"));
+    // Unknown scopes are refused at creation too, with the nearest name.
+    let (s, v) = api.call("POST", "/v1/agents", Some(json!({"name": "a", "scopes": ["read_all"]}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().unwrap().contains("did you mean \"read:all\""), "{v}");
+    let (s, v) = api.call("POST", "/v1/scopes", Some(json!({"name": "billing:read", "description": "Read invoices"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    applied_ok(&v);
+    assert_error(&api.call("POST", "/v1/scopes", Some(json!({"name": "billing:read"}))).await, StatusCode::CONFLICT, "CONFLICT", Some("name"));
+    assert_error(&api.call("POST", "/v1/scopes", Some(json!({"name": "Billing Read"}))).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("name"));
+    api.agent("fin", &["admin"]).await;
+    // admin now implies billing:read: every key is re-sent with the new implications.
+    let before = api.version();
+    let (s, v) = api.call("POST", "/v1/scopes/admin/implies", Some(json!({"implies": "billing:read"}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["implies"], json!(["billing:read", "read:all", "write:all"]));
+    let (_, page) = api.call("GET", &format!("/v1/feed?since={before}"), None).await;
+    assert_eq!(page["implications"]["admin"], json!(["billing:read", "read:all", "write:all"]));
+    assert_eq!(page["keys"][0]["scopes"], json!(["admin", "billing:read", "read:all", "write:all"]), "{page}");
+    assert_error(&api.call("POST", "/v1/scopes/admin/implies", Some(json!({"implies": "nosuch"}))).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("implies"));
+    // A scope in use cannot be removed; an unused one can, with its implications.
+    api.agent("reader", &["billing:read"]).await;
+    assert_error(&api.call("DELETE", "/v1/scopes/billing:read", None).await, StatusCode::CONFLICT, "CONFLICT", Some("name"));
+    api.call("DELETE", "/v1/agents/reader", None).await;
+    let (s, v) = api.call("DELETE", "/v1/scopes/billing:read", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, scopes) = api.call("GET", "/v1/scopes", None).await;
+    assert_eq!(scopes[2]["implies"], json!(["read:all", "write:all"]));
+    assert_error(&api.call("DELETE", "/v1/scopes/nosuch", None).await, StatusCode::NOT_FOUND, "NOT_FOUND", Some("name"));
+}
+
+#[tokio::test]
+async fn disabling_with_a_reason_puts_it_in_the_snapshot_and_enabling_clears_it() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let reason = "Your plan does not include API access";
+    let (s, v) = api.call("POST", "/v1/agents/crm/disable", Some(json!({"reason": reason}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["disabled_reason"], reason);
+    let (_, snap) = api.call("GET", "/v1/snapshot", None).await;
+    assert_eq!(snap["keys"][0]["disabled_reason"], reason);
+    assert_eq!(snap["keys"][0]["agent_enabled"], false);
+    api.call("POST", "/v1/agents/crm/enable", None).await;
+    let (_, snap) = api.call("GET", "/v1/snapshot", None).await;
+    assert_eq!(snap["keys"][0].get("disabled_reason"), None);
+    assert_error(&api.call("POST", "/v1/agents/crm/disable", Some(json!({"reason": "x".repeat(201)}))).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("reason"));
+}
+
+#[tokio::test]
+async fn wait_false_answers_at_once_and_says_so() {
+    let api = api();
+    let (s, v) = api.call("POST", "/v1/agents?wait=false", Some(json!({"name": "a", "scopes": ["read:all"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["applied"]["waited"], false);
+    assert_error(&api.call("POST", "/v1/agents?wait=maybe", Some(json!({"name": "b", "scopes": ["read:all"]}))).await, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("wait"));
+}
+
+#[tokio::test]
+async fn usage_counts_refused_requests_by_code() {
+    let api = api();
+    let created = api.agent("crm", &["read:all"]).await;
+    let id = created["key"]["id"].as_str().unwrap();
+    let now = keyward_control::store::now_unix();
+    let report = json!({"envoy": "e1", "usage": [{"key_id": id, "count": 5, "last_used": now, "denied": {"RATE_LIMITED": 3, "INSUFFICIENT_SCOPE": 1, "bogus code": 9}}]});
+    let (s, v) = api.call("POST", "/v1/feed/usage", Some(report)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, rows) = api.call("GET", "/v1/usage", None).await;
+    assert_eq!(rows[0]["count"], 5);
+    assert_eq!(rows[0]["denied"], json!({"INSUFFICIENT_SCOPE": 1, "RATE_LIMITED": 3}));
+}
+
+#[tokio::test]
+async fn imports_the_filter_would_always_refuse_are_refused() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let good = keyward_control::store::generate_key("kw_live").unwrap();
+    let mut bad_sum = good.clone();
+    let last = bad_sum.pop().unwrap();
+    bad_sum.push(if last == 'a' { 'b' } else { 'a' });
+    for (secret, want) in [
+        (bad_sum.as_str(), "checksum"),
+        (&*"x".repeat(257), "over 256"),
+        ("abc12", "easy to guess"),
+    ] {
+        let (s, v) = api.call("POST", "/v1/keys/import", Some(json!({"agent": "crm", "secret": secret}))).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(want), "{v}");
+    }
+    let (s, v) = api.call("POST", "/v1/keys/import", Some(json!({"agent": "crm", "secret": "abc12", "allow_weak": true}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = api.call("POST", "/v1/keys/import", Some(json!({"agent": "crm", "secret": good}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}
