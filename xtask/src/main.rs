@@ -393,7 +393,57 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// The local stack's ports: Envoy, its admin, the echo upstream, and `keyward serve`.
+const UP_PORTS: &[(u16, &str)] = &[(10000, "Envoy"), (9901, "Envoy admin"), (10080, "the echo upstream"), (7070, "keyward serve")];
+
+/// Which process listens on `port`, from /proc (Linux): "pid 123 (envoy -c ...)".
+fn port_holder(port: u16) -> Option<String> {
+    let hex = format!(":{port:04X}");
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|f| {
+        std::fs::read_to_string(f).ok()?.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // Column 1 is the local address, 3 the state (0A: listening), 9 the inode.
+            if cols.get(1)?.ends_with(&hex) && *cols.get(3)? == "0A" {
+                cols.get(9).map(|s| s.to_string())
+            } else {
+                None
+            }
+        })
+    })?;
+    let target = format!("socket:[{inode}]");
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else { continue };
+        if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target)) {
+            let pid = proc_dir.file_name().to_string_lossy().to_string();
+            let cmd = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
+            let cmd: String = String::from_utf8_lossy(&cmd).replace('\0', " ").trim().chars().take(100).collect();
+            return Some(format!("pid {pid} ({cmd})"));
+        }
+    }
+    Some("a process this user cannot see".into())
+}
+
+/// Refuses to start when an earlier stack (or anything else) holds one of the ports, naming
+/// the holder, before anything is built or printed.
+fn check_up_ports(static_only: bool) -> Result {
+    let mut taken = Vec::new();
+    for &(port, what) in UP_PORTS {
+        if static_only && port == 7070 {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            let holder = port_holder(port).unwrap_or_else(|| "an unknown process".into());
+            taken.push(format!("  127.0.0.1:{port} ({what}) is held by {holder}"));
+        }
+    }
+    if taken.is_empty() {
+        return Ok(());
+    }
+    Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")))
+}
+
 fn up(static_only: bool) -> Result {
+    check_up_ports(static_only)?;
     let envoy = ensure_envoy()?;
     build_wasm()?;
     let echo = Echo::start(10080).map_err(|e| format!("cannot start the echo upstream on 127.0.0.1:10080: {e}"))?;
@@ -449,6 +499,8 @@ fn up(static_only: bool) -> Result {
              \x20 curl -i -X POST -H 'x-api-key: <that key>' 127.0.0.1:10000/v1/hello   # 403 INSUFFICIENT_SCOPE\n\
              \x20 target/debug/keyward status                                  # this Envoy and its applied version\n\
              \x20 target/debug/keyward key list                                # last used, within seconds\n\n\
+             The admin API's token is printed once, when serve first creates the store (above, if\n\
+             it just did). For a working one now: target/debug/keyward admin-token rotate\n\n\
              Ctrl-C stops the stack.\n"
         );
     }

@@ -395,10 +395,10 @@ pub fn known_scopes_ok(field: &'static str, scopes: &[String], catalogue: &[Stri
             .filter(|(d, c)| *d <= 2.max(c.len() / 3))
             .min_by_key(|(d, _)| *d);
         let hint = match nearest {
-            Some((_, c)) => format!("; did you mean {c:?}?"),
-            None => format!("; known scopes: {}", catalogue.join(" ")),
+            Some((_, c)) => format!("did you mean {c:?}?"),
+            None => format!("known scopes: {}; add it to the catalogue first", catalogue.join(" ")),
         };
-        return Err(invalid(field, format!("{s:?} is not in the scope catalogue{hint}; add it to the catalogue first")));
+        return Err(invalid(field, format!("{s:?} is not in the scope catalogue; {hint}")));
     }
     Ok(())
 }
