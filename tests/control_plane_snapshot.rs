@@ -22,11 +22,11 @@ fn keys_created_by_the_control_plane_are_enforced_by_envoy() {
     let narrow = key(&mut store, NewKey { agent: "shop".into(), name: Some("p42".into()), path_prefixes: vec!["/v1/projects/42".into()], ..Default::default() });
     let doomed = key(&mut store, NewKey { agent: "shop".into(), name: Some("doomed".into()), ..Default::default() });
     store.revoke_key(&doomed.key.id).unwrap();
-    let rotated = store.rotate_key(&ro.key.id, &RotateKey { grace: Some("1h".into()) }).unwrap();
+    let rotated = store.rotate_key(&ro.key.id, &RotateKey { grace: Some("1h".into()), ..Default::default() }).unwrap();
     let off = agent(&mut store, "off", &["read:all"]);
-    store.set_agent_enabled("off", false).unwrap();
+    store.set_agent_enabled("off", false, None).unwrap();
     store
-        .import_key(&ImportKey { key: NewKey { agent: "shop".into(), name: Some("kong".into()), ..Default::default() }, secret: Some("kong-legacy-key-0123456789".into()), digest: None })
+        .import_key(&ImportKey { key: NewKey { agent: "shop".into(), name: Some("kong".into()), ..Default::default() }, secret: Some("kong-legacy-key-0123456789".into()), digest: None, allow_weak: false })
         .unwrap();
 
     let snapshot = serde_json::to_value(store.snapshot().unwrap()).unwrap();
