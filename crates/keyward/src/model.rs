@@ -364,6 +364,23 @@ pub fn burst_ok(burst: Option<u32>, rate: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// A limit and its burst after an edit: each patch is absent (keep), `None` (clear) or a value.
+/// Clearing the limit clears its burst, unless a burst is given (and then refused).
+pub fn patched_limit(
+    current: (Option<String>, Option<u32>),
+    rate: Option<Option<String>>,
+    burst: Option<Option<u32>>,
+) -> Result<(Option<String>, Option<u32>)> {
+    let new_rate = rate.unwrap_or(current.0);
+    let new_burst = match (burst, &new_rate) {
+        (Some(b), _) => b,
+        (None, None) => None,
+        (None, Some(_)) => current.1,
+    };
+    burst_ok(new_burst, new_rate.as_deref())?;
+    Ok((new_rate, new_burst))
+}
+
 /// The effective scopes of a key: its own (or its agent's) with implications, intersected with
 /// its agent's with implications. Sorted and unique: what the filter enforces.
 pub fn effective_scopes(own: Option<&[String]>, agent: &[String], implications: &Implications) -> Vec<String> {
@@ -542,6 +559,25 @@ mod tests {
         check(Some(&["read:all", "write:all"]), &["read:all"], &["read:all"]);
         check(Some(&["admin"]), &["read:all"], &["read:all"]);
         check(Some(&["webhook"]), &["read:all"], &[]);
+    }
+
+    #[test]
+    fn edits_to_a_limit_keep_or_clear_its_burst() {
+        let cur = |r: Option<&str>, b: Option<u32>| (r.map(str::to_string), b);
+        let check = |current: (Option<String>, Option<u32>), rate: Option<Option<&str>>, burst: Option<Option<u32>>, want: Option<(Option<&str>, Option<u32>)>| {
+            let got = patched_limit(current.clone(), rate.map(|r| r.map(str::to_string)), burst).ok();
+            let want = want.map(|(r, b)| (r.map(str::to_string), b));
+            assert_eq!(got, want, "{current:?} {rate:?} {burst:?}");
+        };
+        check(cur(Some("60/min"), Some(10)), None, None, Some((Some("60/min"), Some(10))));
+        check(cur(Some("60/min"), Some(10)), Some(Some("120/min")), None, Some((Some("120/min"), Some(10))));
+        check(cur(Some("60/min"), Some(10)), Some(None), None, Some((None, None)));
+        check(cur(Some("60/min"), Some(10)), None, Some(None), Some((Some("60/min"), None)));
+        check(cur(Some("60/min"), None), None, Some(Some(60)), Some((Some("60/min"), Some(60))));
+        check(cur(Some("60/min"), None), None, Some(Some(61)), None);
+        check(cur(Some("60/min"), Some(50)), Some(Some("10/min")), None, None);
+        check(cur(None, None), None, Some(Some(1)), None);
+        check(cur(Some("60/min"), Some(10)), Some(None), Some(Some(5)), None);
     }
 
     #[test]

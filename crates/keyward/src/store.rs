@@ -973,14 +973,7 @@ impl Store {
         if scopes.is_empty() {
             return Err(invalid("scopes", "an agent needs at least one scope; disable it to turn API access off"));
         }
-        let new_rate = rate.clone().unwrap_or_else(|| agent.rate_limit.clone());
-        // Removing the limit removes its burst, unless a burst is given (and then refused).
-        let new_burst = match (upd.burst, &new_rate) {
-            (Some(b), _) => b,
-            (None, None) => None,
-            (None, Some(_)) => agent.rate_burst,
-        };
-        burst_ok(new_burst, new_rate.as_deref())?;
+        let (new_rate, new_burst) = patched_limit((agent.rate_limit.clone(), agent.rate_burst), rate.clone(), upd.burst)?;
         let description = upd.description.clone().unwrap_or_else(|| agent.description.clone());
         tx.execute(
             "UPDATE agents SET description = ?1, scopes = ?2, rate_limit = ?3, rate_burst = ?4, updated_at = ?5, version = ?6 WHERE id = ?7",
@@ -1047,13 +1040,7 @@ impl Store {
                 return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", key.agent_name) });
             }
         }
-        let new_rate = rate.clone().unwrap_or_else(|| key.rate_limit.clone());
-        let new_burst = match (upd.burst, &new_rate) {
-            (Some(b), _) => b,
-            (None, None) => None,
-            (None, Some(_)) => key.rate_burst,
-        };
-        burst_ok(new_burst, new_rate.as_deref())?;
+        let (new_rate, new_burst) = patched_limit((key.rate_limit.clone(), key.rate_burst), rate.clone(), upd.burst)?;
         let scopes = upd.scopes.clone().unwrap_or_else(|| key.scopes.clone());
         let paths = upd.path_prefixes.clone().unwrap_or_else(|| key.path_prefixes.clone());
         tx.execute(
