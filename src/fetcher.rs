@@ -10,6 +10,7 @@ use crate::host::{self, Envoy, Host, HostError};
 use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY, STATE_KEY, USAGE_QUEUE};
 use keyward_core::config::ControlPlane;
 use keyward_core::feed::{parse_page, FeedError, KeyUsage, UsageReport};
+use keyward_core::response::CODES;
 use keyward_core::scope::Implications;
 use keyward_core::url::encode_component as encode;
 use keyward_core::Digest;
@@ -29,12 +30,57 @@ const LEASE_CHECK_MS: u64 = 250;
 const BACKOFF_MIN_MS: u64 = 250;
 const BACKOFF_MAX_MS: u64 = 10_000;
 
-/// Requests per key id since the last flush, and the last use (Unix seconds).
-pub type UsageCounts = HashMap<String, (u64, i64)>;
+/// One key's usage since the last flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyCounts {
+    /// Allowed requests.
+    pub count: u64,
+    /// The last allowed request (Unix seconds); 0 if none.
+    pub last: i64,
+    /// Refused requests that presented this key, indexed like [`CODES`].
+    pub denied: [u64; CODES.len()],
+}
 
-/// Keys per usage report: about 60 bytes each, so a report stays well under the 1 MiB body
-/// limit of `POST /v1/feed/usage`. More keys go out in further reports, one per tick.
-const USAGE_BATCH: usize = 2_000;
+impl KeyCounts {
+    pub fn add(&mut self, other: &KeyCounts) {
+        self.count += other.count;
+        self.last = self.last.max(other.last);
+        for (a, b) in self.denied.iter_mut().zip(other.denied) {
+            *a += b;
+        }
+    }
+
+    /// The queue's line form: `id \t count \t last \t d0,d1,…` (one per key).
+    fn line(id: &str, c: &KeyCounts) -> String {
+        let denied: Vec<String> = c.denied.iter().map(u64::to_string).collect();
+        format!("{id}\t{}\t{}\t{}\n", c.count, c.last, denied.join(","))
+    }
+
+    /// Parses [`KeyCounts::line`] (without the newline); the denied field may be absent.
+    fn parse_line(line: &str) -> Option<(&str, KeyCounts)> {
+        let mut f = line.split('\t');
+        let id = f.next()?;
+        let mut c = KeyCounts { count: f.next()?.parse().ok()?, last: f.next()?.parse().ok()?, ..KeyCounts::default() };
+        if let Some(denied) = f.next() {
+            for (slot, n) in c.denied.iter_mut().zip(denied.split(',')) {
+                *slot = n.parse().ok()?;
+            }
+        }
+        Some((id, c))
+    }
+
+    fn denied_by_code(&self) -> std::collections::BTreeMap<String, u64> {
+        CODES.iter().zip(self.denied).filter(|(_, n)| *n > 0).map(|(code, n)| (code.to_string(), n)).collect()
+    }
+}
+
+/// Usage per key id since the last flush.
+pub type UsageCounts = HashMap<String, KeyCounts>;
+
+/// Keys per usage report: at most about 500 bytes each (a 128-character id, every code
+/// counted), so a report stays under the 1 MiB body limit of `POST /v1/feed/usage`. More keys
+/// go out in further reports, one per tick.
+const USAGE_BATCH: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
@@ -94,10 +140,8 @@ pub struct Fetcher {
 }
 
 pub fn merge(into: &mut UsageCounts, from: UsageCounts) {
-    for (id, (count, last)) in from {
-        let e = into.entry(id).or_insert((0, 0));
-        e.0 += count;
-        e.1 = e.1.max(last);
+    for (id, counts) in from {
+        into.entry(id).or_default().add(&counts);
     }
 }
 
@@ -300,6 +344,14 @@ impl Fetcher {
         }
         // Validate the whole page before writing any of it.
         let page = parse_page(&body, self.cp.max_feed_bytes, &self.implications)?;
+        // The generation is odd while records are being written, and changes again after the
+        // state: a worker caches nothing while it is odd and drops its cache whenever it
+        // changed, so once any worker refuses a key no worker accepts it again. The next feed
+        // request (`since` = this version) is sent only after `end_apply`: from then on every
+        // worker enforces this version on its next request.
+        if !page.records.is_empty() {
+            shared::begin_apply(&Envoy)?;
+        }
         for (digest, record) in &page.records {
             Envoy.shared_set(&shared::record_key(digest), record.encode().as_bytes(), None)?;
         }
@@ -314,6 +366,9 @@ impl Fetcher {
             state.cursor = page.cursor.clone();
         }
         Envoy.shared_set(STATE_KEY, state.encode().as_bytes(), None)?;
+        if !page.records.is_empty() {
+            shared::end_apply(&Envoy)?;
+        }
         host::increment_counter(self.metrics.pages);
         let _ = host::record_gauge(self.metrics.version, state.applied);
         if changed {
@@ -339,8 +394,8 @@ impl Fetcher {
             return Ok(()); // No fetcher yet: keep counting.
         };
         let mut msg = String::new();
-        for (id, (count, last)) in &self.pending {
-            msg.push_str(&format!("{id}\t{count}\t{last}\n"));
+        for (id, counts) in &self.pending {
+            msg.push_str(&KeyCounts::line(id, counts));
         }
         match host::enqueue(queue, msg.as_bytes()) {
             Ok(()) => self.pending.clear(),
@@ -356,11 +411,8 @@ impl Fetcher {
         }
         while let Ok(Some(msg)) = host::dequeue(queue) {
             let text = String::from_utf8_lossy(&msg);
-            for line in text.lines() {
-                let mut f = line.split('\t');
-                if let (Some(id), Some(Ok(count)), Some(Ok(last))) = (f.next(), f.next().map(str::parse::<u64>), f.next().map(str::parse::<i64>)) {
-                    merge(&mut self.pending, UsageCounts::from([(id.to_string(), (count, last))]));
-                }
+            for (id, counts) in text.lines().filter_map(KeyCounts::parse_line) {
+                self.pending.entry(id.to_string()).or_default().add(&counts);
             }
         }
     }
@@ -377,7 +429,7 @@ impl Fetcher {
         self.report_more = !self.pending.is_empty();
         let report = UsageReport {
             envoy,
-            usage: sent.iter().map(|(id, (count, last))| KeyUsage { key_id: id.clone(), count: *count, last_used: *last, denied: Default::default() }).collect(),
+            usage: sent.iter().map(|(id, c)| KeyUsage { key_id: id.clone(), count: c.count, last_used: c.last, denied: c.denied_by_code() }).collect(),
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
@@ -390,5 +442,28 @@ impl Fetcher {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_lines_round_trip_with_denials_by_code() {
+        let mut c = KeyCounts { count: 7, last: 1_800_000_000, ..KeyCounts::default() };
+        c.denied[3] = 2;
+        c.denied[8] = 40;
+        let line = KeyCounts::line("key_1", &c);
+        assert_eq!(line, "key_1\t7\t1800000000\t0,0,0,2,0,0,0,0,40,0\n");
+        assert_eq!(KeyCounts::parse_line(line.trim_end()), Some(("key_1", c)));
+        assert_eq!(KeyCounts::parse_line("key_2\t1\t5"), Some(("key_2", KeyCounts { count: 1, last: 5, ..KeyCounts::default() })), "an older producer's line");
+        assert_eq!(KeyCounts::parse_line("key_2\tx\t5"), None);
+        let by_code = c.denied_by_code();
+        assert_eq!(by_code.into_iter().collect::<Vec<_>>(), [("RATE_LIMITED".to_string(), 40), ("REVOKED_API_KEY".to_string(), 2)]);
+        let mut total = UsageCounts::new();
+        merge(&mut total, UsageCounts::from([("key_1".to_string(), c)]));
+        merge(&mut total, UsageCounts::from([("key_1".to_string(), c)]));
+        assert_eq!((total["key_1"].count, total["key_1"].denied[8]), (14, 80));
     }
 }

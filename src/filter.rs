@@ -129,23 +129,40 @@ pub struct Allowed {
     pub response_headers: Vec<(&'static str, String)>,
 }
 
-/// Per-VM usage counts by digest, for the fetcher's reports. A request adds one to its key's
-/// count without allocating; the key id is copied once per key per flush.
+/// Per-VM usage counts by digest, for the fetcher's reports: allowed requests, the last use, and
+/// refused ones by contract code. A request adds one without allocating; the key id is copied
+/// once per key per flush. Bounded by the keys a VM sees in a second (flushed once a second).
 #[derive(Debug, Default)]
 pub struct Usage {
-    counts: std::cell::RefCell<std::collections::HashMap<keyward_core::Digest, (u64, i64, String)>>,
+    counts: std::cell::RefCell<std::collections::HashMap<keyward_core::Digest, (crate::fetcher::KeyCounts, String)>>,
 }
 
 impl Usage {
+    /// One allowed request.
     pub fn count(&self, digest: &keyward_core::Digest, key_id: &str, now_secs: i64) {
+        self.with(digest, key_id, |c| {
+            c.count += 1;
+            c.last = c.last.max(now_secs);
+        });
+    }
+
+    /// One refused request that presented this known key, by its index in [`CODES`].
+    pub fn count_denied(&self, digest: &keyward_core::Digest, key_id: &str, code_index: usize) {
+        self.with(digest, key_id, |c| {
+            if let Some(n) = c.denied.get_mut(code_index) {
+                *n += 1;
+            }
+        });
+    }
+
+    fn with(&self, digest: &keyward_core::Digest, key_id: &str, f: impl FnOnce(&mut crate::fetcher::KeyCounts)) {
         let mut counts = self.counts.borrow_mut();
         match counts.get_mut(digest) {
-            Some(e) => {
-                e.0 += 1;
-                e.1 = e.1.max(now_secs);
-            }
+            Some((c, _)) => f(c),
             None => {
-                counts.insert(*digest, (1, now_secs, key_id.to_string()));
+                let mut c = crate::fetcher::KeyCounts::default();
+                f(&mut c);
+                counts.insert(*digest, (c, key_id.to_string()));
             }
         }
     }
@@ -154,10 +171,8 @@ impl Usage {
     pub fn take(&self) -> crate::fetcher::UsageCounts {
         let drained = std::mem::take(&mut *self.counts.borrow_mut());
         let mut out = crate::fetcher::UsageCounts::with_capacity(drained.len());
-        for (_, (count, last, id)) in drained {
-            let e = out.entry(id).or_insert((0, 0));
-            e.0 += count;
-            e.1 = e.1.max(last);
+        for (_, (counts, id)) in drained {
+            out.entry(id).or_default().add(&counts);
         }
         out
     }
@@ -169,7 +184,7 @@ pub struct PerVm<'a> {
     pub metrics: &'a Metrics,
     pub routes: &'a RouteCache,
     pub debug: bool,
-    /// Where allowed requests count usage (with a control plane).
+    /// Where requests count usage (with a control plane): allowed ones, and refused ones of known keys.
     pub usage: Option<&'a Usage>,
     /// Unix seconds as of the last tick.
     pub now_secs: i64,
@@ -211,7 +226,8 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
         if let (Some(limit), Some(bucket)) = (id.record.rate_limit, id.record.rate_bucket.as_deref()) {
             let store = host::SharedStore(host);
             let now_us = host.now_micros()?;
-            let o = ratelimit::check(&store, bucket, now_us, limit, config.rate_limit_burst, config.rate_limit_max_attempts)?;
+            let burst = ratelimit::burst_for(id.record.rate_burst, config.rate_limit_burst);
+            let o = ratelimit::check(&store, bucket, now_us, limit, burst, config.rate_limit_max_attempts)?;
             metrics.count(metrics.rl_attempts[(o.attempts.max(1) as usize - 1).min(3)]);
             if o.contended {
                 metrics.count(metrics.rl_contention_allowed);
@@ -220,7 +236,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
                 metrics.count(metrics.rl_buckets_created);
             }
             match o.verdict {
-                Verdict::Allow { remaining, reset_us, .. } => {
+                Verdict::Allow { remaining, reset_us } => {
                     if config.rate_limit_headers {
                         rate_headers.extend(ratelimit::headers(limit, remaining, reset_us));
                     }
@@ -229,16 +245,22 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
                     if config.rate_limit_headers {
                         rate_headers.extend(ratelimit::headers(limit, 0, reset_us));
                     }
-                    decision = Decision::Deny(Denial::RateLimited { retry_after_secs: ratelimit::whole_seconds_up(retry_after_us) });
+                    let denial = Denial::RateLimited { retry_after_secs: ratelimit::whole_seconds_up(retry_after_us) };
+                    if let Decision::Allow(id) = decision {
+                        decision = Decision::DenyKey { digest: id.digest, record: id.record, denial };
+                    }
                 }
             }
         }
     }
-    if let Decision::Deny(denial) = &decision {
+    if let Some(denial) = decision.denial() {
         if debug {
             host::log(LogLevel::Debug, &format!("denied {} {} {}", denial.code(), req.method, req.path));
         }
         metrics.count(metrics.denied[denial.code_index()]);
+        if let (Some(usage), Decision::DenyKey { digest, record, .. }) = (usage, &decision) {
+            usage.count_denied(digest, &record.id, denial.code_index());
+        }
         let mut reply = denial.reply(config);
         reply.headers.append(&mut rate_headers);
         host.send_reply(&reply)?;
@@ -278,7 +300,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
             response_headers.append(&mut rate_headers);
             allowed = Some(Allowed { response_headers });
         }
-        Decision::FailOpen | Decision::Public | Decision::Deny(_) => {
+        Decision::FailOpen | Decision::Public | Decision::Deny(_) | Decision::DenyKey { .. } => {
             // Anything the client sent under our prefix is spoofed identity (rare: removed one by one).
             for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(IDENTITY_PREFIX)) {
                 host.set_request_header(name, None)?;

@@ -20,10 +20,44 @@ pub const PREFIX: &str = "keyward.";
 pub const STATE_KEY: &str = "keyward.state";
 pub const LEASE_KEY: &str = "keyward.lease";
 pub const ENVOY_ID_KEY: &str = "keyward.envoy";
+/// The apply generation: odd while the fetcher writes a page's records, changed again once
+/// the page and the state are written. Every request reads it (8 bytes).
+pub const GENERATION_KEY: &str = "keyward.gen";
 pub const USAGE_QUEUE: &str = "keyward.usage";
 
 pub fn record_key(digest: &Digest) -> String {
     format!("{PREFIX}k.{}", digest.to_hex())
+}
+
+/// The current apply generation (0 before the first apply).
+pub fn generation<H: Host>(host: &H) -> Result<u64, HostError> {
+    let (value, _) = host.shared_get(GENERATION_KEY)?;
+    Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes))
+}
+
+/// Moves the generation to `next(current)` with compare-and-swap (only the lease holder writes
+/// it; CAS keeps a lease handover from losing a bump).
+fn bump<H: Host>(host: &H, next: impl Fn(u64) -> u64) -> Result<(), HostError> {
+    for _ in 0..16 {
+        let (value, cas) = host.shared_get(GENERATION_KEY)?;
+        let current = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
+        if host.shared_set(GENERATION_KEY, &next(current).to_le_bytes(), cas)? {
+            return Ok(());
+        }
+    }
+    Err(HostError { op: "set_shared_data(keyward.gen)", status: proxy_wasm::types::Status::CasMismatch })
+}
+
+/// Before a page's records are written: the generation becomes odd (a new odd value if an
+/// earlier apply died half-way), so no worker caches a record meanwhile.
+pub fn begin_apply<H: Host>(host: &H) -> Result<(), HostError> {
+    bump(host, |g| if g % 2 == 0 { g + 1 } else { g + 2 })
+}
+
+/// After the page's records and the state: a new even generation, so every worker drops the
+/// records it cached before.
+pub fn end_apply<H: Host>(host: &H) -> Result<(), HostError> {
+    bump(host, |g| if g % 2 == 0 { g + 2 } else { g + 1 })
 }
 
 /// What the fetcher has applied, as every worker sees it.
@@ -86,9 +120,16 @@ impl State {
 /// digests are not cached: a key is usable on every worker as soon as it is in shared data
 /// (a worker that had looked for it must not refuse it for another tick), and a miss costs
 /// only the one read. Bounded: when full, it starts over.
+///
+/// Every request first calls [`RecordCache::sync`] with the generation it read: a changed
+/// generation drops the cache, and an odd one (records being written) bypasses it. So a record
+/// is cached only from an even generation, and used only while the generation is still that
+/// one: no worker serves a record older than one another worker has already read. This makes
+/// refusals monotonic across workers (a key refused once is refused everywhere after).
 #[derive(Debug, Default)]
 pub struct RecordCache {
     entries: RefCell<HashMap<Digest, Rc<KeyRecord>>>,
+    generation: std::cell::Cell<u64>,
 }
 
 /// Most records a VM caches (about 300 bytes each).
@@ -99,11 +140,29 @@ impl RecordCache {
         self.entries.borrow_mut().clear();
     }
 
+    /// Follows the shared generation read by this request; see the type's comment.
+    pub fn sync(&self, generation: u64) {
+        if generation != self.generation.get() {
+            self.entries.borrow_mut().clear();
+            self.generation.set(generation);
+        }
+    }
+
+    fn applying(&self) -> bool {
+        self.generation.get() % 2 == 1
+    }
+
     fn get(&self, digest: &Digest) -> Option<Rc<KeyRecord>> {
+        if self.applying() {
+            return None;
+        }
         self.entries.borrow().get(digest).cloned()
     }
 
     fn put(&self, digest: Digest, record: Rc<KeyRecord>) {
+        if self.applying() {
+            return;
+        }
         let mut entries = self.entries.borrow_mut();
         if entries.len() >= RECORD_CACHE_MAX {
             entries.clear();
@@ -221,7 +280,46 @@ mod tests {
             rate_limit: None,
             deprecated_at: None,
             rate_bucket: None,
+            rate_burst: None,
+            disabled_reason: None,
         }
+    }
+
+    /// Two workers' caches and the fetcher, interleaved as threads may be: once one worker has
+    /// read the revoked record, the other never serves its cached active one (issue 12).
+    #[test]
+    fn a_refusal_on_one_worker_is_never_undone_by_another_s_cache_issue_12() {
+        let host = SharedData::default();
+        let (a, b) = (RecordCache::default(), RecordCache::default());
+        let digest = Digest::of(b"key");
+        let status = |cache: &RecordCache| {
+            cache.sync(generation(&host).unwrap());
+            SharedKeys::new(&host, true, cache).lookup(&digest).unwrap().map(|r| r.status)
+        };
+        begin_apply(&host).unwrap();
+        host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();
+        end_apply(&host).unwrap();
+        assert_eq!(status(&b), Some(KeyStatus::Active), "B caches the active record");
+        let reads = host.1.get();
+        assert_eq!(status(&b), Some(KeyStatus::Active));
+        assert_eq!(host.1.get(), reads + 1, "a cached record costs only the generation's read");
+        // The fetcher starts a page that revokes the key; B looks at it before it is written,
+        // and must not cache what it read.
+        begin_apply(&host).unwrap();
+        assert_eq!(status(&b), Some(KeyStatus::Active), "not written yet: still active");
+        host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Revoked).encode().as_bytes(), None).unwrap();
+        assert_eq!(status(&a), Some(KeyStatus::Revoked), "A refuses");
+        assert_eq!(status(&b), Some(KeyStatus::Revoked), "so does B from then on, mid-apply");
+        end_apply(&host).unwrap();
+        assert_eq!(status(&b), Some(KeyStatus::Revoked));
+        assert_eq!(status(&a), Some(KeyStatus::Revoked));
+        // An apply that died half-way leaves the generation odd; the next one still moves it.
+        begin_apply(&host).unwrap();
+        let g = generation(&host).unwrap();
+        begin_apply(&host).unwrap();
+        assert!(generation(&host).unwrap() % 2 == 1 && generation(&host).unwrap() != g);
+        end_apply(&host).unwrap();
+        assert_eq!(generation(&host).unwrap() % 2, 0);
     }
 
     #[test]

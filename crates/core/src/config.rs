@@ -91,7 +91,8 @@ pub struct RawConfig {
     /// Let requests through (without identity) while no keys are available. Dangerous.
     #[serde(default)]
     pub fail_open: bool,
-    /// Requests admitted back to back after an idle period: a number, or "limit" for N.
+    /// The burst of keys whose record has no `rate_burst`: requests an idle client may send at
+    /// once, a number (capped at the limit's N) or "limit" (N, the default).
     #[serde(default)]
     pub rate_limit_burst: Option<serde_json::Value>,
     /// Send the IETF `RateLimit-Policy` and `RateLimit` fields.
@@ -214,6 +215,7 @@ pub struct Config {
     /// The feed to subscribe to, instead of an inline snapshot.
     pub control_plane: Option<ControlPlane>,
     pub fail_open: bool,
+    /// The burst of a key whose record carries none (default: the limit's own N).
     pub rate_limit_burst: Burst,
     pub rate_limit_headers: bool,
     pub rate_limit_max_attempts: u32,
@@ -457,7 +459,16 @@ mod tests {
             assert!(c.strip_credential && !c.require_tls && c.route_metadata);
             assert_eq!(c.default, Requirement::Scopes(vec![]));
             assert!(c.snapshot.is_none());
+            assert_eq!(c.rate_limit_burst, Burst::Limit, "an idle client may spend the whole limit at once");
         }
+    }
+
+    #[test]
+    fn rate_limit_burst_is_a_number_or_limit() {
+        let check = |json: &str, want: Burst| assert_eq!(Config::from_json(json.as_bytes()).unwrap().rate_limit_burst, want, "{json}");
+        check(r#"{"rate_limit_burst": "limit"}"#, Burst::Limit);
+        check(r#"{"rate_limit_burst": 2}"#, Burst::Requests(2));
+        check(r#"{}"#, Burst::Limit);
     }
 
     #[test]

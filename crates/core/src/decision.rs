@@ -63,9 +63,11 @@ pub enum Denial {
     MissingKey,
     MalformedKey { reason: &'static str },
     InvalidKey,
-    RevokedKey,
-    ExpiredKey { expired_at: i64 },
-    AccessDisabled,
+    /// A key id is not a secret: the reply names it (seed 003), so its owner knows which key.
+    RevokedKey { key_id: String },
+    ExpiredKey { expired_at: i64, key_id: String },
+    /// `reason` is the operator's (`agent disable --reason`), the reply's message when set.
+    AccessDisabled { reason: Option<String> },
     InsufficientScope { required: Vec<String> },
     /// The key's resource restrictions exclude this path; answered as `INSUFFICIENT_SCOPE`.
     PathRestricted { allowed: Vec<String> },
@@ -95,6 +97,19 @@ pub enum Decision<'s> {
     FailOpen,
     Allow(Identity<'s>),
     Deny(Denial),
+    /// A key in the snapshot, refused (revoked, expired, disabled, restricted, out of scope):
+    /// the shell counts the refusal in the key's usage.
+    DenyKey { digest: Digest, record: Cow<'s, KeyRecord>, denial: Denial },
+}
+
+impl Decision<'_> {
+    /// The refusal, if this is one.
+    pub fn denial(&self) -> Option<&Denial> {
+        match self {
+            Decision::Deny(d) | Decision::DenyKey { denial: d, .. } => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// Judges one request. `snapshot` is `None` until keys are loaded.
@@ -132,7 +147,7 @@ pub fn decide<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, req: &Req
         }
     };
     if let Some(denial) = judge_record(&record, required, path, req.now) {
-        return Decision::Deny(denial);
+        return Decision::DenyKey { digest, record, denial };
     }
     Decision::Allow(Identity {
         digest,
@@ -145,13 +160,13 @@ pub fn decide<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, req: &Req
 /// Checks a found key against the clock, its agent, its restrictions and the route's scopes.
 pub fn judge_record(record: &KeyRecord, required: &[String], path: &str, now: &dyn Fn() -> i64) -> Option<Denial> {
     if record.status == KeyStatus::Revoked {
-        return Some(Denial::RevokedKey);
+        return Some(Denial::RevokedKey { key_id: record.id.clone() });
     }
     if let Some(expired_at) = record.expires_at.filter(|&t| now() >= t) {
-        return Some(Denial::ExpiredKey { expired_at });
+        return Some(Denial::ExpiredKey { expired_at, key_id: record.id.clone() });
     }
     if !record.agent_enabled {
-        return Some(Denial::AccessDisabled);
+        return Some(Denial::AccessDisabled { reason: record.disabled_reason.clone() });
     }
     if !record.allows_path(path) {
         return Some(Denial::PathRestricted { allowed: record.path_prefixes.clone() });
@@ -203,6 +218,7 @@ mod tests {
                 rec("expired-key", "key_expired", serde_json::json!({"expires_at": NOW})),
                 rec("fresh-key", "key_fresh", serde_json::json!({"expires_at": NOW + 1})),
                 rec("disabled-key", "key_disabled", serde_json::json!({"agent_enabled": false})),
+                rec("plan-key", "key_plan", serde_json::json!({"agent_enabled": false, "disabled_reason": "Your plan does not include API access"})),
                 rec("project-key", "key_project", serde_json::json!({"path_prefixes": ["/v1/projects/42"]})),
             ]}
         });
@@ -218,6 +234,10 @@ mod tests {
             Decision::Public | Decision::FailOpen => Ok("public".into()),
             Decision::Allow(id) => Ok(id.record.id.clone()),
             Decision::Deny(d) => Err(d),
+            Decision::DenyKey { record, denial, .. } => {
+                assert!(!record.id.is_empty(), "a known key's refusal names it");
+                Err(denial)
+            }
         }
     }
 
@@ -237,10 +257,11 @@ mod tests {
         check("GET", "/v1/x", vec![("authorization", "Bearer ".into())], Err(Denial::MalformedKey { reason: "the Bearer token is empty" }));
         check("GET", "/v1/x", key(&format!("{good}x")), Err(Denial::MalformedKey { reason: "the key's checksum does not match; check that it was copied whole" }));
         check("GET", "/v1/x", key("unknown-key"), Err(Denial::InvalidKey));
-        check("GET", "/v1/x", key("revoked-key"), Err(Denial::RevokedKey));
-        check("GET", "/v1/x", key("expired-key"), Err(Denial::ExpiredKey { expired_at: NOW }));
+        check("GET", "/v1/x", key("revoked-key"), Err(Denial::RevokedKey { key_id: "key_revoked".into() }));
+        check("GET", "/v1/x", key("expired-key"), Err(Denial::ExpiredKey { expired_at: NOW, key_id: "key_expired".into() }));
         check("GET", "/v1/x", key("fresh-key"), Ok("key_fresh"));
-        check("GET", "/v1/x", key("disabled-key"), Err(Denial::AccessDisabled));
+        check("GET", "/v1/x", key("disabled-key"), Err(Denial::AccessDisabled { reason: None }));
+        check("GET", "/v1/x", key("plan-key"), Err(Denial::AccessDisabled { reason: Some("Your plan does not include API access".into()) }));
         check("POST", "/v1/x", key(&good), Err(Denial::InsufficientScope { required: vec!["write:all".into()] }));
         check("POST", "/v1/x", key("admin-key"), Ok("key_admin"));
         check("GET", "/admin/x", key(&good), Err(Denial::InsufficientScope { required: vec!["admin".into()] }));

@@ -53,9 +53,12 @@ pub enum FeedError {
     Record { index: usize, field: &'static str, message: String },
     #[error("feed message is inconsistent: {0}")]
     Inconsistent(&'static str),
+    #[error("feed implications: {0}")]
+    Implications(String),
 }
 
-/// Parses and validates a whole page. Nothing of a bad page may be applied.
+/// Parses and validates a whole page. Nothing of a bad page may be applied. The page's own
+/// `implications`, when present, replace `implications` (the configuration's).
 pub fn parse_page(bytes: &[u8], max_bytes: usize, implications: &Implications) -> Result<FeedPage, FeedError> {
     if bytes.len() > max_bytes {
         return Err(FeedError::TooLarge { size: bytes.len(), max: max_bytes });
@@ -67,6 +70,8 @@ pub fn parse_page(bytes: &[u8], max_bytes: usize, implications: &Implications) -
         (Some(c), false) if c.version > msg.version => return Err(FeedError::Inconsistent("the cursor is ahead of the version")),
         _ => {}
     }
+    let own = msg.implications.as_ref().map(Implications::new).transpose().map_err(FeedError::Implications)?;
+    let implications = own.as_ref().unwrap_or(implications);
     let records = msg
         .keys
         .iter()
@@ -115,6 +120,38 @@ mod tests {
         assert_eq!(p.records[0].1.scopes_header, "admin read:all write:all");
         let p = page(json!({"version": 9, "complete": false, "cursor": {"version": 4, "id": "k1"}, "keys": []})).unwrap();
         assert_eq!(p.cursor, Some(FeedCursor { version: 4, id: "k1".into() }));
+    }
+
+    #[test]
+    fn a_page_s_implications_replace_the_configuration_s() {
+        let d = Digest::of(b"k").to_hex();
+        let key = json!([{"digest": d, "id": "k1", "agent": "a", "scopes": ["admin", "ops"]}]);
+        let check = |implications: Option<serde_json::Value>, want: &str| {
+            let mut msg = json!({"version": 3, "complete": true, "keys": key});
+            if let Some(i) = implications {
+                msg["implications"] = i;
+            }
+            assert_eq!(page(msg).unwrap().records[0].1.scopes_header, want);
+        };
+        check(None, "admin ops read:all write:all");
+        check(Some(json!({"ops": ["deploy", "read:all"]})), "admin deploy ops read:all");
+        check(Some(json!({})), "admin ops");
+        let err = page(json!({"version": 3, "complete": true, "implications": {"ops": ["a b"]}, "keys": key})).unwrap_err();
+        assert!(matches!(err, FeedError::Implications(_)), "{err}");
+    }
+
+    #[test]
+    fn usage_reports_carry_denials_by_code() {
+        let report = UsageReport {
+            envoy: "e1".into(),
+            usage: vec![
+                KeyUsage { key_id: "k1".into(), count: 3, last_used: 9, denied: [("RATE_LIMITED".to_string(), 2)].into() },
+                KeyUsage { key_id: "k2".into(), count: 0, last_used: 0, denied: Default::default() },
+            ],
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert_eq!(text, r#"{"envoy":"e1","usage":[{"key_id":"k1","count":3,"last_used":9,"denied":{"RATE_LIMITED":2}},{"key_id":"k2","count":0,"last_used":0}]}"#);
+        assert_eq!(serde_json::from_str::<UsageReport>(&text).unwrap(), report);
     }
 
     #[test]

@@ -37,9 +37,9 @@ impl Denial {
             Denial::MissingKey => 0,
             Denial::MalformedKey { .. } => 1,
             Denial::InvalidKey => 2,
-            Denial::RevokedKey => 3,
+            Denial::RevokedKey { .. } => 3,
             Denial::ExpiredKey { .. } => 4,
-            Denial::AccessDisabled => 5,
+            Denial::AccessDisabled { .. } => 5,
             Denial::InsufficientScope { .. } | Denial::PathRestricted { .. } => 6,
             Denial::TlsRequired => 7,
             Denial::RateLimited { .. } => 8,
@@ -56,9 +56,9 @@ impl Denial {
             Denial::MissingKey
             | Denial::MalformedKey { .. }
             | Denial::InvalidKey
-            | Denial::RevokedKey
+            | Denial::RevokedKey { .. }
             | Denial::ExpiredKey { .. } => 401,
-            Denial::AccessDisabled
+            Denial::AccessDisabled { .. }
             | Denial::InsufficientScope { .. }
             | Denial::PathRestricted { .. }
             | Denial::TlsRequired => 403,
@@ -71,15 +71,19 @@ impl Denial {
     pub fn reply(&self, config: &Config) -> LocalReply {
         let realm = &config.realm;
         let (message, details) = match self {
-            Denial::MissingKey => (missing_message(config), json!({})),
+            Denial::MissingKey => (missing_message(config), missing_details(config)),
             Denial::MalformedKey { reason } => (format!("The API key is malformed: {reason}."), json!({})),
             Denial::InvalidKey => ("The API key is not valid.".to_string(), json!({})),
-            Denial::RevokedKey => ("The API key has been revoked.".to_string(), json!({})),
-            Denial::ExpiredKey { expired_at } => {
+            Denial::RevokedKey { key_id } => ("The API key has been revoked.".to_string(), json!({ "key_id": key_id })),
+            Denial::ExpiredKey { expired_at, key_id } => {
                 let at = format_rfc3339(*expired_at);
-                (format!("The API key expired at {at}."), json!({ "expired_at": at }))
+                // serde_json's map sorts its keys: `expired_at` before `key_id`, always.
+                (format!("The API key expired at {at}."), json!({ "expired_at": at, "key_id": key_id }))
             }
-            Denial::AccessDisabled => ("API access is disabled for this key's agent.".to_string(), json!({})),
+            Denial::AccessDisabled { reason } => (
+                reason.clone().unwrap_or_else(|| "API access is disabled for this key's agent.".to_string()),
+                json!({}),
+            ),
             Denial::InsufficientScope { required } => (
                 "The API key lacks a scope this route requires.".to_string(),
                 json!({ "required_scopes": required }),
@@ -115,9 +119,9 @@ impl Denial {
                 "www-authenticate",
                 format!("Bearer realm=\"{realm}\", error=\"invalid_request\", error_description=\"{reason}\""),
             )),
-            Denial::InvalidKey | Denial::RevokedKey | Denial::ExpiredKey { .. } => {
+            Denial::InvalidKey | Denial::RevokedKey { .. } | Denial::ExpiredKey { .. } => {
                 let description = match self {
-                    Denial::RevokedKey => "the key has been revoked",
+                    Denial::RevokedKey { .. } => "the key has been revoked",
                     Denial::ExpiredKey { .. } => "the key has expired",
                     _ => "the key is not valid",
                 };
@@ -137,7 +141,7 @@ impl Denial {
             Denial::RateLimited { retry_after_secs } | Denial::KeysUnavailable { retry_after_secs } => {
                 headers.push(("retry-after", (*retry_after_secs).max(1).to_string()))
             }
-            Denial::AccessDisabled | Denial::TlsRequired => {}
+            Denial::AccessDisabled { .. } | Denial::TlsRequired => {}
         }
         LocalReply { status: self.status(), headers, body }
     }
@@ -154,6 +158,18 @@ pub fn deprecation_headers(record: &KeyRecord) -> Vec<(&'static str, String)> {
         headers.push(("sunset", crate::time::format_http_date(exp)));
     }
     headers
+}
+
+/// `details.header` (seed 003): the header a client should send its key in. The Bearer header
+/// when enabled (the seed's `Authorization`), else the API-key header; with neither,
+/// `details.query_param` names the query parameter instead.
+fn missing_details(config: &Config) -> Value {
+    let s = &config.sources;
+    match (s.bearer_header.as_ref().or(s.api_key_header.as_ref()), &s.query_param) {
+        (Some(header), _) => json!({ "header": header }),
+        (None, Some(q)) => json!({ "query_param": q }),
+        (None, None) => json!({}),
+    }
 }
 
 fn missing_message(config: &Config) -> String {
@@ -192,9 +208,9 @@ mod tests {
             (Denial::MalformedKey { reason: "the key is empty" }, 401, "MALFORMED_API_KEY",
                 Some(r#"Bearer realm="keyward", error="invalid_request", error_description="the key is empty""#), None),
             (Denial::InvalidKey, 401, "INVALID_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key is not valid""#), None),
-            (Denial::RevokedKey, 401, "REVOKED_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key has been revoked""#), None),
-            (Denial::ExpiredKey { expired_at: 0 }, 401, "EXPIRED_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key has expired""#), None),
-            (Denial::AccessDisabled, 403, "ACCESS_DISABLED", None, None),
+            (Denial::RevokedKey { key_id: "key_1".into() }, 401, "REVOKED_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key has been revoked""#), None),
+            (Denial::ExpiredKey { expired_at: 0, key_id: "key_1".into() }, 401, "EXPIRED_API_KEY", Some(r#"Bearer realm="keyward", error="invalid_token", error_description="the key has expired""#), None),
+            (Denial::AccessDisabled { reason: None }, 403, "ACCESS_DISABLED", None, None),
             (Denial::InsufficientScope { required: vec!["read:all".into(), "webhook".into()] }, 403, "INSUFFICIENT_SCOPE",
                 Some(r#"Bearer realm="keyward", error="insufficient_scope", scope="read:all webhook""#), None),
             (Denial::PathRestricted { allowed: vec!["/a".into()] }, 403, "INSUFFICIENT_SCOPE", Some(r#"Bearer realm="keyward", error="insufficient_scope""#), None),
@@ -213,7 +229,7 @@ mod tests {
 
     #[test]
     fn details_carry_the_contract_fields() {
-        assert_eq!(reply(Denial::ExpiredKey { expired_at: 1_800_000_000 }).1["details"]["expired_at"], "2027-01-15T08:00:00Z");
+        assert_eq!(reply(Denial::ExpiredKey { expired_at: 1_800_000_000, key_id: "k".into() }).1["details"]["expired_at"], "2027-01-15T08:00:00Z");
         assert_eq!(reply(Denial::InsufficientScope { required: vec!["admin".into()] }).1["details"]["required_scopes"], serde_json::json!(["admin"]));
         assert_eq!(reply(Denial::RateLimited { retry_after_secs: 3 }).1["details"]["retry_after_seconds"], 3);
     }
@@ -226,6 +242,22 @@ mod tests {
             body,
             r#"{"success":false,"error":{"code":"INSUFFICIENT_SCOPE","message":"The API key lacks a scope this route requires.","details":{"required_scopes":["a\"b"]}}}"#
         );
+    }
+
+    /// Exact bodies, field order included: clients and seed 003's examples read them as text.
+    #[test]
+    fn bodies_are_exact_issue_12() {
+        let check = |config: &str, denial: Denial, want: &str| {
+            let config = Config::from_json(config.as_bytes()).unwrap();
+            assert_eq!(denial.reply(&config).body, want, "{denial:?}");
+        };
+        check("{}", Denial::MissingKey, r#"{"success":false,"error":{"code":"MISSING_API_KEY","message":"No API key was presented. Send it in the authorization header as 'Bearer <key>' or the x-api-key header.","details":{"header":"authorization"}}}"#);
+        check(r#"{"bearer_header": null}"#, Denial::MissingKey, r#"{"success":false,"error":{"code":"MISSING_API_KEY","message":"No API key was presented. Send it in the x-api-key header.","details":{"header":"x-api-key"}}}"#);
+        check(r#"{"bearer_header": null, "api_key_header": null, "query_param": "api_key"}"#, Denial::MissingKey, r#"{"success":false,"error":{"code":"MISSING_API_KEY","message":"No API key was presented. Send it in the api_key query parameter.","details":{"query_param":"api_key"}}}"#);
+        check("{}", Denial::RevokedKey { key_id: "key_01J".into() }, r#"{"success":false,"error":{"code":"REVOKED_API_KEY","message":"The API key has been revoked.","details":{"key_id":"key_01J"}}}"#);
+        check("{}", Denial::ExpiredKey { expired_at: 1_800_000_000, key_id: "key_01J".into() }, r#"{"success":false,"error":{"code":"EXPIRED_API_KEY","message":"The API key expired at 2027-01-15T08:00:00Z.","details":{"expired_at":"2027-01-15T08:00:00Z","key_id":"key_01J"}}}"#);
+        check("{}", Denial::AccessDisabled { reason: None }, r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"API access is disabled for this key's agent.","details":{}}}"#);
+        check("{}", Denial::AccessDisabled { reason: Some("Your plan does not include \"API\" access </script>".into()) }, r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"Your plan does not include \"API\" access </script>","details":{}}}"#);
     }
 
     #[test]

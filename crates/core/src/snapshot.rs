@@ -137,7 +137,14 @@ pub struct KeyRecord {
     pub deprecated_at: Option<i64>,
     /// The budget the rate limit draws on (set whenever `rate_limit` is).
     pub rate_bucket: Option<String>,
+    /// Requests an idle client may send at once (`None`: the configured default, normally `N`).
+    pub rate_burst: Option<u32>,
+    /// The `ACCESS_DISABLED` message (printable, at most [`MAX_REASON_CHARS`] characters).
+    pub disabled_reason: Option<String>,
 }
+
+/// The longest `disabled_reason` kept; a longer one is cut (at a character boundary).
+pub const MAX_REASON_CHARS: usize = 256;
 
 impl KeyRecord {
     /// A compact, tab-separated form for Envoy shared data: cheap to decode on every request.
@@ -146,7 +153,7 @@ impl KeyRecord {
         let opt = |v: Option<i64>| v.map_or(String::new(), |t| t.to_string());
         let rate = self.rate_limit.map_or(String::new(), |r| format!("{}/{}", r.count, r.period_secs));
         format!(
-            "1\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "2\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             self.id,
             self.agent,
             if self.status == KeyStatus::Revoked { "r" } else { "a" },
@@ -157,13 +164,17 @@ impl KeyRecord {
             rate,
             opt(self.deprecated_at),
             self.rate_bucket.as_deref().unwrap_or(""),
+            self.rate_burst.map_or(String::new(), |b| b.to_string()),
+            self.disabled_reason.as_deref().unwrap_or(""),
         )
     }
 
-    /// Decodes [`KeyRecord::encode`]'s output; `None` for anything else.
+    /// Decodes [`KeyRecord::encode`]'s output; `None` for anything else. Format 1 (without
+    /// the burst and the reason) is still read: shared data outlives a module upgrade.
     pub fn decode(s: &str) -> Option<KeyRecord> {
         let mut f = s.split('\t');
-        if f.next()? != "1" {
+        let format = f.next()?;
+        if format != "1" && format != "2" {
             return None;
         }
         let id = f.next()?.to_string();
@@ -191,10 +202,23 @@ impl KeyRecord {
             "" => None,
             b => Some(b.to_string()),
         };
+        let (rate_burst, disabled_reason) = if format == "2" {
+            let burst = match f.next()? {
+                "" => None,
+                b => Some(b.parse().ok()?),
+            };
+            let reason = match f.next()? {
+                "" => None,
+                r => Some(r.to_string()),
+            };
+            (burst, reason)
+        } else {
+            (None, None)
+        };
         if f.next().is_some() {
             return None;
         }
-        Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at, rate_bucket })
+        Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at, rate_bucket, rate_burst, disabled_reason })
     }
 
     pub fn has_scope(&self, scope: &str) -> bool {
@@ -228,7 +252,13 @@ impl Snapshot {
     }
 
     /// Validates and compiles a wire snapshot. Errors name the field, as `keys[3].digest`.
+    /// `implications` (the configuration's) apply unless the snapshot carries its own.
     pub fn compile(raw: &RawSnapshot, implications: &Implications, field: &str) -> Result<Self, FieldError> {
+        let own = match &raw.implications {
+            Some(m) => Some(Implications::new(m).map_err(|message| FieldError { field: format!("{field}.implications"), message })?),
+            None => None,
+        };
+        let implications = own.as_ref().unwrap_or(implications);
         let mut keys = HashMap::with_capacity(raw.keys.len());
         for (i, r) in raw.keys.iter().enumerate() {
             let at = |name: &str| format!("{field}.keys[{i}].{name}");
@@ -283,6 +313,17 @@ pub fn compile_record(
         }
     }
     let rate_bucket = rate_limit.map(|_| r.rate_bucket.clone().unwrap_or_else(|| format!("k:{}", r.id)));
+    if r.rate_burst == Some(0) {
+        return Err(("rate_burst", "must be at least 1".into()));
+    }
+    // Free text typed by an operator: kept printable (a tab would break the shared-data
+    // encoding) and bounded, never refused, so that a long reason cannot stall the feed.
+    let disabled_reason = r
+        .disabled_reason
+        .as_deref()
+        .map(|t| t.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_REASON_CHARS).collect::<String>())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
     let scopes = implications.expand(r.scopes.iter().map(String::as_str));
     let record = KeyRecord {
         id: r.id.clone(),
@@ -296,6 +337,8 @@ pub fn compile_record(
         rate_limit,
         deprecated_at: r.deprecated_at,
         rate_bucket,
+        rate_burst: r.rate_burst,
+        disabled_reason,
     };
     Ok((digest, record))
 }
@@ -345,6 +388,39 @@ mod tests {
         check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "expires_at": "tomorrow"}), "snapshot.keys[0].expires_at");
         check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "rate_limit": "5/week"}), "snapshot.keys[0].rate_limit");
         check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "path_prefixes": ["v1"]}), "snapshot.keys[0].path_prefixes");
+        check(serde_json::json!({"digest": d, "id": "a", "agent": "b", "rate_limit": "5/s", "rate_burst": 0}), "snapshot.keys[0].rate_burst");
+    }
+
+    #[test]
+    fn disabled_reasons_are_kept_printable_and_bounded() {
+        let check = |reason: &str, want: Option<&str>| {
+            let d = Digest::of(b"k").to_hex();
+            let snap = raw(serde_json::json!({"keys": [{"digest": d, "id": "a", "agent": "b", "agent_enabled": false, "disabled_reason": reason}]}));
+            let snap = Snapshot::compile(&snap, &Implications::default(), "snapshot").unwrap();
+            let record = snap.keys.values().next().unwrap();
+            assert_eq!(record.disabled_reason.as_deref(), want, "{reason:?}");
+            assert_eq!(KeyRecord::decode(&record.encode()).as_ref(), Some(record));
+        };
+        check("Your plan does not include API access", Some("Your plan does not include API access"));
+        check("tab\there\nand \"quotes\" <b>", Some("tab here and \"quotes\" <b>"));
+        check("  \n ", None);
+        check("", None);
+        let long = "é".repeat(300);
+        check(&long, Some(&"é".repeat(MAX_REASON_CHARS)));
+    }
+
+    #[test]
+    fn a_snapshot_s_own_implications_replace_the_configuration_s() {
+        let d = Digest::of(b"k").to_hex();
+        let config = Implications::default();
+        let compile = |json: serde_json::Value| Snapshot::compile(&raw(json), &config, "snapshot");
+        let scopes = |snap: Snapshot| snap.keys.into_values().next().unwrap().scopes_header;
+        let key = serde_json::json!([{"digest": d, "id": "a", "agent": "b", "scopes": ["admin", "billing"]}]);
+        assert_eq!(scopes(compile(serde_json::json!({"keys": key})).unwrap()), "admin billing read:all write:all");
+        assert_eq!(scopes(compile(serde_json::json!({"implications": {"billing": ["invoices:read"]}, "keys": key})).unwrap()), "admin billing invoices:read");
+        assert_eq!(scopes(compile(serde_json::json!({"implications": {}, "keys": key})).unwrap()), "admin billing");
+        let err = compile(serde_json::json!({"implications": {"admin": ["bad scope"]}, "keys": key})).unwrap_err();
+        assert_eq!(err.field, "snapshot.implications");
     }
 
     #[test]
@@ -363,7 +439,7 @@ mod tests {
             &raw(serde_json::json!({"keys": [
                 {"digest": d.to_hex(), "id": "key_1", "agent": "billing team", "status": "revoked", "expires_at": 1_900_000_000,
                  "agent_enabled": false, "scopes": ["admin"], "path_prefixes": ["/a", "/b/c"], "rate_limit": "10/min", "deprecated_at": 1_800_000_000,
-                 "rate_bucket": "a:agt_1"},
+                 "rate_bucket": "a:agt_1", "rate_burst": 5, "disabled_reason": "Your plan does not include API access"},
                 {"digest": Digest::of(b"m").to_hex(), "id": "key_3", "agent": "a", "rate_limit": "1/s"},
                 {"digest": Digest::of(b"j").to_hex(), "id": "key_2", "agent": "a"}
             ]})),
@@ -377,7 +453,14 @@ mod tests {
         }
         let k3 = snap.get(&Digest::of(b"m")).unwrap();
         assert_eq!(k3.rate_bucket.as_deref(), Some("k:key_3"), "a limited key has its own bucket by default");
-        for bad in ["", "2\tx", "1\tid", "1\ti\ta\tx\t\t1\t\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t\t", "1\ti\ta\ta\t\t1\t\t\t\t\t\tx"] {
+        let k1 = snap.get(&d).unwrap();
+        assert_eq!((k1.rate_burst, k1.disabled_reason.as_deref()), (Some(5), Some("Your plan does not include API access")));
+        // Format 1, written by an older module into the same shared data, still decodes.
+        let v1 = "1\tkey_9\tagent\ta\t\t1\tread:all\t\t10/60\t\tk:key_9";
+        let old = KeyRecord::decode(v1).unwrap();
+        assert_eq!((old.id.as_str(), old.rate_burst, old.disabled_reason), ("key_9", None, None));
+        assert_eq!(KeyRecord::decode(&format!("{v1}\t\t")), None, "format 1 has 11 fields");
+        for bad in ["", "3\tx", "1\tid", "2\ti\ta\ta\t\t1\t\t\t\t\t\tx\t", "2\ti\ta\ta\t\t1\t\t\t\t\t\t\t\tx", "1\ti\ta\tx\t\t1\t\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t\t", "1\ti\ta\ta\t\t1\t\t\t\t\t\tx"] {
             assert_eq!(KeyRecord::decode(bad), None, "{bad:?}");
         }
     }
