@@ -161,7 +161,10 @@ impl Output {
         if self.json {
             return self.json_value(a);
         }
-        println!("{what} agent {} ({}).", a.name, a.id);
+        match (&a.disabled_reason, a.enabled) {
+            (Some(reason), false) => println!("{what} agent {} ({}): API users see {reason:?}.", a.name, a.id),
+            _ => println!("{what} agent {} ({}).", a.name, a.id),
+        }
         self.reach();
     }
 

@@ -137,6 +137,14 @@ pub fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// The current second rounded up: a TTL counted from it gives a key at least that long a life
+/// (the filter checks expiry to the second).
+pub fn now_unix_ceil() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(i64::MAX))
+}
+
 /// `n` base62 characters from the OS CSPRNG.
 pub fn random_base62(n: usize) -> Result<String> {
     let mut out = String::with_capacity(n);
@@ -662,7 +670,7 @@ impl Store {
             catalogue_ok(tx, "scopes", scopes)?;
             subset_ok(scopes, &agent.scopes, &agent.name, &implications(tx)?)?;
         }
-        let expires_at = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now)?;
+        let expires_at = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now_unix_ceil().max(now))?;
         if let Some(rate) = &req.rate {
             rate_ok("rate", rate)?;
         }
@@ -806,7 +814,7 @@ impl Store {
         if req.no_expiry && (req.ttl.is_some() || req.expires_at.is_some()) {
             return Err(invalid("no_expiry", "give no expiry, a TTL or an expiry time, not two of them"));
         }
-        let chosen = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now)?;
+        let chosen = expiry(req.expires_at.as_deref(), req.ttl.as_deref(), now_unix_ceil().max(now))?;
         let secret = generate_key(&self.key_prefix)?;
         let new_id = format!("key_{}", random_base62(16)?);
         let prefix = self.key_prefix.clone();
@@ -1014,8 +1022,8 @@ impl Store {
         let expires_at = match (&upd.expires_at, &upd.ttl) {
             (Some(_), Some(_)) => return Err(invalid("expires_at", "give an expiry time, a TTL or no expiry, not two of them")),
             (Some(None), None) => Some(None),
-            (Some(Some(t)), None) => Some(expiry(Some(t), None, now)?),
-            (None, Some(ttl)) => Some(expiry(None, Some(ttl), now)?),
+            (Some(Some(t)), None) => Some(expiry(Some(t), None, now_unix_ceil().max(now))?),
+            (None, Some(ttl)) => Some(expiry(None, Some(ttl), now_unix_ceil().max(now))?),
             (None, None) => None,
         };
         let (tx, version, actor) = self.begin()?;
