@@ -83,6 +83,47 @@ fn every_contract_row_but_429_and_503_is_answered_as_specified() {
     assert_eq!(scope["error"]["details"]["required_scopes"], json!(["write:all"]));
 }
 
+/// The bodies, byte for byte (field order included): issue 12's error details.
+#[test]
+fn error_bodies_carry_their_details_exactly_issue_12() {
+    let stack = start();
+    let body = |headers: &[(&str, &[u8])]| String::from_utf8(stack.envoy.get("/v1/x", headers).body).unwrap();
+    let check = |name: &str, got: String, want: &str| assert_eq!(got, want, "{name}");
+    check(
+        "no credential",
+        body(&[]),
+        r#"{"success":false,"error":{"code":"MISSING_API_KEY","message":"No API key was presented. Send it in the authorization header as 'Bearer <key>' or the x-api-key header.","details":{"header":"authorization"}}}"#,
+    );
+    check(
+        "revoked",
+        body(&[("x-api-key", REVOKED_KEY.as_bytes())]),
+        r#"{"success":false,"error":{"code":"REVOKED_API_KEY","message":"The API key has been revoked.","details":{"key_id":"key_revoked"}}}"#,
+    );
+    check(
+        "expired",
+        body(&[("x-api-key", EXPIRED_KEY.as_bytes())]),
+        r#"{"success":false,"error":{"code":"EXPIRED_API_KEY","message":"The API key expired at 2020-01-01T00:00:00Z.","details":{"expired_at":"2020-01-01T00:00:00Z","key_id":"key_expired"}}}"#,
+    );
+    check(
+        "disabled without a reason",
+        body(&[("x-api-key", DISABLED_KEY.as_bytes())]),
+        r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"API access is disabled for this key's agent.","details":{}}}"#,
+    );
+    check(
+        "disabled with a reason",
+        body(&[("x-api-key", PLAN_KEY.as_bytes())]),
+        r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"Your plan does not include \"API\" access","details":{}}}"#,
+    );
+    drop(stack);
+    // Only the x-api-key header enabled: that is the header named.
+    let mut config = plugin_config();
+    config["bearer_header"] = json!(null);
+    let stack = start_with(config);
+    let r = stack.envoy.get("/v1/x", &[]);
+    assert_denied(&r, 401, "MISSING_API_KEY", b"", "x-api-key only");
+    assert_eq!(r.json()["error"]["details"], json!({"header": "x-api-key"}));
+}
+
 #[test]
 fn plain_http_is_refused_when_tls_is_required() {
     let mut config = plugin_config();

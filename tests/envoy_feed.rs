@@ -361,3 +361,60 @@ fn malformed_or_oversized_feed_messages_are_rejected_and_the_last_good_snapshot_
     }
     assert!(!log.contains("plaintext"), "a rejected page's content reached the log");
 }
+
+/// Runs `change` while requesting `key` on fresh connections (both workers) until the first
+/// refusal with `code`; from then on, 1,000 more requests must all be refused (issue 12: a
+/// refusal by one worker is never undone by another worker's cached record).
+fn first_refusal_is_final(stack: &Stack, key: &str, code: &str, change: impl FnOnce() + Send) {
+    std::thread::scope(|s| {
+        let changer = s.spawn(change);
+        let mut before = 0;
+        poll_until(Duration::from_secs(10), &format!("the first {code}"), || {
+            let r = stack.get(key);
+            if r.code().as_deref() == Some(code) {
+                return Some(());
+            }
+            assert_eq!(r.status, 200, "before the change: {}", String::from_utf8_lossy(&r.body));
+            before += 1;
+            None
+        });
+        let workers = stack.envoy.worker_connections();
+        let mut accepted = 0;
+        for _ in 0..1000 {
+            let r = stack.get(key);
+            if r.status == 200 {
+                accepted += 1;
+            } else {
+                assert_eq!(r.code().as_deref(), Some(code), "{}", String::from_utf8_lossy(&r.body));
+            }
+        }
+        let served: Vec<u64> = stack.envoy.worker_connections().iter().zip(&workers).map(|(a, b)| a - b).collect();
+        eprintln!("{code}: {before} requests accepted before the first refusal; after it, {accepted} of 1000 accepted; per worker {served:?}");
+        assert_eq!(accepted, 0, "a worker accepted the key after another had refused it");
+        assert!(served.len() == 2 && served.iter().all(|&n| n > 100), "both workers must take part: {served:?}");
+        changer.join().unwrap();
+    });
+}
+
+#[test]
+fn after_the_first_refusal_no_worker_accepts_the_key_again_issue_12() {
+    let stack = start();
+    let (id, secret) = stack.create_agent("monotonic", "read:all");
+    let (_, other) = stack.create_agent("switched-off", "read:all");
+    for key in [&secret, &other] {
+        poll_until(Duration::from_secs(5), "the new key", || (stack.get(key).status == 200).then_some(()));
+        // Both workers cache the active record.
+        for _ in 0..50 {
+            assert_eq!(stack.get(key).status, 200);
+        }
+    }
+    let keyward = &stack.keyward;
+    first_refusal_is_final(&stack, &secret, "REVOKED_API_KEY", || {
+        std::thread::sleep(Duration::from_millis(200));
+        keyward.cli(&["key", "revoke", &id]);
+    });
+    first_refusal_is_final(&stack, &other, "ACCESS_DISABLED", || {
+        std::thread::sleep(Duration::from_millis(200));
+        keyward.cli(&["agent", "disable", "switched-off"]);
+    });
+}

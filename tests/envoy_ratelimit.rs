@@ -30,7 +30,7 @@ fn stat(envoy: &Envoy, name: &str) -> u64 {
 }
 
 #[test]
-fn a_20_per_second_key_driven_at_100_per_second_admits_about_100_in_5_seconds() {
+fn a_20_per_second_key_driven_at_100_per_second_admits_about_20_a_second() {
     let key = "rate-test-key-20-per-second";
     let (envoy, _echo) = inline(vec![record(key, "key_rl", json!({"rate_limit": "20/s"}))], json!({}));
     let (ok, limited) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -74,12 +74,70 @@ fn a_20_per_second_key_driven_at_100_per_second_admits_about_100_in_5_seconds() 
         stat(&envoy, "rate_limit.contention_allowed")
     );
     assert!(served.len() == 2 && served.iter().all(|&n| n > 50), "both workers must take part: {served:?}");
-    // The documented burst is 2: one request beyond the steady 20 per second. The clients aim
-    // at 5 s; on a loaded machine the run may last longer, and the budget scales with it.
-    let steady = ok - 1;
-    let expected = 20.0 * elapsed.max(5.0);
-    assert!((expected - 5.0..=expected + 5.0).contains(&(steady as f64)), "admitted {ok} (steady {steady}) over {elapsed:.2} s");
+    // 20 at once, then never more than 20 in any second: at most 20 per started second. The
+    // window counts conservatively (BENCHMARKS.md), so a little less than 20 a second may pass.
+    // The clients aim at 5 s; on a loaded machine the run may last longer.
+    let most = 20.0 * elapsed.ceil();
+    let least = 20.0 * elapsed.floor() * 0.9;
+    assert!((least..=most).contains(&(ok as f64)), "admitted {ok} over {elapsed:.2} s, expected {least}..={most}");
     assert_eq!(stat(&envoy, "denied.rate_limited"), limited);
+}
+
+/// Issue 12: `60/min` means 60 at once for an idle client, then a 429 whose Retry-After is
+/// when the first of them leaves the minute; a burst lowers the first.
+#[test]
+fn sixty_a_minute_admits_sixty_at_once_then_429_until_the_minute_has_passed_issue_12() {
+    let (full, limited, bursty, default_burst) = ("rate-test-60-min-0001", "rate-test-1-s-0001", "rate-test-burst-10-0001", "rate-test-default-burst-0001");
+    let (envoy, _echo) = inline(
+        vec![
+            record(full, "key_60", json!({"rate_limit": "60/min"})),
+            record(limited, "key_2s", json!({"rate_limit": "2/s"})),
+            record(bursty, "key_b10", json!({"rate_limit": "60/min", "rate_burst": 10})),
+        ],
+        json!({}),
+    );
+    let before = envoy.worker_connections();
+    let t0 = Instant::now();
+    for i in 1..=60 {
+        let r = get(&envoy, full);
+        assert_eq!(r.status, 200, "request {i} of 60: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("ratelimit"), Some(format!("\"default\";r={};t=60", 60 - i).as_str()), "request {i}");
+        assert_eq!(r.header("ratelimit-policy"), Some("\"default\";q=60;w=60"));
+    }
+    let served: Vec<u64> = envoy.worker_connections().iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(served.iter().filter(|&&n| n > 0).count() == 2, "both workers took part: {served:?}");
+    let r = get(&envoy, full);
+    assert_denied(&r, 429, "RATE_LIMITED", full.as_bytes(), "the 61st");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    let elapsed = t0.elapsed().as_secs();
+    assert!((60u64.saturating_sub(elapsed + 1)..=60).contains(&retry), "Retry-After {retry} s, {elapsed} s after the first");
+    assert_eq!(r.json()["error"]["details"]["retry_after_seconds"], retry);
+    assert!(r.header("ratelimit").unwrap().starts_with("\"default\";r=0;t="), "{:?}", r.header("ratelimit"));
+
+    // A burst of 10: ten at once, then one every second (60/min).
+    for i in 1..=10 {
+        assert_eq!(get(&envoy, bursty).status, 200, "burst request {i}");
+    }
+    let r = get(&envoy, bursty);
+    assert_denied(&r, 429, "RATE_LIMITED", bursty.as_bytes(), "the 11th of a burst of 10");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(get(&envoy, bursty).status, 200, "waiting Retry-After is enough");
+
+    // Retry-After is enough, and exact: 2/s, two at once, then wait.
+    assert_eq!(get(&envoy, limited).status, 200);
+    assert_eq!(get(&envoy, limited).status, 200);
+    let r = get(&envoy, limited);
+    assert_denied(&r, 429, "RATE_LIMITED", limited.as_bytes(), "the third of 2/s");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(get(&envoy, limited).status, 200, "waiting Retry-After seconds is enough");
+    drop(envoy);
+
+    // The configuration's rate_limit_burst applies to records without a burst of their own.
+    let (envoy, _echo) = inline(vec![record(default_burst, "key_db", json!({"rate_limit": "60/min"}))], json!({"rate_limit_burst": 5}));
+    let statuses: Vec<u16> = (0..6).map(|_| get(&envoy, default_burst).status).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
 }
 
 #[test]
@@ -131,12 +189,14 @@ fn an_agent_limit_is_shared_and_a_rotation_keeps_the_budget() {
     opts.control_plane_port = Some(keyward.port);
     let envoy = Envoy::start(&opts);
     let json_out = |args: &[&str]| -> Value { serde_json::from_str(&keyward.cli(args)).unwrap() };
-    // 6 a minute: a burst of two, then one every 10 s.
+    // 6 a minute: six at once, then none until the minute has passed.
     let a = json_out(&["agent", "create", "team", "--scopes", "read:all", "--rate", "6/min", "--json"]);
     let b = json_out(&["key", "create", "--agent", "team", "--name", "second", "--json"]);
     let (a, b) = (a["secret"].as_str().unwrap().to_string(), b["secret"].as_str().unwrap().to_string());
     poll_until(Duration::from_secs(10), "the agent's first key", || (get(&envoy, &a).status == 200).then_some(()));
-    assert_eq!(get(&envoy, &a).status, 200, "the burst of two");
+    for i in 2..=6 {
+        assert_eq!(get(&envoy, &a).status, 200, "request {i} of the six");
+    }
     assert_eq!(get(&envoy, &a).status, 429);
     // `b` was created after `a` and may arrive in a later feed answer: wait until it is known.
     let b_first = poll_until(Duration::from_secs(10), "the agent's second key to be known", || {
@@ -149,7 +209,9 @@ fn an_agent_limit_is_shared_and_a_rotation_keeps_the_budget() {
     let c = json_out(&["key", "create", "--agent", "team", "--name", "own", "--rate", "6/min", "--json"]);
     let (c_id, c) = (c["key"]["id"].as_str().unwrap().to_string(), c["secret"].as_str().unwrap().to_string());
     poll_until(Duration::from_secs(10), "the own-limit key", || (get(&envoy, &c).status == 200).then_some(()));
-    assert_eq!(get(&envoy, &c).status, 200);
+    for i in 2..=6 {
+        assert_eq!(get(&envoy, &c).status, 200, "request {i} of the six");
+    }
     assert_eq!(get(&envoy, &c).status, 429);
     let rotated = json_out(&["key", "rotate", &c_id, "--grace", "1h", "--json"]);
     let d = rotated["new"]["secret"].as_str().unwrap().to_string();
@@ -191,7 +253,7 @@ fn rate_limit_state_does_not_grow_with_time() {
 fn cas_retries_under_contention_stay_within_the_bound() {
     // A limit too high to bind: every request updates the bucket, from both workers at once.
     let key = "rate-contention-key-0123456789";
-    let (envoy, _echo) = inline(vec![record(key, "key_c", json!({"rate_limit": "100000/s"}))], json!({"rate_limit_burst": "limit"}));
+    let (envoy, _echo) = inline(vec![record(key, "key_c", json!({"rate_limit": "100000/s"}))], json!({}));
     let port = envoy.port;
     let clients: Vec<_> = (0..8)
         .map(|_| {

@@ -14,6 +14,8 @@ pub const ADMIN_KEY: &str = "legacy-admin-key-0001";
 pub const REVOKED_KEY: &str = "legacy-revoked-key-0001";
 pub const EXPIRED_KEY: &str = "legacy-expired-key-0001";
 pub const DISABLED_KEY: &str = "legacy-disabled-key-0001";
+/// An agent disabled with a reason (`agent disable --reason`).
+pub const PLAN_KEY: &str = "legacy-plan-key-0001";
 pub const PROJECT_KEY: &str = "legacy-project-key-0001";
 pub const WEBHOOK_KEY: &str = "legacy-webhook-key-0001";
 
@@ -32,6 +34,7 @@ pub fn snapshot_keys() -> Vec<Value> {
         record(REVOKED_KEY, "key_revoked", json!({"status": "revoked"})),
         record(EXPIRED_KEY, "key_expired", json!({"expires_at": "2020-01-01T00:00:00Z"})),
         record(DISABLED_KEY, "key_disabled", json!({"agent_enabled": false})),
+        record(PLAN_KEY, "key_plan", json!({"agent_enabled": false, "disabled_reason": "Your plan does not include \"API\" access"})),
         record(PROJECT_KEY, "key_project", json!({"path_prefixes": ["/v1/projects/42"]})),
         record(WEBHOOK_KEY, "key_webhook", json!({"scopes": ["webhook"]})),
     ]
