@@ -6,6 +6,7 @@ mod common;
 use common::assert_denied;
 use keyward_testkit::{poll_until, Echo, Envoy, EnvoyOptions, Keyward};
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 fn feed_config(extra: Value) -> Value {
@@ -186,6 +187,11 @@ fn usage_flows_back_to_key_list_and_keyward_usage() {
     for _ in 0..9 {
         assert_eq!(stack.get(&secret).status, 200);
     }
+    // Refused requests of a known key are counted by code (issue 12), and are not uses.
+    for _ in 0..3 {
+        let r = keyward_testkit::request(stack.envoy.port, "POST", "/v1/things", &[("x-api-key", secret.as_bytes())]).unwrap();
+        assert_denied(&r, 403, "INSUFFICIENT_SCOPE", secret.as_bytes(), "a read-only key POSTs");
+    }
     let after = stack.envoy.worker_connections();
     // Both workers counted requests, so the non-fetching worker's counts crossed the queue.
     assert!(after.iter().zip(&before).all(|(a, b)| a > b), "{before:?} -> {after:?}");
@@ -201,6 +207,13 @@ fn usage_flows_back_to_key_list_and_keyward_usage() {
         (total == 10).then_some(rows)
     });
     assert_eq!(usage[0]["agent"], "metered");
+    let denied = poll_until(Duration::from_secs(10), "the three refusals counted", || {
+        let rows: Value = serde_json::from_str(&stack.keyward.cli(&["usage", "--agent", "metered", "--json"])).ok()?;
+        let n: u64 = rows.as_array()?.iter().filter(|r| r["key_id"] == id.as_str()).map(|r| r["denied"]["INSUFFICIENT_SCOPE"].as_u64().unwrap_or(0)).sum();
+        (n == 3).then_some(rows)
+    });
+    let total: u64 = denied.as_array().unwrap().iter().filter(|r| r["key_id"] == id.as_str()).map(|r| r["count"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(total, 10, "refusals are not counted as uses");
     let text = stack.keyward.cli(&["usage"]);
     assert!(text.contains(&id) && text.contains("(total)"), "{text}");
 }
@@ -362,38 +375,70 @@ fn malformed_or_oversized_feed_messages_are_rejected_and_the_last_good_snapshot_
     assert!(!log.contains("plaintext"), "a rejected page's content reached the log");
 }
 
-/// Runs `change` while requesting `key` on fresh connections (both workers) until the first
-/// refusal with `code`; from then on, 1,000 more requests must all be refused (issue 12: a
-/// refusal by one worker is never undone by another worker's cached record).
-fn first_refusal_is_final(stack: &Stack, key: &str, code: &str, change: impl FnOnce() + Send) {
-    std::thread::scope(|s| {
-        let changer = s.spawn(change);
-        let mut before = 0;
-        poll_until(Duration::from_secs(10), &format!("the first {code}"), || {
-            let r = stack.get(key);
-            if r.code().as_deref() == Some(code) {
-                return Some(());
+/// One keep-alive connection's requests for `key` until `stop`: (sent, answered, status).
+fn hammer(port: u16, key: &str, stop: &AtomicBool, refusals: &AtomicU64) -> Vec<(Instant, Instant, u16)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        write!(writer, "GET /v1/things HTTP/1.1\r\nhost: test\r\nx-api-key: {key}\r\n\r\n").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+        let mut length = 0usize;
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).unwrap();
+            if h == "\r\n" || h.is_empty() {
+                break;
             }
-            assert_eq!(r.status, 200, "before the change: {}", String::from_utf8_lossy(&r.body));
-            before += 1;
-            None
-        });
-        let workers = stack.envoy.worker_connections();
-        let mut accepted = 0;
-        for _ in 0..1000 {
-            let r = stack.get(key);
-            if r.status == 200 {
-                accepted += 1;
-            } else {
-                assert_eq!(r.code().as_deref(), Some(code), "{}", String::from_utf8_lossy(&r.body));
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
             }
         }
-        let served: Vec<u64> = stack.envoy.worker_connections().iter().zip(&workers).map(|(a, b)| a - b).collect();
-        eprintln!("{code}: {before} requests accepted before the first refusal; after it, {accepted} of 1000 accepted; per worker {served:?}");
-        assert_eq!(accepted, 0, "a worker accepted the key after another had refused it");
-        assert!(served.len() == 2 && served.iter().all(|&n| n > 100), "both workers must take part: {served:?}");
-        changer.join().unwrap();
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        if status != 200 {
+            refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        out.push((sent, Instant::now(), status));
+    }
+    out
+}
+
+/// Runs `change` while eight keep-alive connections (over both workers) request `key` as fast
+/// as they can. Every request sent after the first refusal was answered must be refused: at
+/// least 1,000 of them, and no 200 (issue 12: a refusal by one worker is never undone by
+/// another worker's cached record).
+fn first_refusal_is_final(stack: &Stack, key: &str, refused: u16, change: impl FnOnce() + Send) {
+    let stop = AtomicBool::new(false);
+    let refusals = AtomicU64::new(0);
+    let before = stack.envoy.worker_connections();
+    let port = stack.envoy.port;
+    let answers: Vec<(Instant, Instant, u16)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..8).map(|_| s.spawn(|| hammer(port, key, &stop, &refusals))).collect();
+        change();
+        poll_until(Duration::from_secs(60), "1,100 refusals", || (refusals.load(Ordering::Relaxed) >= 1_100).then_some(()));
+        stop.store(true, Ordering::Relaxed);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
     });
+    let served: Vec<u64> = stack.envoy.worker_connections().iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(served.len() == 2 && served.iter().all(|&n| n > 0), "both workers must take part: {served:?}");
+    let first = answers.iter().filter(|a| a.2 == refused).map(|a| a.1).min().expect("no refusal at all");
+    let after: Vec<u16> = answers.iter().filter(|a| a.0 > first).map(|a| a.2).collect();
+    let accepted_after = after.iter().filter(|&&s| s == 200).count();
+    let accepted_before = answers.iter().filter(|a| a.1 <= first && a.2 == 200).count();
+    eprintln!(
+        "{refused}: {accepted_before} accepted before the first refusal; of {} requests sent after it, {accepted_after} accepted; connections per worker {served:?}",
+        after.len()
+    );
+    assert!(after.len() >= 1000, "only {} requests after the first refusal", after.len());
+    assert_eq!(accepted_after, 0, "a worker accepted the key after another had refused it");
+    assert!(after.iter().all(|&s| s == refused), "{after:?}");
 }
 
 #[test]
@@ -409,11 +454,11 @@ fn after_the_first_refusal_no_worker_accepts_the_key_again_issue_12() {
         }
     }
     let keyward = &stack.keyward;
-    first_refusal_is_final(&stack, &secret, "REVOKED_API_KEY", || {
+    first_refusal_is_final(&stack, &secret, 401, || {
         std::thread::sleep(Duration::from_millis(200));
         keyward.cli(&["key", "revoke", &id]);
     });
-    first_refusal_is_final(&stack, &other, "ACCESS_DISABLED", || {
+    first_refusal_is_final(&stack, &other, 403, || {
         std::thread::sleep(Duration::from_millis(200));
         keyward.cli(&["agent", "disable", "switched-off"]);
     });
