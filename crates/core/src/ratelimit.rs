@@ -138,7 +138,7 @@ impl Window {
 
     /// Requests that still count against the limit at `now`.
     fn live(&self, now: u64, period: u64) -> u64 {
-        self.slots.iter().filter(|s| s.0 > 0 && s.1 + period > now).map(|s| u64::from(s.0)).sum()
+        self.slots.iter().filter(|s| s.0 > 0 && s.1.saturating_add(period) > now).map(|s| u64::from(s.0)).sum()
     }
 }
 
@@ -166,7 +166,7 @@ pub fn admit(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst) -> Ver
     } else {
         let mut live_slots = [(0u32, 0u64); SLOTS];
         let mut k = 0;
-        for s in w.slots.iter().filter(|s| s.0 > 0 && s.1 + period > now) {
+        for s in w.slots.iter().filter(|s| s.0 > 0 && s.1.saturating_add(period) > now) {
             live_slots[k] = *s;
             k += 1;
         }
@@ -175,7 +175,7 @@ pub fn admit(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst) -> Ver
         let mut at = now;
         for (count, last) in &live_slots[..k] {
             left -= u64::from(*count);
-            at = last + period;
+            at = last.saturating_add(period);
             if left < n {
                 break;
             }
@@ -187,7 +187,7 @@ pub fn admit(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst) -> Ver
     let tau = (b - 1) * t;
     let gcra_wait = if b < n { w.tat.saturating_sub(tau).saturating_sub(now) } else { 0 };
     if window_wait > 0 || gcra_wait > 0 {
-        let reset = (w.latest() + period).saturating_sub(now).max(if b < n { w.tat.saturating_sub(now) } else { 0 });
+        let reset = w.latest().saturating_add(period).saturating_sub(now).max(if b < n { w.tat.saturating_sub(now) } else { 0 });
         return Verdict::Limit { retry_after_us: window_wait.max(gcra_wait), reset_us: reset };
     }
     // Admit: count it in its sub-window's slot.
@@ -195,15 +195,15 @@ pub fn admit(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst) -> Ver
     let index = now / sub;
     let slot = &mut w.slots[(index % SLOTS as u64) as usize];
     let same = slot.0 > 0 && slot.1 / sub == index;
-    let alive = slot.0 > 0 && slot.1 + period > now;
+    let alive = slot.0 > 0 && slot.1.saturating_add(period) > now;
     *slot = (if same || alive { slot.0.saturating_add(1) } else { 1 }, now);
     let mut remaining = n - live - 1;
     let mut reset = period;
     if b < n {
-        w.tat = w.tat.max(now) + t;
+        w.tat = w.tat.max(now).saturating_add(t);
         // Requests admissible right now after this one, by the burst term.
-        remaining = remaining.min((now + tau + t).saturating_sub(w.tat) / t);
-        reset = reset.max(w.tat - now);
+        remaining = remaining.min(now.saturating_add(tau + t).saturating_sub(w.tat) / t);
+        reset = reset.max(w.tat.saturating_sub(now));
     }
     Verdict::Allow { remaining, reset_us: reset }
 }
@@ -412,6 +412,17 @@ mod tests {
         assert_eq!(Window::decode(&w.encode()), Some(w));
         for bad in [&b""[..], b"1234567", &[b'W'; VALUE_LEN - 1]] {
             assert_eq!(Window::decode(bad), None);
+        }
+    }
+
+    #[test]
+    fn any_stored_value_is_judged_without_overflow() {
+        let mut w = Window { tat: u64::MAX, slots: [(u32::MAX, u64::MAX - 1); SLOTS] };
+        for now in [0, 1, u64::MAX / 2, u64::MAX] {
+            for burst in [Burst::Limit, Burst::Requests(1)] {
+                let _ = admit(now, &mut w.clone(), lim(u32::MAX, 86_400), burst);
+                let _ = admit(now, &mut w, lim(1, 1), burst);
+            }
         }
     }
 
