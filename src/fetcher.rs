@@ -345,7 +345,7 @@ impl Fetcher {
         // Validate the whole page before writing any of it.
         let page = parse_page(&body, self.cp.max_feed_bytes, &self.implications)?;
         // The generation is odd while records are being written, and changes again after the
-        // state: a worker caches nothing while it is odd and drops its cache whenever it
+        // state (see `shared::generation`): a worker caches nothing while it is odd and drops its cache whenever it
         // changed, so once any worker refuses a key no worker accepts it again. The next feed
         // request (`since` = this version) is sent only after `end_apply`: from then on every
         // worker enforces this version on its next request.

@@ -20,8 +20,9 @@ pub const PREFIX: &str = "keyward.";
 pub const STATE_KEY: &str = "keyward.state";
 pub const LEASE_KEY: &str = "keyward.lease";
 pub const ENVOY_ID_KEY: &str = "keyward.envoy";
-/// The apply generation: odd while the fetcher writes a page's records, changed again once
-/// the page and the state are written. Every request reads it (8 bytes).
+/// The apply generation. Its CAS token (which Envoy changes on every write) identifies the
+/// generation; its value is non-empty while the fetcher writes a page's records and empty
+/// otherwise. Every request reads it: an empty value costs no allocation in the VM.
 pub const GENERATION_KEY: &str = "keyward.gen";
 pub const USAGE_QUEUE: &str = "keyward.usage";
 
@@ -29,35 +30,24 @@ pub fn record_key(digest: &Digest) -> String {
     format!("{PREFIX}k.{}", digest.to_hex())
 }
 
-/// The current apply generation (0 before the first apply).
+/// The current apply generation: the entry's CAS token times two, plus one while an apply is in
+/// progress (so odd means "records are being written"); 0 before the first apply.
 pub fn generation<H: Host>(host: &H) -> Result<u64, HostError> {
-    let (value, _) = host.shared_get(GENERATION_KEY)?;
-    Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes))
+    let (value, cas) = host.shared_get(GENERATION_KEY)?;
+    let applying = value.is_some_and(|v| !v.is_empty());
+    Ok((u64::from(cas.unwrap_or(0)) << 1) | u64::from(applying))
 }
 
-/// Moves the generation to `next(current)` with compare-and-swap (only the lease holder writes
-/// it; CAS keeps a lease handover from losing a bump).
-fn bump<H: Host>(host: &H, next: impl Fn(u64) -> u64) -> Result<(), HostError> {
-    for _ in 0..16 {
-        let (value, cas) = host.shared_get(GENERATION_KEY)?;
-        let current = value.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map_or(0, u64::from_le_bytes);
-        if host.shared_set(GENERATION_KEY, &next(current).to_le_bytes(), cas)? {
-            return Ok(());
-        }
-    }
-    Err(HostError { op: "set_shared_data(keyward.gen)", status: proxy_wasm::types::Status::CasMismatch })
-}
-
-/// Before a page's records are written: the generation becomes odd (a new odd value if an
-/// earlier apply died half-way), so no worker caches a record meanwhile.
+/// Before a page's records are written: the generation becomes odd, so no worker caches a
+/// record meanwhile. Only the lease holder writes it.
 pub fn begin_apply<H: Host>(host: &H) -> Result<(), HostError> {
-    bump(host, |g| if g % 2 == 0 { g + 1 } else { g + 2 })
+    host.shared_set(GENERATION_KEY, b"applying", None).map(|_| ())
 }
 
-/// After the page's records and the state: a new even generation, so every worker drops the
+/// After the page's records and the state: a new, even generation, so every worker drops the
 /// records it cached before.
 pub fn end_apply<H: Host>(host: &H) -> Result<(), HostError> {
-    bump(host, |g| if g % 2 == 0 { g + 2 } else { g + 1 })
+    host.shared_set(GENERATION_KEY, b"", None).map(|_| ())
 }
 
 /// What the fetcher has applied, as every worker sees it.
@@ -233,7 +223,8 @@ mod tests {
 
     /// Shared data in a map; the other hostcalls are not used by a lookup.
     #[derive(Default)]
-    struct SharedData(RefCell<HashMap<String, Vec<u8>>>, std::cell::Cell<u32>);
+    /// Like Envoy's: every write takes the next CAS token; an empty value reads as `None`.
+    struct SharedData(RefCell<HashMap<String, (Vec<u8>, u32)>>, std::cell::Cell<u32>);
 
     impl Host for SharedData {
         fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
@@ -259,10 +250,12 @@ mod tests {
         }
         fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
             self.1.set(self.1.get() + 1);
-            Ok((self.0.borrow().get(key).cloned(), None))
+            Ok(self.0.borrow().get(key).map_or((None, None), |(v, cas)| ((!v.is_empty()).then(|| v.clone()), Some(*cas))))
         }
         fn shared_set(&self, key: &str, value: &[u8], _: Option<u32>) -> Result<bool, HostError> {
-            self.0.borrow_mut().insert(key.to_string(), value.to_vec());
+            let mut map = self.0.borrow_mut();
+            let cas = map.values().map(|e| e.1).max().unwrap_or(0) + 1;
+            map.insert(key.to_string(), (value.to_vec(), cas));
             Ok(true)
         }
     }
@@ -314,12 +307,13 @@ mod tests {
         assert_eq!(status(&b), Some(KeyStatus::Revoked));
         assert_eq!(status(&a), Some(KeyStatus::Revoked));
         // An apply that died half-way leaves the generation odd; the next one still moves it.
-        begin_apply(&host).unwrap();
         let g = generation(&host).unwrap();
         begin_apply(&host).unwrap();
-        assert!(generation(&host).unwrap() % 2 == 1 && generation(&host).unwrap() != g);
+        let odd = generation(&host).unwrap();
+        begin_apply(&host).unwrap();
+        assert!(odd % 2 == 1 && generation(&host).unwrap() % 2 == 1 && generation(&host).unwrap() != odd);
         end_apply(&host).unwrap();
-        assert_eq!(generation(&host).unwrap() % 2, 0);
+        assert!(generation(&host).unwrap() % 2 == 0 && generation(&host).unwrap() != g);
     }
 
     #[test]
