@@ -395,7 +395,6 @@ const RATE_HEADING: &str = "## Rate-limit accuracy";
 /// `cargo xtask bench --rate-error`: only the rate-limit accuracy table (a pure simulation of
 /// the core's limiter, a few seconds), written over that section of `out`.
 // Until main.rs dispatches `--rate-error` here, only the ignored test below calls it.
-#[allow(dead_code)]
 pub fn run_rate_error(out: &Path) -> Result {
     let section = rate_error_section();
     print!("{section}");
@@ -835,14 +834,6 @@ mod tests {
             assert!(most as u64 <= n, "{name}, N = {n}: {most} in one window");
             assert!(ours <= exact && ours as f64 >= exact as f64 * 0.9, "{name}, N = {n}: {ours} against {exact}");
         }
-    }
-
-    /// Writes the table into BENCHMARKS.md (until `cargo xtask bench --rate-error` exists):
-    /// `cargo test -p xtask --release -- --ignored write_the_rate_error_section`.
-    #[test]
-    #[ignore]
-    fn write_the_rate_error_section() {
-        run_rate_error(&keyward_testkit::workspace_root().join("BENCHMARKS.md")).unwrap();
     }
 
     #[test]

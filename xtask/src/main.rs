@@ -21,7 +21,8 @@ Commands:
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
             target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere. `bench --instructions`
-            runs only the callgrind table (instructions per request) and rewrites that section.
+            runs only the callgrind table (instructions per request) and rewrites that section;
+            `bench --rate-error` only the rate-limit accuracy table (a simulation, seconds).
   soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
             created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
@@ -194,14 +195,19 @@ fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
 fn bench_cmd(args: &[String]) -> Result {
     let quick = args.iter().any(|a| a == "--quick");
     let instructions_only = args.iter().any(|a| a == "--instructions");
+    let rate_error_only = args.iter().any(|a| a == "--rate-error");
     let out = match args.iter().position(|a| a == "--out") {
         Some(i) => PathBuf::from(args.get(i + 1).ok_or("--out needs a file")?),
         None if quick => workspace_root().join("target/BENCHMARKS.quick.md"),
         None => workspace_root().join("BENCHMARKS.md"),
     };
     let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
-    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions"].contains(&a.as_str()) || is_value_of_out(*i))) {
-        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions and --out FILE", bad.1));
+    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error"].contains(&a.as_str()) || is_value_of_out(*i))) {
+        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error and --out FILE", bad.1));
+    }
+    // A pure simulation of the core's limiter: no Envoy, no builds.
+    if rate_error_only {
+        return bench::run_rate_error(&out);
     }
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;

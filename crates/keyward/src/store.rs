@@ -1248,18 +1248,22 @@ impl Store {
     pub fn record_usage(&mut self, report: &UsageReport) -> Result<usize> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut known = 0;
+        let now = now_unix();
         for u in &report.usage {
             let count = i64::try_from(u.count).unwrap_or(i64::MAX);
-            let updated = tx.execute(
-                "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2",
-                params![u.last_used, u.key_id],
-            )?;
-            if updated == 0 {
+            let exists: bool = tx.query_row("SELECT EXISTS(SELECT 1 FROM keys WHERE id = ?1)", [&u.key_id], |r| r.get(0))?;
+            if !exists {
                 continue; // A key the store no longer has: nothing to attribute it to.
             }
             known += 1;
+            // A key that was only refused has no use (`last_used` 0): it is not "last used".
+            if count > 0 && u.last_used > 0 {
+                tx.execute("UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2", params![u.last_used, u.key_id])?;
+            }
             let hour = u.last_used - u.last_used.rem_euclid(3600);
-            if count > 0 {
+            // Refusals carry no time of their own: they count in the hour the report arrived.
+            let denied_hour = now - now.rem_euclid(3600);
+            if count > 0 && u.last_used > 0 {
                 tx.execute(
                     "INSERT INTO usage (key_id, hour, count) VALUES (?1, ?2, ?3) ON CONFLICT(key_id, hour) DO UPDATE SET count = count + ?3",
                     params![u.key_id, hour, count],
@@ -1273,7 +1277,7 @@ impl Store {
                 tx.execute(
                     "INSERT INTO usage_denied (key_id, hour, code, count) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT(key_id, hour, code) DO UPDATE SET count = count + ?4",
-                    params![u.key_id, hour, code, i64::try_from(*n).unwrap_or(i64::MAX)],
+                    params![u.key_id, denied_hour, code, i64::try_from(*n).unwrap_or(i64::MAX)],
                 )?;
             }
         }

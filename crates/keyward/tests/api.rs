@@ -552,6 +552,15 @@ async fn usage_counts_refused_requests_by_code() {
     let (_, rows) = api.call("GET", "/v1/usage", None).await;
     assert_eq!(rows[0]["count"], 5);
     assert_eq!(rows[0]["denied"], json!({"INSUFFICIENT_SCOPE": 1, "RATE_LIMITED": 3}));
+    // A key that was only refused (no use, `last_used` 0) is not "last used" in 1970.
+    let other = api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "quiet"}))).await.1["key"]["id"].as_str().unwrap().to_string();
+    let report = json!({"envoy": "e1", "usage": [{"key_id": other, "count": 0, "last_used": 0, "denied": {"REVOKED_API_KEY": 2}}]});
+    assert_eq!(api.call("POST", "/v1/feed/usage", Some(report)).await.0, StatusCode::OK);
+    let (_, k) = api.call("GET", &format!("/v1/keys/{other}"), None).await;
+    assert_eq!(k["last_used_at"], Value::Null, "{k}");
+    let (_, rows) = api.call("GET", "/v1/usage?since=2h", None).await;
+    let row = rows.as_array().unwrap().iter().find(|r| r["key_id"] == other.as_str()).unwrap();
+    assert_eq!((row["count"].as_u64(), row["denied"]["REVOKED_API_KEY"].as_u64()), (Some(0), Some(2)), "{rows}");
 }
 
 #[tokio::test]
