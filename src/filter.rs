@@ -221,6 +221,11 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
         now: &clock,
     };
     let mut decision = decide(config, keys, &req);
+    if matches!(decision, Decision::Fault) {
+        // Fail closed: never forwarded, whatever `fail_open` says (the caller logs and counts).
+        host.send_reply(&internal_error_reply())?;
+        return Ok(Outcome::Replied);
+    }
     let mut rate_headers = Vec::new();
     if let Decision::Allow(id) = &decision {
         if let (Some(limit), Some(bucket)) = (id.record.rate_limit, id.record.rate_bucket.as_deref()) {
@@ -300,7 +305,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
             response_headers.append(&mut rate_headers);
             allowed = Some(Allowed { response_headers });
         }
-        Decision::FailOpen | Decision::Public | Decision::Deny(_) | Decision::DenyKey { .. } => {
+        Decision::FailOpen | Decision::Public | Decision::Deny(_) | Decision::DenyKey { .. } | Decision::Fault => {
             // Anything the client sent under our prefix is spoofed identity (rare: removed one by one).
             for (name, _) in headers.iter().filter(|(n, _)| n.starts_with(IDENTITY_PREFIX)) {
                 host.set_request_header(name, None)?;

@@ -7,7 +7,7 @@
 //! three fixed entries.
 
 use crate::host::{Host, HostError};
-use keyward_core::decision::{KeyLookup, Unavailable};
+use keyward_core::decision::{KeyLookup, LookupError};
 use keyward_core::feed::FeedCursor;
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
@@ -187,16 +187,16 @@ impl<'h, H: Host> SharedKeys<'h, H> {
 }
 
 impl<H: Host> KeyLookup for SharedKeys<'_, H> {
-    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable> {
+    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError> {
         if !self.usable {
-            return Err(Unavailable);
+            return Err(LookupError::Unavailable);
         }
         if let Some(hit) = self.cache.get(digest) {
             return Ok(Some(self.hand_out(hit)));
         }
         let (value, _) = self.host.shared_get(&record_key(digest)).map_err(|_| {
             self.fault.set(true);
-            Unavailable
+            LookupError::Fault
         })?;
         match value {
             None => Ok(None),
@@ -209,7 +209,7 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
                 None => {
                     // Fail closed on an entry we cannot read; the fetcher only writes valid ones.
                     self.fault.set(true);
-                    Err(Unavailable)
+                    Err(LookupError::Fault)
                 }
             },
         }
@@ -276,6 +276,23 @@ mod tests {
             rate_burst: None,
             disabled_reason: None,
         }
+    }
+
+    /// A record that cannot be decoded is a fault (500 whatever `fail_open` says), never
+    /// "unavailable" (which `fail_open` forwards).
+    #[test]
+    fn an_undecodable_record_is_a_fault_not_unavailable() {
+        let host = SharedData::default();
+        let cache = RecordCache::default();
+        let digest = Digest::of(b"key");
+        host.shared_set(&record_key(&digest), b"9\tgarbage", None).unwrap();
+        cache.sync(generation(&host).unwrap());
+        let keys = SharedKeys::new(&host, true, &cache);
+        assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Fault));
+        assert!(keys.fault.get());
+        // Not loaded yet is the other kind.
+        let keys = SharedKeys::new(&host, false, &cache);
+        assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Unavailable));
     }
 
     /// Two workers' caches and the fetcher, interleaved as threads may be: once one worker has

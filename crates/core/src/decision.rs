@@ -8,17 +8,23 @@ use crate::scope::split_list;
 use crate::snapshot::{KeyRecord, KeyStatus, Snapshot};
 use std::borrow::Cow;
 
-/// Keys cannot be consulted: none loaded yet, too stale, or the host refused to read them.
+/// Why keys could not be consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unavailable;
+pub enum LookupError {
+    /// None loaded yet, or too stale: 503 `KEYS_UNAVAILABLE`, or forwarded with `fail_open`.
+    Unavailable,
+    /// The host refused a read, or a record cannot be decoded: a fault, which fails closed
+    /// (500 `INTERNAL_ERROR`) whatever `fail_open` says.
+    Fault,
+}
 
 /// Where decisions find key records: an inline snapshot, or Envoy shared data in the shell.
 pub trait KeyLookup {
-    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable>;
+    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError>;
 }
 
 impl KeyLookup for Snapshot {
-    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable> {
+    fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError> {
         Ok(self.get(digest).map(Cow::Borrowed))
     }
 }
@@ -28,8 +34,8 @@ impl KeyLookup for Snapshot {
 pub struct NoKeys;
 
 impl KeyLookup for NoKeys {
-    fn lookup(&self, _: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, Unavailable> {
-        Err(Unavailable)
+    fn lookup(&self, _: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError> {
+        Err(LookupError::Unavailable)
     }
 }
 
@@ -95,6 +101,9 @@ pub enum Decision<'s> {
     Public,
     /// Keys are unavailable and `fail_open` is set: forward without identity.
     FailOpen,
+    /// Reading keys failed (a hostcall error, an undecodable record): 500 `INTERNAL_ERROR`,
+    /// never forwarded, whatever `fail_open` says.
+    Fault,
     Allow(Identity<'s>),
     Deny(Denial),
     /// A key in the snapshot, refused (revoked, expired, disabled, restricted, out of scope):
@@ -139,8 +148,9 @@ pub fn decide<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, req: &Req
     let record = match keys.lookup(&digest) {
         Ok(Some(record)) => record,
         Ok(None) => return Decision::Deny(Denial::InvalidKey),
-        Err(Unavailable) if config.fail_open => return Decision::FailOpen,
-        Err(Unavailable) => {
+        Err(LookupError::Fault) => return Decision::Fault,
+        Err(LookupError::Unavailable) if config.fail_open => return Decision::FailOpen,
+        Err(LookupError::Unavailable) => {
             return Decision::Deny(Denial::KeysUnavailable {
                 retry_after_secs: u64::from(config.unavailable_retry_after_secs),
             })
@@ -232,6 +242,7 @@ mod tests {
         let snapshot = f.config.snapshot.clone().unwrap();
         match decide(&f.config, &snapshot, &req) {
             Decision::Public | Decision::FailOpen => Ok("public".into()),
+            Decision::Fault => panic!("an inline snapshot never faults"),
             Decision::Allow(id) => Ok(id.record.id.clone()),
             Decision::Deny(d) => Err(d),
             Decision::DenyKey { record, denial, .. } => {
@@ -292,6 +303,27 @@ mod tests {
         // Credential errors still win: fail-open is about the keys, not the request.
         let bare = Request { headers: &[], ..req };
         assert_eq!(decide(&open, &NoKeys, &bare), Decision::Deny(Denial::MissingKey));
+    }
+
+    /// A lookup whose host read fails, or whose record cannot be decoded.
+    struct Faulty;
+
+    impl KeyLookup for Faulty {
+        fn lookup(&self, _: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError> {
+            Err(LookupError::Fault)
+        }
+    }
+
+    #[test]
+    fn a_fault_fails_closed_even_with_fail_open() {
+        let f = fixture();
+        let headers = vec![("x-api-key".to_string(), b"some-key".to_vec())];
+        let req = Request { method: "GET", path: "/", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: &|| NOW };
+        assert_eq!(decide(&f.config, &Faulty, &req), Decision::Fault);
+        let mut open = f.config.clone();
+        open.fail_open = true;
+        assert_eq!(decide(&open, &Faulty, &req), Decision::Fault, "fail_open is for no snapshot yet, not for faults");
+        assert_eq!(decide(&open, &Faulty, &req).denial(), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod url;
 
 pub use config::{Config, ConfigError};
 pub use credential::{Credential, CredentialError};
-pub use decision::{decide, Decision, Denial, Identity, KeyLookup, NoKeys, Request, Unavailable};
+pub use decision::{decide, Decision, Denial, Identity, KeyLookup, LookupError, NoKeys, Request};
 pub use digest::Digest;
 pub use response::LocalReply;
 pub use snapshot::{KeyRecord, KeyStatus, RateLimit, Snapshot};
