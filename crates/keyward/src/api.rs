@@ -495,14 +495,28 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     if envoy.len() > 256 {
         return Err(Error::Invalid { field: "envoy", message: "at most 256 characters".into() });
     }
+    let mut rx = state.version.subscribe();
+    let mut current = *rx.borrow_and_update();
+    if q.since > current {
+        // The watcher may not have seen the newest change yet: ask the store itself.
+        let s = Arc::clone(&state);
+        if let Ok(Ok(v)) = tokio::task::spawn_blocking(move || s.refresh_version()).await {
+            current = v;
+        }
+    }
+    // An Envoy ahead of the store (restored, replaced) has applied nothing of it: it gets the
+    // whole snapshot at once, and counts as behind until it asks again.
+    let ahead = q.since > current;
     // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
-    let applied = if q.after.is_none() { Some(q.since) } else { None };
-    let wait = q.wait.min(MAX_FEED_WAIT_SECS);
+    let applied = match (ahead, q.after.is_none()) {
+        (true, _) => Some(0),
+        (false, true) => Some(q.since),
+        (false, false) => None,
+    };
+    let wait = if ahead { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
     let open_until = crate::store::now_unix() + i64::try_from(wait).unwrap_or(0) + 2;
     let id = envoy.clone();
     with_store(&state, move |s| s.envoy_seen(&id, applied, open_until)).await?;
-    let mut rx = state.version.subscribe();
-    let current = *rx.borrow_and_update();
     if q.after.is_none() && current <= q.since && wait > 0 {
         let wait = std::time::Duration::from_secs(wait);
         let _ = tokio::time::timeout(wait, async {
@@ -515,7 +529,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
         .await;
     }
     // A store that went backwards (restored, replaced) gets the whole snapshot again.
-    let since = if q.since > *state.version.borrow() { 0 } else { q.since };
+    let since = if ahead { 0 } else { q.since };
     let after = if since == q.since { q.after.clone() } else { None };
     let page = with_store(&state, move |s| {
         let page = s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)?;

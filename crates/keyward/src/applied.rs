@@ -24,7 +24,11 @@ pub fn lock_path(db: &Path) -> PathBuf {
 }
 
 fn open_lock(db: &Path) -> std::io::Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(lock_path(db))
+    open_file(lock_path(db))
+}
+
+fn open_file(path: PathBuf) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
 }
 
 /// Held by `keyward serve` for as long as it runs.
@@ -42,6 +46,14 @@ impl ServeLock {
 
 /// Whether a `keyward serve` runs on the store at `db` now.
 pub fn serve_running(db: &Path) -> bool {
+    // Probes take turns on a file serve never locks, so one CLI's brief exclusive lock on the
+    // serve lock is never taken by another CLI for a running serve.
+    let mut probe_path = lock_path(db).into_os_string();
+    probe_path.push(".probe");
+    let Ok(probe) = open_file(PathBuf::from(probe_path)) else { return false };
+    if probe.lock().is_err() {
+        return false;
+    }
     let Ok(file) = open_lock(db) else { return false };
     match file.try_lock() {
         Ok(()) => {

@@ -224,8 +224,11 @@ enum KeyCommand {
         #[arg(long)]
         name: Option<String>,
         /// Scopes, a subset of the agent's
-        #[arg(long, value_name = "SCOPES")]
+        #[arg(long, value_name = "SCOPES", conflicts_with = "inherit_scopes")]
         scopes: Option<String>,
+        /// Drop the key's own scopes: it has its agent's
+        #[arg(long)]
+        inherit_scopes: bool,
         /// New expiry time, RFC 3339
         #[arg(long, value_name = "RFC3339", conflicts_with_all = ["ttl", "no_expiry"])]
         expires: Option<String>,
@@ -306,13 +309,11 @@ fn default_db() -> PathBuf {
     data.join("keyward").join("keyward.db")
 }
 
-/// The CLI flag a request field came from, for error messages. `positional` is the field the
-/// command takes as its positional argument, named as the user typed it.
-fn flag_for(field: &str, positional: Option<(&str, &str)>) -> String {
-    if let Some((f, shown)) = positional {
-        if f == field {
-            return shown.to_string();
-        }
+/// The CLI flag a request field came from, for error messages. `positional` lists the fields
+/// the command takes as positional arguments, named as the user typed them.
+fn flag_for(field: &str, positional: &[(&str, &str)]) -> String {
+    if let Some((_, shown)) = positional.iter().find(|(f, _)| *f == field) {
+        return shown.to_string();
     }
     match field {
         "id" => "ID".into(),
@@ -352,7 +353,7 @@ pub fn main() -> std::process::ExitCode {
                         eprintln!("error: {flag}: {}", error.message());
                     }
                     match error {
-                        Error::Invalid { .. } | Error::NotFound { .. } | Error::Conflict { .. } | Error::Missing(_) => 2,
+                        Error::Invalid { .. } | Error::NotFound { .. } | Error::RemoteNotFound { .. } | Error::Conflict { .. } | Error::Missing(_) => 2,
                         Error::Unauthorized(_) => 3,
                         _ => 1,
                     }
@@ -404,12 +405,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Box::new(Remote::new(url, token, wait).map_err(|error| CliError { error, flag: "--url".into() })?)
         }
         None => {
-            // Only a change may create the store; anything else on a missing file is an error.
-            let creates = matches!(
-                cli.command,
-                Command::Agent(AgentCommand::Create { .. }) | Command::Key(KeyCommand::Import { .. }) | Command::Scope(ScopeCommand::Add { .. })
-            );
-            let opened = if creates { Store::open(&db) } else { Store::open_existing(&db) };
+            // Only a first write may create the store; anything else on a missing file is an
+            // error. A first write that would be refused is tried on an in-memory store first,
+            // so that it leaves no folder or empty store behind.
+            let creates = matches!(cli.command, Command::Agent(AgentCommand::Create { .. }) | Command::Scope(ScopeCommand::Add { .. }));
+            let opened = if creates && !db.exists() {
+                first_write_probe(&cli.command, &cli.key_prefix)
+                    .map_err(|error| CliError { flag: error.field().map_or_else(|| "error".into(), |f| flag_for(f, &[("name", "NAME")])), error })?;
+                Store::open(&db)
+            } else {
+                Store::open_existing(&db)
+            };
             let mut store = match opened {
                 Err(error @ Error::Missing(_)) => return Err(CliError { error, flag: "--db".into() }.into()),
                 other => other.with_context(|| format!("opening {}", db.display()))?,
@@ -419,13 +425,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Box::new(store)
         }
     };
-    let positional = match &cli.command {
-        Command::Agent(AgentCommand::Create { .. }) => Some(("name", "NAME")),
-        Command::Agent(_) => Some(("agent", "NAME")),
-        Command::Key(KeyCommand::Show { .. } | KeyCommand::Update { .. } | KeyCommand::Revoke { .. } | KeyCommand::Rotate { .. }) => Some(("id", "ID")),
-        Command::Scope(ScopeCommand::Imply { .. }) => Some(("implies", "B")),
-        Command::Scope(_) => Some(("name", "NAME")),
-        _ => None,
+    let positional: &[(&str, &str)] = match &cli.command {
+        Command::Agent(AgentCommand::Create { .. }) => &[("name", "NAME")],
+        Command::Agent(_) => &[("agent", "NAME")],
+        Command::Key(KeyCommand::Show { .. } | KeyCommand::Update { .. } | KeyCommand::Revoke { .. } | KeyCommand::Rotate { .. }) => &[("id", "ID")],
+        Command::Scope(ScopeCommand::Imply { .. }) => &[("name", "A"), ("implies", "B")],
+        Command::Scope(_) => &[("name", "NAME")],
+        _ => &[],
     };
     let wrap = |error: Error| CliError { flag: error.field().map_or_else(|| "error".into(), |f| flag_for(f, positional)), error };
     let mut out = output::Output { json: cli.json, applied: None };
@@ -503,11 +509,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Key(KeyCommand::List { agent }) => out.keys(&backend.list_keys(agent.as_deref()).map_err(wrap)?),
         Command::Key(KeyCommand::Show { id }) => out.key(&backend.get_key(&id).map_err(wrap)?),
-        Command::Key(KeyCommand::Update { id, name, scopes, expires, ttl, no_expiry, rate, burst, path_prefixes, no_path_prefix }) => {
+        Command::Key(KeyCommand::Update { id, name, scopes, inherit_scopes, expires, ttl, no_expiry, rate, burst, path_prefixes, no_path_prefix }) => {
             let burst = clearable_u32("--burst", burst)?;
             let req = KeyUpdate {
                 name,
-                scopes: scopes.as_deref().map(|s| Some(model::split_scopes(s))),
+                scopes: if inherit_scopes { Some(None) } else { scopes.as_deref().map(|s| Some(model::split_scopes(s))) },
                 expires_at: if no_expiry { Some(None) } else { expires.map(Some) },
                 ttl,
                 rate: rate.map(|r| Some(r).filter(|r| r != "none")),
@@ -552,6 +558,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a first write (`agent create`, `scope add`) on an in-memory store: if the rules refuse
+/// it there, they would refuse it on the new file too.
+fn first_write_probe(command: &Command, key_prefix: &str) -> Result<(), Error> {
+    let mut probe = Store::memory()?;
+    probe.key_prefix = key_prefix.to_string();
+    match command {
+        Command::Agent(AgentCommand::Create { name, scopes, rate, burst, description }) => {
+            let req = NewAgent { name: name.clone(), scopes: model::split_scopes(scopes), rate: rate.clone(), burst: *burst, description: description.clone() };
+            probe.create_agent(&req).map(|_| ())
+        }
+        Command::Scope(ScopeCommand::Add { name, description }) => probe.add_scope(&NewScope { name: name.clone(), description: description.clone() }).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// `admin-token rotate`: a new bootstrap admin token, printed once; only its digest is kept.
 fn rotate_admin_token(db: &std::path::Path) -> anyhow::Result<()> {
     let mut store = Store::open_existing(db).map_err(|error| CliError { error, flag: "--db".into() })?;
@@ -574,8 +595,12 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
         .init();
     let mut store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
     // Held while serve runs: the CLI on the file sees that its changes are published.
+    // Another serve on the same store holds its Envoys' feed requests open: keep them.
+    let alone = !crate::applied::serve_running(db);
     let _lock = crate::applied::ServeLock::acquire(db).with_context(|| format!("locking {}", crate::applied::lock_path(db).display()))?;
-    store.forget_open_feeds()?;
+    if alone {
+        store.forget_open_feeds()?;
+    }
     store.is_server = true;
     store.actor = "api".into();
     store.key_prefix = key_prefix.to_string();

@@ -9,6 +9,9 @@ pub enum Error {
     Invalid { field: &'static str, message: String },
     #[error("{field}: {what} {name:?} not found")]
     NotFound { field: &'static str, what: &'static str, name: String },
+    /// A not-found answer from the admin API (`--url`), its message kept as the server said it.
+    #[error("{field}: {message}")]
+    RemoteNotFound { field: &'static str, message: String },
     #[error("{field}: {message}")]
     Conflict { field: &'static str, message: String },
     #[error("unauthorized: {0}")]
@@ -78,7 +81,7 @@ impl Error {
         }
         match self {
             Error::Invalid { .. } => "VALIDATION_ERROR",
-            Error::NotFound { .. } => "NOT_FOUND",
+            Error::NotFound { .. } | Error::RemoteNotFound { .. } => "NOT_FOUND",
             Error::Conflict { .. } => "CONFLICT",
             Error::Unauthorized(_) => "UNAUTHORIZED",
             Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
@@ -98,7 +101,7 @@ impl Error {
         match self {
             Error::Invalid { .. } => 400,
             Error::Unauthorized(_) => 401,
-            Error::NotFound { .. } => 404,
+            Error::NotFound { .. } | Error::RemoteNotFound { .. } => 404,
             Error::Conflict { .. } => 409,
             Error::TooLarge(_) => 413,
             Error::TooManyAttempts { .. } => 429,
@@ -110,7 +113,9 @@ impl Error {
 
     pub fn field(&self) -> Option<&'static str> {
         match self {
-            Error::Invalid { field, .. } | Error::NotFound { field, .. } | Error::Conflict { field, .. } => Some(field),
+            Error::Invalid { field, .. } | Error::NotFound { field, .. } | Error::Conflict { field, .. } | Error::RemoteNotFound { field, .. } => {
+                Some(field)
+            }
             _ => None,
         }
     }
@@ -118,7 +123,7 @@ impl Error {
     /// The message without the field prefix.
     pub fn message(&self) -> String {
         match self {
-            Error::Invalid { message, .. } | Error::Conflict { message, .. } => message.clone(),
+            Error::Invalid { message, .. } | Error::Conflict { message, .. } | Error::RemoteNotFound { message, .. } => message.clone(),
             Error::NotFound { what, name, .. } => format!("{what} {name:?} not found"),
             Error::Unauthorized(m) | Error::Internal(m) => m.clone(),
             Error::NoRoute(r) => format!("there is no route {r}; the admin API is described in openapi.json"),
@@ -155,7 +160,7 @@ impl Error {
         match body["error"]["code"].as_str() {
             Some("VALIDATION_ERROR") => Error::Invalid { field, message },
             Some("CONFLICT") => Error::Conflict { field, message },
-            Some("NOT_FOUND") => Error::NotFound { field, what: "resource", name: message },
+            Some("NOT_FOUND") => Error::RemoteNotFound { field, message },
             Some("UNAUTHORIZED") => Error::Unauthorized(message),
             _ => Error::Internal(format!("HTTP {status}: {message}")),
         }

@@ -223,14 +223,21 @@ fn patch<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::re
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// A field that can be changed but not cleared: `null` is refused rather than ignored.
+fn no_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)?
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom("null is not allowed for this field; leave it out to keep its value"))
+}
+
 /// `PATCH /v1/agents/{name}` and `agent update`: only the fields present change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentUpdate {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Replaces the agent's scopes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub add_scopes: Vec<String>,
@@ -248,7 +255,7 @@ pub struct AgentUpdate {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyUpdate {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The key's scopes (a subset of its agent's), or `null` to inherit the agent's.
     #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
@@ -257,7 +264,7 @@ pub struct KeyUpdate {
     #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Option<String>>,
     /// A lifetime from now, e.g. `30d` (instead of `expires_at`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
     /// A rate limit overriding the agent's, or `null` to use the agent's.
     #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
@@ -265,7 +272,7 @@ pub struct KeyUpdate {
     #[serde(default, deserialize_with = "patch", skip_serializing_if = "Option::is_none")]
     pub burst: Option<Option<u32>>,
     /// Replaces the path restrictions; an empty list removes them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub path_prefixes: Option<Vec<String>>,
 }
 
@@ -371,14 +378,25 @@ pub fn patched_limit(
     rate: Option<Option<String>>,
     burst: Option<Option<u32>>,
 ) -> Result<(Option<String>, Option<u32>)> {
+    let burst_given = burst.is_some();
     let new_rate = rate.unwrap_or(current.0);
     let new_burst = match (burst, &new_rate) {
         (Some(b), _) => b,
         (None, None) => None,
         (None, Some(_)) => current.1,
     };
-    burst_ok(new_burst, new_rate.as_deref())?;
-    Ok((new_rate, new_burst))
+    match burst_ok(new_burst, new_rate.as_deref()) {
+        // The kept burst no longer fits the new limit: the rate is what changed.
+        Err(_) if !burst_given => Err(invalid(
+            "rate",
+            format!(
+                "the existing burst of {} is above the new limit's {}; lower the burst too",
+                new_burst.unwrap_or(0),
+                new_rate.as_deref().unwrap_or("-")
+            ),
+        )),
+        other => other.map(|()| (new_rate, new_burst)),
+    }
 }
 
 /// The effective scopes of a key: its own (or its agent's) with implications, intersected with
@@ -576,6 +594,8 @@ mod tests {
         check(cur(Some("60/min"), None), None, Some(Some(60)), Some((Some("60/min"), Some(60))));
         check(cur(Some("60/min"), None), None, Some(Some(61)), None);
         check(cur(Some("60/min"), Some(50)), Some(Some("10/min")), None, None);
+        let err = patched_limit(cur(Some("60/min"), Some(50)), Some(Some("10/min".into())), None).unwrap_err();
+        assert_eq!(err.field(), Some("rate"), "the flag the user passed is blamed");
         check(cur(None, None), None, Some(Some(1)), None);
         check(cur(Some("60/min"), Some(10)), Some(None), Some(Some(5)), None);
     }

@@ -123,6 +123,13 @@ CREATE TABLE usage_denied (
     count INTEGER NOT NULL,
     PRIMARY KEY (key_id, hour, code)
 ) STRICT;
+-- Records now carry the catalogue's implications and effective scopes: one change re-sends all.
+UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)
+    WHERE name = 'snapshot_version' AND EXISTS (SELECT 1 FROM keys);
+UPDATE keys SET version = (SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'snapshot_version');
+INSERT INTO audit (at, actor, action, target, details, version)
+    SELECT CAST(strftime('%s', 'now') AS INTEGER), 'keyward', 'schema.migrate', 'scope catalogue', '{}', CAST(value AS INTEGER)
+    FROM meta WHERE name = 'snapshot_version' AND EXISTS (SELECT 1 FROM keys);
 "#];
 
 /// The schema version this build writes.
@@ -665,7 +672,7 @@ impl Store {
         name_ok("name", &name)?;
         if let Some(scopes) = &req.scopes {
             if scopes.is_empty() {
-                return Err(invalid("scopes", "give at least one scope, or none to use the agent's"));
+                return Err(invalid("scopes", "give at least one scope, or leave them unset to use the agent's"));
             }
             catalogue_ok(tx, "scopes", scopes)?;
             subset_ok(scopes, &agent.scopes, &agent.name, &implications(tx)?)?;
@@ -1031,9 +1038,17 @@ impl Store {
         if key.revoked_at.is_some() {
             return Err(Error::Conflict { field: "id", message: format!("key {id} is revoked; revoked keys cannot be changed") });
         }
+        // An expired key or the old key of a rotation stays as it ended: editing it would bring
+        // a dead key back, or stretch a grace period.
+        if key.expires_at.is_some_and(|t| t <= now) {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} has expired; create a new key instead") });
+        }
+        if let Some(next) = &key.rotated_to {
+            return Err(Error::Conflict { field: "id", message: format!("key {id} was rotated to {next}; change that one (or revoke this one now)") });
+        }
         if let Some(Some(scopes)) = &upd.scopes {
             if scopes.is_empty() {
-                return Err(invalid("scopes", "give at least one scope, or none to use the agent's"));
+                return Err(invalid("scopes", "give at least one scope, or inherit the agent's (null)"));
             }
             catalogue_ok(&tx, "scopes", scopes)?;
             subset_ok(scopes, &key.agent_scopes, &key.agent_name, &implications(&tx)?)?;
@@ -1116,6 +1131,17 @@ impl Store {
                 message: format!("scope {name:?} is still carried by {agents} agent(s) and {keys} key(s); remove it from them first"),
             });
         }
+        // Carried through an implication counts too: removing it would narrow those keys.
+        let implied_by = implied_use(&tx, name, now)?;
+        if !implied_by.is_empty() {
+            return Err(Error::Conflict {
+                field: "name",
+                message: format!(
+                    "scope {name:?} is implied by {} that live agents or keys carry; remove those implications first",
+                    implied_by.join(", ")
+                ),
+            });
+        }
         let implied = tx.execute("DELETE FROM scope_implications WHERE scope = ?1 OR implies = ?1", [name])?;
         tx.execute("DELETE FROM scopes WHERE name = ?1", [name])?;
         if implied > 0 {
@@ -1151,11 +1177,11 @@ impl Store {
         tx.execute("UPDATE keys SET version = ?1", [version])?;
         let action = if req.remove { "scope.unimply" } else { "scope.imply" };
         audit(&tx, actor, action, scope, json!({"implies": req.implies}), version)?;
+        let description: String = tx.query_row("SELECT description FROM scopes WHERE name = ?1", [scope], |r| r.get(0))?;
+        let (agents, keys) = scope_use(&tx, scope, now_unix())?;
+        let implies = implication_map(&tx)?.remove(scope).unwrap_or_default();
         tx.commit()?;
-        self.list_scopes()?
-            .into_iter()
-            .find(|s| s.name == scope)
-            .ok_or_else(|| Error::NotFound { field: "name", what: "scope", name: scope.to_string() })
+        Ok(ScopeView { name: scope.to_string(), description, implies, agents, keys })
     }
 
     /// Whether a `keyward serve` publishes this store now. The server itself, and in-memory
@@ -1190,6 +1216,27 @@ impl Store {
         self.conn.execute("UPDATE envoys SET open_until = MIN(open_until, ?1)", [now_unix() - 1])?;
         Ok(())
     }
+}
+
+/// The scopes that imply `scope` and that some live agent or key carries.
+fn implied_use(tx: &Connection, scope: &str, now: i64) -> Result<Vec<String>> {
+    let mut stmt = tx.prepare("SELECT scope FROM scope_implications WHERE implies = ?1 ORDER BY scope")?;
+    let direct = stmt.query_map([scope], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
+    drop(stmt);
+    // Implications are closed transitively: whatever implies `scope`, directly or not.
+    let imp = implications(tx)?;
+    let mut sources: Vec<String> = catalogue(tx)?.into_iter().filter(|s| s != scope && imp.expand([s.as_str()]).iter().any(|x| x == scope)).collect();
+    sources.extend(direct);
+    sources.sort();
+    sources.dedup();
+    let mut used = Vec::new();
+    for s in sources {
+        let (agents, keys) = scope_use(tx, &s, now)?;
+        if agents + keys > 0 {
+            used.push(s);
+        }
+    }
+    Ok(used)
 }
 
 /// Live agents and live keys (not revoked or expired) that carry `scope` themselves.

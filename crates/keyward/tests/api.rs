@@ -507,6 +507,10 @@ async fn the_scope_catalogue_is_the_one_source_of_scopes_and_implications() {
     api.agent("reader", &["billing:read"]).await;
     assert_error(&api.call("DELETE", "/v1/scopes/billing:read", None).await, StatusCode::CONFLICT, "CONFLICT", Some("name"));
     api.call("DELETE", "/v1/agents/reader", None).await;
+    // fin carries admin, which implies it: still in use.
+    assert_error(&api.call("DELETE", "/v1/scopes/billing:read", None).await, StatusCode::CONFLICT, "CONFLICT", Some("name"));
+    let (s, v) = api.call("POST", "/v1/scopes/admin/implies", Some(json!({"implies": "billing:read", "remove": true}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = api.call("DELETE", "/v1/scopes/billing:read", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (_, scopes) = api.call("GET", "/v1/scopes", None).await;
@@ -584,4 +588,68 @@ async fn imports_the_filter_would_always_refuse_are_refused() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let (s, v) = api.call("POST", "/v1/keys/import", Some(json!({"agent": "crm", "secret": good}))).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
+// ---- Issue 12, from review ----
+
+#[tokio::test]
+async fn an_envoy_ahead_of_the_store_gets_the_whole_snapshot_at_once_and_counts_as_behind() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let v = api.version();
+    let started = std::time::Instant::now();
+    let (s, page) = api.call("GET", &format!("/v1/feed?envoy=edge-a&since={}&wait=15", v + 50), None).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "a restored store must not hold the Envoy's request");
+    assert_eq!((page["complete"].as_bool(), page["keys"].as_array().map(Vec::len)), (Some(true), Some(1)), "{page}");
+    let (_, status) = api.call("GET", "/v1/status", None).await;
+    let envoy = &status["envoys"][0];
+    assert_eq!((envoy["applied_version"].as_u64(), envoy["lag"].as_u64()), (Some(0), Some(v)), "{status}");
+}
+
+#[tokio::test]
+async fn a_scope_carried_through_an_implication_cannot_be_removed() {
+    let api = api();
+    api.agent("acme", &["admin"]).await;
+    let got = api.call("DELETE", "/v1/scopes/write:all", None).await;
+    assert_error(&got, StatusCode::CONFLICT, "CONFLICT", Some("name"));
+    assert!(got.1["error"]["message"].as_str().unwrap().contains("implied by admin"), "{}", got.1);
+    let (_, scopes) = api.call("GET", "/v1/scopes", None).await;
+    assert_eq!(scopes[2]["implies"], json!(["read:all", "write:all"]));
+}
+
+#[tokio::test]
+async fn expired_and_rotated_keys_cannot_be_edited_back_to_life() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    let (_, k) = api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "old"}))).await;
+    let id = k["key"]["id"].as_str().unwrap().to_string();
+    api.call("POST", &format!("/v1/keys/{id}/rotate"), Some(json!({"grace": "1h"}))).await;
+    let got = api.call("PATCH", &format!("/v1/keys/{id}"), Some(json!({"expires_at": null}))).await;
+    assert_error(&got, StatusCode::CONFLICT, "CONFLICT", Some("id"));
+    assert!(got.1["error"]["message"].as_str().unwrap().contains("was rotated to"), "{}", got.1);
+    let (_, k) = api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "brief", "ttl": "1s"}))).await;
+    let brief = k["key"]["id"].as_str().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let got = api.call("PATCH", &format!("/v1/keys/{brief}"), Some(json!({"expires_at": null}))).await;
+    assert_error(&got, StatusCode::CONFLICT, "CONFLICT", Some("id"));
+}
+
+#[tokio::test]
+async fn null_is_refused_for_fields_that_cannot_be_cleared() {
+    let api = api();
+    let created = api.agent("crm", &["read:all"]).await;
+    let id = created["key"]["id"].as_str().unwrap();
+    let before = api.version();
+    for (path, body) in [
+        ("/v1/agents/crm".to_string(), json!({"description": null})),
+        ("/v1/agents/crm".to_string(), json!({"scopes": null, "rate": "1/s"})),
+        (format!("/v1/keys/{id}"), json!({"name": null})),
+        (format!("/v1/keys/{id}"), json!({"path_prefixes": null, "rate": "1/s"})),
+    ] {
+        let got = api.call("PATCH", &path, Some(body.clone())).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("request"));
+        assert!(got.1["error"]["message"].as_str().unwrap().contains("null is not allowed"), "{body}: {}", got.1);
+    }
+    assert_eq!(api.version(), before);
 }

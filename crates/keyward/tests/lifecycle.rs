@@ -180,3 +180,55 @@ fn regression_issue_12_bug_10_admin_token_rotate_prints_a_token_serve_accepts() 
     assert!(audit.as_array().unwrap().iter().any(|e| e["action"] == "admin_token.rotate"));
     assert!(!audit.to_string().contains(&new));
 }
+
+#[test]
+fn not_found_through_the_api_reads_like_on_the_file() {
+    let dir = Dir::new("notfound");
+    let serve = Server::start(&dir, Some(TOKEN), &[]);
+    let out = kw(&dir, &["--url", &serve.url, "--token", TOKEN, "agent", "show", "nosuch"]);
+    assert_eq!(out.code, 2);
+    assert_eq!(out.stderr.trim(), "error: NAME: agent \"nosuch\" not found");
+}
+
+#[test]
+fn a_refused_first_write_leaves_no_store_behind() {
+    let dir = Dir::new("firstwrite");
+    let db = dir.0.join("new/keyward.db");
+    let db = db.to_str().unwrap();
+    let out = kw(&dir, &["--db", db, "agent", "create", "x", "--scopes", "nosuch"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.starts_with("error: --scopes: "), "{}", out.stderr);
+    assert!(!dir.0.join("new").exists(), "a refused first write created the folder");
+    let out = common::kw_in(&dir.0, &["--db", db, "key", "import", "--agent", "nobody"], Some("some-legacy-key-0123456789"));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(!dir.0.join("new").exists(), "an import into a missing store created it");
+}
+
+#[test]
+fn concurrent_commands_never_mistake_each_other_for_serve() {
+    let dir = Dir::new("probe");
+    kw(&dir, &["agent", "create", "crm", "--scopes", "read:all"]).ok();
+    let children: Vec<_> = (0..40)
+        .map(|_| bin().args(["status", "--json"]).env("KEYWARD_DB", dir.db()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["serving"], false, "a CLI's probe looked like a running serve");
+    }
+}
+
+#[test]
+fn scope_imply_names_its_positional_arguments() {
+    let dir = Dir::new("imply");
+    kw(&dir, &["agent", "create", "crm", "--scopes", "read:all"]).ok();
+    let out = kw(&dir, &["scope", "imply", "nosuch", "admin"]);
+    assert!(out.stderr.starts_with("error: A: "), "{}", out.stderr);
+    let out = kw(&dir, &["scope", "imply", "admin", "nosuch"]);
+    assert!(out.stderr.starts_with("error: B: "), "{}", out.stderr);
+    let out = kw(&dir, &["key", "list", "--json"]).ok().json();
+    let id = out[0]["id"].as_str().unwrap().to_string();
+    kw(&dir, &["key", "update", &id, "--scopes", "read:all"]).ok();
+    let k = kw(&dir, &["key", "update", &id, "--inherit-scopes", "--json"]).ok().json();
+    assert_eq!(k["own_scopes"], serde_json::Value::Null);
+}
