@@ -101,7 +101,9 @@ enum AgentCommand {
     },
     /// Change an agent's description, scopes (capabilities), rate limit or burst
     Update {
+        /// The agent's name
         name: String,
+        /// What the agent is for
         #[arg(long)]
         description: Option<String>,
         /// Replace the scopes, comma-separated
@@ -123,18 +125,28 @@ enum AgentCommand {
     /// List agents
     List,
     /// Show an agent and its keys
-    Show { name: String },
+    Show {
+        /// The agent's name
+        name: String,
+    },
     /// Turn off API access for an agent: its keys get 403 ACCESS_DISABLED
     Disable {
+        /// The agent's name
         name: String,
         /// Shown to API users as the ACCESS_DISABLED message, e.g. "Your plan does not include API access"
         #[arg(long)]
         reason: Option<String>,
     },
     /// Turn API access back on
-    Enable { name: String },
+    Enable {
+        /// The agent's name
+        name: String,
+    },
     /// Delete an agent and revoke all of its keys
-    Delete { name: String },
+    Delete {
+        /// The agent's name
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -213,14 +225,20 @@ enum KeyCommand {
     },
     /// List keys, masked, with expiry, last use and status
     List {
+        /// Only this agent's keys
         #[arg(long)]
         agent: Option<String>,
     },
     /// Show one key, masked
-    Show { id: String },
+    Show {
+        /// The key's id (`key list` shows it)
+        id: String,
+    },
     /// Change a key's name, scopes, expiry, rate limit, burst or path restrictions
     Update {
+        /// The key's id (`key list` shows it)
         id: String,
+        /// New name, unique among the agent's live keys
         #[arg(long)]
         name: Option<String>,
         /// Scopes, a subset of the agent's
@@ -252,9 +270,13 @@ enum KeyCommand {
         no_path_prefix: bool,
     },
     /// Revoke a key
-    Revoke { id: String },
+    Revoke {
+        /// The key's id (`key list` shows it)
+        id: String,
+    },
     /// Issue a new key with the same settings; the old one expires after the grace period
     Rotate {
+        /// The key's id (`key list` shows it)
         id: String,
         /// How long the old key keeps working
         #[arg(long, default_value = store::DEFAULT_GRACE, value_name = "DURATION")]
@@ -277,16 +299,24 @@ enum ScopeCommand {
     List,
     /// Add a scope to the catalogue
     Add {
+        /// The new scope's name, e.g. billing:read
         name: String,
         /// What the scope grants, e.g. "Read access to all resources"
         #[arg(long, default_value = "")]
         description: String,
     },
     /// Remove a scope that no agent or key carries
-    Remove { name: String },
+    Remove {
+        /// The scope to remove
+        name: String,
+    },
     /// Make scope A imply scope B (a key with A may do what B allows)
     Imply {
+        /// The scope that implies
+        #[arg(value_name = "A")]
         scope: String,
+        /// The scope it implies
+        #[arg(value_name = "B")]
         implies: String,
         /// Remove the implication instead
         #[arg(long)]
