@@ -486,7 +486,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scopes: scopes.as_deref().map(model::split_scopes),
                 add_scopes: add_scope.iter().flat_map(|s| model::split_scopes(s)).collect(),
                 remove_scopes: remove_scope.iter().flat_map(|s| model::split_scopes(s)).collect(),
-                rate: rate.map(|r| Some(r).filter(|r| r != "none")),
+                // `none` reaches the store as written: it clears the limit there, for the API too.
+                rate: rate.map(Some),
                 burst,
             };
             let r = backend.update_agent(&name, &req).map_err(wrap)?;
@@ -546,7 +547,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scopes: if inherit_scopes { Some(None) } else { scopes.as_deref().map(|s| Some(model::split_scopes(s))) },
                 expires_at: if no_expiry { Some(None) } else { expires.map(Some) },
                 ttl,
-                rate: rate.map(|r| Some(r).filter(|r| r != "none")),
+                // `none` reaches the store as written: it clears the limit there, for the API too.
+                rate: rate.map(Some),
                 burst,
                 path_prefixes: if no_path_prefix { Some(Vec::new()) } else { Some(path_prefixes).filter(|p| !p.is_empty()) },
             };

@@ -501,6 +501,22 @@ pub fn path_prefixes_ok(prefixes: &[String]) -> Result<()> {
     }
 }
 
+/// A key can be rotated or changed only while it lives: not revoked, not expired, and not
+/// already superseded by a rotation. `action` says what the caller wanted ("rotate").
+pub fn live_key_ok(id: &str, revoked_at: Option<i64>, expires_at: Option<i64>, rotated_to: Option<&str>, now: i64, action: &str) -> Result<()> {
+    let refuse = |message: String| Err(crate::error::Error::Conflict { field: "id", message });
+    if revoked_at.is_some() {
+        return refuse(format!("key {id} is revoked; create a new key instead"));
+    }
+    if expires_at.is_some_and(|t| t <= now) {
+        return refuse(format!("key {id} has expired; create a new key instead"));
+    }
+    if let Some(next) = rotated_to {
+        return refuse(format!("key {id} was rotated to {next}; {action} that one"));
+    }
+    Ok(())
+}
+
 /// The `key list` status of a key at `now`.
 pub fn key_status(revoked_at: Option<i64>, expires_at: Option<i64>, rotated_to: bool, now: i64) -> &'static str {
     match (revoked_at, expires_at) {
@@ -615,6 +631,23 @@ mod tests {
         assert_eq!(burst_ok(Some(1), None).unwrap_err().field(), Some("burst"));
         assert!(scope_name_ok("name", "billing:read").is_ok());
         assert!(scope_name_ok("name", "Billing").is_err());
+    }
+
+    #[test]
+    fn only_live_keys_can_be_rotated_or_changed() {
+        let check = |revoked: Option<i64>, expires: Option<i64>, rotated: Option<&str>, want: Option<&str>| {
+            let got = live_key_ok("key_1", revoked, expires, rotated, 1000, "change").err().map(|e| e.message());
+            match (got, want) {
+                (None, None) => {}
+                (Some(m), Some(w)) => assert!(m.contains(w), "{m}"),
+                (got, want) => panic!("{got:?} but wanted {want:?}"),
+            }
+        };
+        check(None, None, None, None);
+        check(None, Some(1001), None, None);
+        check(Some(900), None, None, Some("is revoked"));
+        check(None, Some(1000), None, Some("has expired"));
+        check(None, None, Some("key_2"), Some("was rotated to key_2; change that one"));
     }
 
     #[test]

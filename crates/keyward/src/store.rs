@@ -242,6 +242,11 @@ struct KeyRow {
     agent_disabled_reason: Option<String>,
 }
 
+/// Whether agent `?1` has a live key (not revoked, rotated or expired at `?3`) named `?2`: names
+/// are unique among an agent's live keys.
+const NAME_TAKEN: &str = "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL \
+    AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3) AND id != ?4)";
+
 const KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enabled, a.rate_limit, k.name, k.display_prefix, k.last4, \
     k.digest, k.scopes, k.path_prefixes, k.rate_limit, k.created_at, k.expires_at, k.revoked_at, k.last_used_at, \
     k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version, COALESCE(k.lineage, k.id), a.rate_burst, k.rate_burst, \
@@ -684,8 +689,8 @@ impl Store {
         burst_ok(req.burst, req.rate.as_deref())?;
         path_prefixes_ok(&req.path_prefixes)?;
         let taken: bool = tx.query_row(
-            "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3))",
-            params![agent.id, name, now],
+            NAME_TAKEN,
+            params![agent.id, name, now, ""],
             |r| r.get(0),
         )?;
         if taken && default_name.is_some() {
@@ -758,7 +763,7 @@ impl Store {
         {
             let mut exists = tx.prepare("SELECT EXISTS(SELECT 1 FROM keys WHERE digest = ?1)")?;
             let mut taken = tx.prepare(
-                "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?3))",
+                NAME_TAKEN,
             )?;
             let mut insert = tx.prepare(
                 "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, imported, version, rate_burst) \
@@ -770,7 +775,7 @@ impl Store {
                 if exists.query_row([digest], |r| r.get::<_, bool>(0))? {
                     return Err(Error::Conflict { field: "key", message: format!("{name}: this key is already registered") });
                 }
-                if taken.query_row(params![agent.id, name, now], |r| r.get::<_, bool>(0))? {
+                if taken.query_row(params![agent.id, name, now, ""], |r| r.get::<_, bool>(0))? {
                     return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", agent.name) });
                 }
                 insert.execute(params![id, agent.id, name, prefix, last4, digest, scopes_json, paths_json, template.rate, now, expires_at, version, template.burst])?;
@@ -827,15 +832,7 @@ impl Store {
         let prefix = self.key_prefix.clone();
         let (tx, version, actor) = self.begin()?;
         let old = find_key(&tx, id)?;
-        if old.revoked_at.is_some() {
-            return Err(Error::Conflict { field: "id", message: format!("key {id} is revoked; create a new key instead") });
-        }
-        if old.expires_at.is_some_and(|t| t <= now) {
-            return Err(Error::Conflict { field: "id", message: format!("key {id} has expired; create a new key instead") });
-        }
-        if let Some(next) = &old.rotated_to {
-            return Err(Error::Conflict { field: "id", message: format!("key {id} was already rotated to {next}; rotate that one") });
-        }
+        live_key_ok(id, old.revoked_at, old.expires_at, old.rotated_to.as_deref(), now, "rotate")?;
         // By default the new key lives as long as the old one was meant to, counted from now;
         // a key that never expired gives one that never expires.
         let new_expiry = match (req.no_expiry, chosen) {
@@ -1035,17 +1032,9 @@ impl Store {
         };
         let (tx, version, actor) = self.begin()?;
         let key = find_key(&tx, id)?;
-        if key.revoked_at.is_some() {
-            return Err(Error::Conflict { field: "id", message: format!("key {id} is revoked; revoked keys cannot be changed") });
-        }
         // An expired key or the old key of a rotation stays as it ended: editing it would bring
         // a dead key back, or stretch a grace period.
-        if key.expires_at.is_some_and(|t| t <= now) {
-            return Err(Error::Conflict { field: "id", message: format!("key {id} has expired; create a new key instead") });
-        }
-        if let Some(next) = &key.rotated_to {
-            return Err(Error::Conflict { field: "id", message: format!("key {id} was rotated to {next}; change that one (or revoke this one now)") });
-        }
+        live_key_ok(id, key.revoked_at, key.expires_at, key.rotated_to.as_deref(), now, "change")?;
         if let Some(Some(scopes)) = &upd.scopes {
             if scopes.is_empty() {
                 return Err(invalid("scopes", "give at least one scope, or inherit the agent's (null)"));
@@ -1054,11 +1043,7 @@ impl Store {
             subset_ok(scopes, &key.agent_scopes, &key.agent_name, &implications(&tx)?)?;
         }
         if let Some(name) = &upd.name {
-            let taken: bool = tx.query_row(
-                "SELECT EXISTS(SELECT 1 FROM keys WHERE agent_id = ?1 AND name = ?2 AND id != ?3 AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?4))",
-                params![key.agent_id, name, id, now],
-                |r| r.get(0),
-            )?;
+            let taken: bool = tx.query_row(NAME_TAKEN, params![key.agent_id, name, now, id], |r| r.get(0))?;
             if taken {
                 return Err(Error::Conflict { field: "name", message: format!("agent {} already has a key named {name:?}", key.agent_name) });
             }
@@ -1220,15 +1205,9 @@ impl Store {
 
 /// The scopes that imply `scope` and that some live agent or key carries.
 fn implied_use(tx: &Connection, scope: &str, now: i64) -> Result<Vec<String>> {
-    let mut stmt = tx.prepare("SELECT scope FROM scope_implications WHERE implies = ?1 ORDER BY scope")?;
-    let direct = stmt.query_map([scope], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>()?;
-    drop(stmt);
-    // Implications are closed transitively: whatever implies `scope`, directly or not.
+    // The closure: whatever implies `scope`, directly or not.
     let imp = implications(tx)?;
-    let mut sources: Vec<String> = catalogue(tx)?.into_iter().filter(|s| s != scope && imp.expand([s.as_str()]).iter().any(|x| x == scope)).collect();
-    sources.extend(direct);
-    sources.sort();
-    sources.dedup();
+    let sources = catalogue(tx)?.into_iter().filter(|s| s != scope && imp.expand([s.as_str()]).iter().any(|x| x == scope));
     let mut used = Vec::new();
     for s in sources {
         let (agents, keys) = scope_use(tx, &s, now)?;
