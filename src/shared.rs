@@ -1,10 +1,11 @@
-//! The snapshot in Envoy shared data: one entry per digest, a state entry, and the fetcher lease.
+//! The snapshot in Envoy shared data: one entry per digest, a state entry, the fetcher lease,
+//! and the apply generation.
 //!
 //! Shared data is one host-side map per `vm_id`, seen by every worker's VM: memory is paid once
-//! per Envoy, and a request reads exactly one entry, its own digest's, whatever the key count.
-//! There is no delete, so nothing here is keyed by time: the key space is the set of digests the
-//! control plane ever sent (a revoked key stays as a `revoked` record, which is what it is), plus
-//! three fixed entries.
+//! per Envoy, and a request reads the (empty) generation entry and at most one record, its own
+//! digest's, whatever the key count. There is no delete, so nothing here is keyed by time: the
+//! key space is the set of digests the control plane ever sent (a revoked key stays as a
+//! `revoked` record, which is what it is), plus the fixed entries below.
 
 use crate::host::{Host, HostError};
 use keyward_core::decision::{KeyLookup, LookupError};
