@@ -31,6 +31,14 @@ pub struct FeedMessage {
     /// page, and re-sends every record an implication change affects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub implications: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// The store's identity. A restored store gets a new one: an Envoy that applied another
+    /// store's records sends that store's id (`store=`), and is answered with a reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// This answer is the whole snapshot from version 0 and replaces what the filter holds: a
+    /// key absent from it must be absent once it is applied (the store went back, or is another).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
     pub keys: Vec<RawKeyRecord>,
 }
 

@@ -1267,7 +1267,7 @@ impl Store {
             (false, Some(last)) => Some(FeedCursor { version: u64::try_from(last.version).unwrap_or(0), id: last.id.clone() }),
             _ => None,
         };
-        Ok(FeedMessage { version, complete, cursor, implications: Some(map), keys: page.iter().map(|k| k.raw_record(&imp)).collect() })
+        Ok(FeedMessage { version, complete, cursor, implications: Some(map), store: None, reset: false, keys: page.iter().map(|k| k.raw_record(&imp)).collect() })
     }
 
     /// Adds an Envoy's usage report: hourly counts, and each key's last use.
