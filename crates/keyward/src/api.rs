@@ -169,7 +169,7 @@ pub async fn watch_version(state: Arc<AppState>, period: std::time::Duration) {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        if matches!(self, Error::Store(_) | Error::Internal(_)) {
+        if matches!(self, Error::Store(_) | Error::Postgres(_) | Error::Internal(_)) {
             tracing::error!(error = %self, "request failed");
         }
         let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

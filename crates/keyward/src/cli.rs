@@ -631,7 +631,7 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
     let alone = !crate::applied::serve_running(db);
     let _lock = crate::applied::ServeLock::acquire(db).with_context(|| format!("locking {}", crate::applied::lock_path(db).display()))?;
     if alone {
-        store.forget_open_feeds()?;
+        store.forget_open_feeds(None)?;
     }
     store.is_server = true;
     store.actor = "api".into();

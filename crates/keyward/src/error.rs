@@ -23,6 +23,8 @@ pub enum Error {
     TooManyAttempts { retry_after_secs: u64 },
     #[error("database: {0}")]
     Store(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Postgres(#[from] postgres::Error),
     #[error("{0}")]
     Internal(String),
     /// No route at this path (API).
@@ -58,6 +60,19 @@ impl Error {
                 rusqlite::ErrorCode::DiskFull => Some(StoreFault::Full),
                 _ => None,
             },
+            Error::Postgres(e) => match e.code() {
+                Some(c) if *c == postgres::error::SqlState::DISK_FULL => Some(StoreFault::Full),
+                Some(c)
+                    if *c == postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+                        || *c == postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                        || *c == postgres::error::SqlState::LOCK_NOT_AVAILABLE =>
+                {
+                    Some(StoreFault::Busy)
+                }
+                // The server went away: nothing was changed, and trying again may reach it.
+                None if e.is_closed() => Some(StoreFault::Busy),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -86,7 +101,7 @@ impl Error {
             Error::Unauthorized(_) => "UNAUTHORIZED",
             Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
             Error::TooManyAttempts { .. } => "TOO_MANY_ATTEMPTS",
-            Error::Store(_) | Error::Internal(_) => "INTERNAL_ERROR",
+            Error::Store(_) | Error::Postgres(_) | Error::Internal(_) => "INTERNAL_ERROR",
             Error::Missing(_) | Error::NoRoute(_) => "NOT_FOUND",
             Error::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
         }
@@ -105,7 +120,7 @@ impl Error {
             Error::Conflict { .. } => 409,
             Error::TooLarge(_) => 413,
             Error::TooManyAttempts { .. } => 429,
-            Error::Store(_) | Error::Internal(_) => 500,
+            Error::Store(_) | Error::Postgres(_) | Error::Internal(_) => 500,
             Error::Missing(_) | Error::NoRoute(_) => 404,
             Error::MethodNotAllowed(_) => 405,
         }
@@ -135,7 +150,7 @@ impl Error {
             Error::TooManyAttempts { retry_after_secs } => {
                 format!("too many requests with a wrong token from this address; retry in {retry_after_secs} s")
             }
-            Error::Store(_) => match self.store_fault() {
+            Error::Store(_) | Error::Postgres(_) => match self.store_fault() {
                 Some(StoreFault::Busy) => "the database is locked by another writer; nothing was changed, try again".into(),
                 Some(StoreFault::Full) => "the disk holding the database is full; nothing was changed".into(),
                 // Storage details stay in the server log.

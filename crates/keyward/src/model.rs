@@ -88,7 +88,21 @@ pub struct StatusView {
     pub active_keys: u64,
     /// A `keyward serve` publishes this store now; without one no Envoy sees changes.
     pub serving: bool,
+    /// The store's engine: `sqlite` or `postgres`.
+    #[serde(default)]
+    pub engine: String,
+    /// The `keyward serve` processes on this store, heard from within the last few seconds.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaView>,
     pub envoys: Vec<EnvoyView>,
+}
+
+/// A `keyward serve` process on the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub name: String,
+    pub started_at: String,
+    pub last_seen: String,
 }
 
 /// An Envoy seen on the feed by this `keyward serve`.
@@ -103,6 +117,9 @@ pub struct EnvoyView {
     pub connected: bool,
     /// `connected`, `lagging` (connected, behind the store), or `stale` (not heard from).
     pub state: String,
+    /// The `keyward serve` replica whose feed it last asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// How a change reached the Envoys: returned by every changing command and API call.
@@ -531,9 +548,111 @@ pub fn rfc3339(t: Option<i64>) -> Option<String> {
     t.map(format_rfc3339)
 }
 
+/// A rotation's expiries: the old key's (now plus the grace period, never later than it was
+/// meant to expire) and the new key's. By default the new key lives as long as the old one was
+/// meant to, counted from now; a key that never expired gives one that never expires.
+pub fn rotation_expiry(created_at: i64, expires_at: Option<i64>, now: i64, grace: i64, chosen: Option<i64>, no_expiry: bool) -> (i64, Option<i64>) {
+    let new = match (no_expiry, chosen) {
+        (true, _) => None,
+        (false, Some(t)) => Some(t),
+        (false, None) => expires_at.map(|t| now.saturating_add(t - created_at)),
+    };
+    let old = now.saturating_add(grace);
+    (expires_at.map_or(old, |t| t.min(old)), new)
+}
+
+/// A key's effective rate limit: its own, else its agent's; and the bucket that counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    /// `k:<lineage>` for a key's own limit (shared along its rotations), `a:<agent id>` for an
+    /// agent's (shared by all its keys), none without a limit.
+    pub bucket: Option<String>,
+}
+
+/// The limit a key is held to, from its own `(rate, burst)` and its agent's. A burst counts
+/// only with the rate it was set with: an agent's burst never applies to a key's own rate.
+pub fn effective_limit(key: (Option<&str>, Option<u32>), agent: (Option<&str>, Option<u32>), lineage: &str, agent_id: &str) -> Limit {
+    match (key, agent) {
+        ((Some(rate), burst), _) => Limit { rate: Some(rate.into()), burst, bucket: Some(format!("k:{lineage}")) },
+        ((None, _), (Some(rate), burst)) => Limit { rate: Some(rate.into()), burst, bucket: Some(format!("a:{agent_id}")) },
+        ((None, _), (None, _)) => Limit { rate: None, burst: None, bucket: None },
+    }
+}
+
+/// The status a filter record carries: revoked or active. Expiry travels as its own field, so
+/// the filter flips the key at the second it expires, whatever the store last sent.
+pub fn record_status(revoked_at: Option<i64>) -> keyward_core::snapshot::KeyStatus {
+    match revoked_at {
+        Some(_) => keyward_core::snapshot::KeyStatus::Revoked,
+        None => keyward_core::snapshot::KeyStatus::Active,
+    }
+}
+
+/// How a key is shown after creation: its display prefix and last four, or, for a key imported
+/// by digest (or too short to show any of), the digest's first eight hex digits.
+pub fn masked(display_prefix: &str, last4: &str, digest: &str) -> String {
+    if last4.is_empty() {
+        format!("sha256:{}…", digest.get(..8).unwrap_or(""))
+    } else {
+        format!("{display_prefix}…{last4}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keys_own_limit_wins_and_buckets_follow_who_set_it() {
+        let l = |key: (Option<&str>, Option<u32>), agent: (Option<&str>, Option<u32>)| effective_limit(key, agent, "key_L", "agt_A");
+        let lim = |rate: Option<&str>, burst: Option<u32>, bucket: Option<&str>| Limit {
+            rate: rate.map(Into::into),
+            burst,
+            bucket: bucket.map(Into::into),
+        };
+        let cases = [
+            ((None, None), (None, None), lim(None, None, None)),
+            ((Some("10/s"), None), (None, None), lim(Some("10/s"), None, Some("k:key_L"))),
+            ((Some("10/s"), Some(20)), (Some("5/s"), Some(7)), lim(Some("10/s"), Some(20), Some("k:key_L"))),
+            // The agent's burst goes with the agent's rate, never with the key's own.
+            ((Some("10/s"), None), (Some("5/s"), Some(7)), lim(Some("10/s"), None, Some("k:key_L"))),
+            ((None, None), (Some("5/s"), Some(7)), lim(Some("5/s"), Some(7), Some("a:agt_A"))),
+            // A stale key burst without a key rate means nothing.
+            ((None, Some(3)), (Some("5/s"), None), lim(Some("5/s"), None, Some("a:agt_A"))),
+            ((None, Some(3)), (None, None), lim(None, None, None)),
+        ];
+        for (key, agent, want) in cases {
+            assert_eq!(l(key, agent), want, "key {key:?} agent {agent:?}");
+        }
+    }
+
+    #[test]
+    fn rotations_keep_the_lifetime_and_cap_the_grace() {
+        let h = 3600;
+        // (created, expires, now, grace, chosen, no_expiry) -> (old expiry, new expiry)
+        let cases = [
+            ((0, Some(10 * h), 2 * h, h, None, false), (3 * h, Some(12 * h))),
+            ((0, None, 2 * h, h, None, false), (3 * h, None)),
+            ((0, Some(10 * h), 2 * h, h, Some(5 * h), false), (3 * h, Some(5 * h))),
+            ((0, Some(10 * h), 2 * h, h, None, true), (3 * h, None)),
+            // A grace period never outlives the old key's own expiry.
+            ((0, Some(2 * h + 60), 2 * h, h, None, false), (2 * h + 60, Some(4 * h + 60))),
+        ];
+        for ((c, e, n, g, ch, ne), want) in cases {
+            assert_eq!(rotation_expiry(c, e, n, g, ch, ne), want, "{c} {e:?} {n} {g} {ch:?} {ne}");
+        }
+    }
+
+    #[test]
+    fn records_carry_revocation_and_views_mask_keys() {
+        use keyward_core::snapshot::KeyStatus;
+        assert_eq!(record_status(None), KeyStatus::Active);
+        assert_eq!(record_status(Some(5)), KeyStatus::Revoked);
+        assert_eq!(masked("kw_live_", "abcd", "0123456789"), "kw_live_…abcd");
+        assert_eq!(masked("", "", "0123456789"), "sha256:01234567…");
+    }
 
     #[test]
     fn durations_parse_and_name_their_field() {

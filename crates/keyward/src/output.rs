@@ -242,6 +242,13 @@ impl Output {
         if !s.serving {
             println!("control plane:    NOT SERVING: no `keyward serve` runs on this store, so no Envoy is connected");
         }
+        if !s.engine.is_empty() {
+            println!("store engine:     {}", s.engine);
+        }
+        if !s.replicas.is_empty() {
+            let names: Vec<&str> = s.replicas.iter().map(|r| r.name.as_str()).collect();
+            println!("replicas:         {}", names.join(", "));
+        }
         if s.envoys.is_empty() {
             println!("envoys:           none seen");
             return;
@@ -256,10 +263,11 @@ impl Output {
                     "stale" => "STALE (not heard from)".into(),
                     other => other.into(),
                 };
-                vec![e.id.clone(), e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
+                let replica = e.replica.clone().unwrap_or_else(|| "-".into());
+                vec![e.id.clone(), replica, e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
             })
             .collect();
-        table(&["ENVOY", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
+        table(&["ENVOY", "REPLICA", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
         println!("\nAn Envoy is connected while its feed request is open, or until 2 s after its last answer.");
     }
 

@@ -1,0 +1,252 @@
+//! What the Envoys see and say: the snapshot and its feed pages, their acknowledgements
+//! (`envoys`), their usage reports, and the `keyward serve` replicas they talk to.
+
+use super::db::{p, Db, Engine, Tx};
+use super::records::{active, find_agent, key_rows, KEY_COLUMNS};
+use super::scopes::implication_map;
+use super::{version_in, Store};
+use crate::error::{Error, Result};
+use crate::model::*;
+use keyward_core::feed::{FeedCursor, FeedMessage, UsageReport};
+use keyward_core::scope::Implications;
+use keyward_core::snapshot::RawSnapshot;
+
+/// Records per feed page: bounds the memory of one answer (and of the filter VM applying it).
+pub const FEED_PAGE: usize = 5_000;
+
+/// A replica is live while it has been heard from within this many seconds (it says so every
+/// second).
+pub const REPLICA_LIVE_SECS: i64 = 5;
+
+pub(crate) fn live_replicas(db: &dyn Db, now: i64) -> Result<Vec<ReplicaView>> {
+    db.query("SELECT name, started_at, last_seen FROM replicas WHERE last_seen >= ?1 ORDER BY name", p![now - REPLICA_LIVE_SECS])?
+        .iter()
+        .map(|r| {
+            Ok(ReplicaView {
+                name: r.text(0)?,
+                started_at: keyward_core::time::format_rfc3339(r.int(1)?),
+                last_seen: keyward_core::time::format_rfc3339(r.int(2)?),
+            })
+        })
+        .collect()
+}
+
+impl Store {
+    /// Notes an Envoy's feed request: it has applied `applied` (if known), and is connected until
+    /// `open_until` unless it asks again, to this process's replica.
+    pub fn envoy_seen(&mut self, id: &str, applied: Option<u64>, open_until: i64) -> Result<()> {
+        let now = self.now();
+        self.db().execute(
+            "INSERT INTO envoys (id, applied_version, last_seen, open_until, replica) VALUES (?1, COALESCE(CAST(?2 AS BIGINT), 0), ?3, ?4, ?5) \
+             ON CONFLICT(id) DO UPDATE SET applied_version = COALESCE(CAST(?2 AS BIGINT), envoys.applied_version), last_seen = ?3, \
+             open_until = ?4, replica = COALESCE(?5, envoys.replica)",
+            p![id, applied, now, open_until, &self.replica],
+        )?;
+        Ok(())
+    }
+
+    /// Says this replica is alive (every second, from `serve`).
+    pub fn replica_seen(&mut self, name: &str, started_at: i64) -> Result<()> {
+        let now = self.now();
+        self.db().execute(
+            "INSERT INTO replicas (name, started_at, last_seen) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(name) DO UPDATE SET started_at = ?2, last_seen = ?3",
+            p![name, started_at, now],
+        )?;
+        Ok(())
+    }
+
+    fn envoys(&self, version: u64, now: i64, serving: bool) -> Result<Vec<EnvoyView>> {
+        let rows = self.db().query("SELECT id, applied_version, last_seen, open_until, replica FROM envoys ORDER BY id", &[])?;
+        rows.iter()
+            .map(|r| {
+                let applied = u64::try_from(r.int(1)?).unwrap_or(0);
+                let connected = serving && now <= r.int(3)?;
+                let lag = version.saturating_sub(applied);
+                let state = match (connected, lag) {
+                    (false, _) => "stale",
+                    (true, 0) => "connected",
+                    (true, _) => "lagging",
+                };
+                Ok(EnvoyView {
+                    id: r.text(0)?,
+                    applied_version: applied,
+                    lag,
+                    last_seen: keyward_core::time::format_rfc3339(if connected { now } else { r.int(2)? }),
+                    connected,
+                    state: state.into(),
+                    replica: r.opt_text(4)?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn status(&mut self) -> Result<StatusView> {
+        let now = self.now();
+        let db = self.db();
+        let agents = db.one("SELECT COUNT(*) FROM agents WHERE deleted_at IS NULL", &[])?.count(0)?;
+        let keys = db.one(&format!("SELECT COUNT(*) FROM keys k WHERE {}", active("k", "?1")), p![now])?.count(0)?;
+        let version = self.snapshot_version()?;
+        let serving = self.serving();
+        Ok(StatusView {
+            snapshot_version: version,
+            agents,
+            active_keys: keys,
+            serving,
+            engine: self.engine().name().into(),
+            replicas: live_replicas(db, now)?,
+            envoys: self.envoys(version, now, serving)?,
+        })
+    }
+
+    /// The whole snapshot the filter enforces: digests and the fields it needs, nothing else.
+    pub fn snapshot(&mut self) -> Result<RawSnapshot> {
+        let tx = Tx::read(self.db())?;
+        let version = version_in(&*tx)?;
+        let rows = key_rows(&*tx, &format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id ORDER BY k.id"), &[])?;
+        let map = implication_map(&*tx)?;
+        tx.commit()?;
+        let imp = Implications::new(&map).map_err(Error::Internal)?;
+        let keys = rows.iter().map(|k| k.raw_record(&imp)).collect();
+        Ok(RawSnapshot { version, implications: Some(map), keys })
+    }
+
+    /// The Envoys connected now (heard from within their feed request's wait plus 2 s), and which
+    /// of them have applied `version`.
+    pub fn envoys_applied(&self, version: u64) -> Result<(Vec<String>, Vec<String>)> {
+        let rows = self.db().query("SELECT id, applied_version FROM envoys WHERE open_until >= ?1 ORDER BY id", p![self.now()])?;
+        let (mut done, mut pending) = (Vec::new(), Vec::new());
+        for r in rows {
+            let id = r.text(0)?;
+            if u64::try_from(r.int(1)?).unwrap_or(0) >= version {
+                done.push(id);
+            } else {
+                pending.push(id);
+            }
+        }
+        Ok((done, pending))
+    }
+
+    /// On `serve` start: feed requests held by an earlier process are gone. With `replica`,
+    /// only those that replica held (other replicas still hold theirs).
+    pub fn forget_open_feeds(&mut self, replica: Option<&str>) -> Result<()> {
+        let cutoff = self.now() - 1;
+        match replica {
+            Some(name) => self.db().execute("UPDATE envoys SET open_until = ?1 WHERE open_until > ?1 AND replica = ?2", p![cutoff, name])?,
+            None => self.db().execute("UPDATE envoys SET open_until = ?1 WHERE open_until > ?1", p![cutoff])?,
+        };
+        Ok(())
+    }
+
+    /// The records changed after `since` (or after `(since, after)` when continuing a page), in
+    /// `(version, id)` order, at most `limit`, read in one transaction with the version they are
+    /// consistent with. Keyset pagination: each page starts where the last ended, on the
+    /// `(version, id)` index.
+    pub fn feed_page(&mut self, since: u64, after: Option<&str>, limit: usize) -> Result<FeedMessage> {
+        let tx = Tx::read(self.db())?;
+        let version = version_in(&*tx)?;
+        let (cond, after) = match after {
+            Some(a) => ("(k.version > ?1 OR (k.version = ?1 AND k.id > ?2))", a),
+            None => ("(k.version > ?1 AND ?2 = '')", ""),
+        };
+        let rows = key_rows(
+            &*tx,
+            &format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE {cond} ORDER BY k.version, k.id LIMIT ?3"),
+            p![since, after, limit + 1],
+        )?;
+        let map = implication_map(&*tx)?;
+        let store = tx.row("SELECT value FROM meta WHERE name = 'store_id'", &[])?.map(|r| r.text(0)).transpose()?;
+        tx.commit()?;
+        let imp = Implications::new(&map).map_err(Error::Internal)?;
+        let complete = rows.len() <= limit;
+        let page = &rows[..rows.len().min(limit)];
+        let cursor = match (complete, page.last()) {
+            (false, Some(last)) => Some(FeedCursor { version: u64::try_from(last.version).unwrap_or(0), id: last.id.clone() }),
+            _ => None,
+        };
+        Ok(FeedMessage {
+            version,
+            complete,
+            cursor,
+            implications: Some(map),
+            store,
+            reset: false,
+            keys: page.iter().map(|k| k.raw_record(&imp)).collect(),
+        })
+    }
+
+    /// Adds an Envoy's usage report: hourly counts, and each key's last use.
+    pub fn record_usage(&mut self, report: &UsageReport) -> Result<usize> {
+        let now = self.now();
+        let tx = Tx::write(self.db())?;
+        let mut known = 0;
+        // Refusals carry no time of their own: they count in the hour the report arrived.
+        let denied_hour = now - now.rem_euclid(3600);
+        for u in &report.usage {
+            if !tx.one("SELECT EXISTS(SELECT 1 FROM keys WHERE id = ?1)", p![&u.key_id])?.flag(0)? {
+                continue; // A key the store no longer has: nothing to attribute it to.
+            }
+            known += 1;
+            // A key that was only refused has no use (`last_used` 0): it is not "last used".
+            if u.count > 0 && u.last_used > 0 {
+                tx.execute(
+                    "UPDATE keys SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                    p![u.last_used, &u.key_id],
+                )?;
+                let hour = u.last_used - u.last_used.rem_euclid(3600);
+                tx.execute(
+                    "INSERT INTO usage (key_id, hour, count) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT(key_id, hour) DO UPDATE SET count = usage.count + ?3",
+                    p![&u.key_id, hour, u.count],
+                )?;
+            }
+            for (code, n) in &u.denied {
+                // Codes are the contract's upper-case words; anything else is not stored.
+                if code.is_empty() || code.len() > 32 || !code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+                    continue;
+                }
+                tx.execute(
+                    "INSERT INTO usage_denied (key_id, hour, code, count) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT(key_id, hour, code) DO UPDATE SET count = usage_denied.count + ?4",
+                    p![&u.key_id, denied_hour, code, *n],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(known)
+    }
+
+    /// Requests per key and hour since `since` (Unix seconds), optionally for one agent.
+    pub fn usage(&mut self, agent: Option<&str>, since: i64) -> Result<Vec<UsageRow>> {
+        let agent_id = match agent {
+            Some(name) => Some(find_agent(self.db(), name)?.id),
+            None => None,
+        };
+        let denied = match self.engine() {
+            Engine::Sqlite => "json_group_object(d.code, d.count)",
+            Engine::Postgres => "CAST(json_object_agg(d.code, d.count) AS TEXT)",
+        };
+        // Allowed and refused counts, per key and hour: one row wherever either is non-zero.
+        let sql = format!(
+            "WITH hours AS (SELECT key_id, hour FROM usage UNION SELECT key_id, hour FROM usage_denied) \
+             SELECT h.key_id, k.name, a.name, h.hour, COALESCE(u.count, 0), \
+                    (SELECT {denied} FROM usage_denied d WHERE d.key_id = h.key_id AND d.hour = h.hour) \
+             FROM hours h JOIN keys k ON k.id = h.key_id JOIN agents a ON a.id = k.agent_id \
+             LEFT JOIN usage u ON u.key_id = h.key_id AND u.hour = h.hour \
+             WHERE h.hour >= ?1 AND (CAST(?2 AS TEXT) IS NULL OR k.agent_id = ?2) ORDER BY a.name, k.name, h.key_id, h.hour"
+        );
+        let rows = self.db().query(&sql, p![since - since.rem_euclid(3600), agent_id])?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRow {
+                    key_id: r.text(0)?,
+                    key_name: r.text(1)?,
+                    agent: r.text(2)?,
+                    hour: keyward_core::time::format_rfc3339(r.int(3)?),
+                    count: r.count(4)?,
+                    denied: r.opt_text(5)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+}
