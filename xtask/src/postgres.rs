@@ -398,9 +398,10 @@ impl Children {
         self.0.push((what, child));
     }
 
-    /// The first child that exited, and how.
+    /// The first child that exited, and how; it leaves the set.
     fn exited(&mut self) -> Option<(String, std::process::ExitStatus)> {
-        self.0.iter_mut().find_map(|(what, c)| c.try_wait().ok().flatten().map(|s| (what.clone(), s)))
+        let (i, status) = self.0.iter_mut().enumerate().find_map(|(i, (_, c))| c.try_wait().ok().flatten().map(|s| (i, s)))?;
+        Some((self.0.remove(i).0, status))
     }
 }
 
@@ -425,7 +426,8 @@ impl Drop for Children {
 
 /// `cargo xtask up --postgres`, once Envoy, the module and `keyward` are built: a throwaway
 /// PostgreSQL, replica a then b of `keyward serve` on it, Envoy on envoy/local-postgres.yaml.
-/// Runs until Ctrl-C or until one of them exits; everything is stopped either way.
+/// Runs until Ctrl-C, until Envoy exits or until no replica is left; everything is stopped
+/// either way. One replica exiting (killed, to watch the feed fail over) is only reported.
 pub fn up(envoy: &Path, keyward: &Path, root: &Path) -> Result {
     let pg = Postgres::start()?;
     let url = pg.url();
@@ -462,7 +464,7 @@ pub fn up(envoy: &Path, keyward: &Path, root: &Path) -> Result {
     children.add(format!("Envoy ({config})"), child);
     println!(
         "\nkeyward local stack on PostgreSQL, two replicas:\n\
-         \x20 PostgreSQL {v}         {url}   (throwaway: {dir}, removed on Ctrl-C)\n\
+         \x20 PostgreSQL {v:<13}  {url}   (throwaway: {dir}, removed on Ctrl-C)\n\
          \x20 keyward serve, replica a  http://127.0.0.1:7070\n\
          \x20 keyward serve, replica b  http://127.0.0.1:7071\n\
          \x20 Envoy + keyward.wasm      http://127.0.0.1:10000   (admin http://127.0.0.1:9901), fed by either replica\n\
@@ -489,6 +491,11 @@ pub fn up(envoy: &Path, keyward: &Path, root: &Path) -> Result {
                 loop {
                     std::thread::park();
                 }
+            }
+            let replicas_left = children.0.iter().filter(|(w, _)| w.starts_with("keyward serve")).count();
+            if what.starts_with("keyward serve") && replicas_left > 0 {
+                eprintln!("xtask: {what} exited: {status}; Envoy's feed moves to the other replica, the stack runs on");
+                continue;
             }
             drop(children);
             drop(pg);
