@@ -198,7 +198,8 @@ impl Cluster {
     /// kills it if that fails, and removes the directory.
     fn stop(&self) {
         let pidfile = self.data().join("postmaster.pid");
-        if pidfile.exists() {
+        let was_running = pidfile.exists();
+        if was_running {
             let stopped = self
                 .command("pg_ctl")
                 .arg("-D")
@@ -217,7 +218,8 @@ impl Cluster {
             }
         }
         match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => eprintln!("xtask: PostgreSQL stopped, {} removed", self.dir.display()),
+            Ok(()) if was_running => eprintln!("xtask: PostgreSQL stopped, {} removed", self.dir.display()),
+            Ok(()) => eprintln!("xtask: {} removed", self.dir.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => eprintln!("xtask: PostgreSQL stopped, but {} could not be removed: {e}", self.dir.display()),
         }
