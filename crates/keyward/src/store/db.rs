@@ -345,6 +345,7 @@ fn pg_value(row: &postgres::Row, i: usize) -> Result<Value> {
         Type::INT4 => row.try_get::<_, Option<i32>>(i)?.map_or(Value::Null, |n| Value::Int(i64::from(n))),
         Type::INT2 => row.try_get::<_, Option<i16>>(i)?.map_or(Value::Null, |n| Value::Int(i64::from(n))),
         Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map_or(Value::Null, |b| Value::Int(i64::from(b))),
+        Type::VOID => Value::Null,
         _ => row.try_get::<_, Option<String>>(i)?.map_or(Value::Null, Value::Text),
     })
 }

@@ -157,3 +157,9 @@ impl Drop for Server {
         self.kill9();
     }
 }
+
+/// A fresh, empty PostgreSQL database for one test, on the server `KEYWARD_TEST_POSTGRES`
+/// names. Fails with directions when there is none: the PostgreSQL engine is tested for real.
+pub fn postgres_database(tag: &str) -> String {
+    keyward_testkit::postgres::fresh_database(tag).unwrap_or_else(|e| panic!("{e}"))
+}

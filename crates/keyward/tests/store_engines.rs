@@ -1,0 +1,186 @@
+//! The store's behaviour on both engines: the same scenarios on a SQLite file and on a real
+//! PostgreSQL database (`KEYWARD_TEST_POSTGRES`, which `cargo xtask test` provides).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use keyward_control::model::*;
+use keyward_control::store::{Location, Store, SCHEMA_VERSION};
+use keyward_core::feed::{KeyUsage, UsageReport};
+
+/// Both engines, each on a fresh store. The SQLite file lives as long as the returned dir.
+fn engines(tag: &str) -> Vec<(Location, Option<common::Dir>)> {
+    let dir = common::Dir::new(tag);
+    let sqlite = Location::Sqlite(dir.db());
+    let pg = Location::parse(&common::postgres_database(tag)).unwrap();
+    vec![(sqlite, Some(dir)), (pg, None)]
+}
+
+fn agent(name: &str, scopes: &[&str]) -> NewAgent {
+    NewAgent { name: name.into(), scopes: scopes.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+}
+
+#[test]
+fn a_whole_key_lifecycle_reads_the_same_on_both_engines() {
+    let mut seen = Vec::new();
+    for (loc, _dir) in engines("lifecycle") {
+        let mut s = Store::open_at(&loc).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION as i64, "{loc:?}");
+        let created = s.create_agent(&agent("billing", &["read:all", "write:all"])).unwrap();
+        s.add_scope(&NewScope { name: "billing:read".into(), description: "Read invoices".into() }).unwrap();
+        s.imply_scope("read:all", &Imply { implies: "billing:read".into(), remove: false }).unwrap();
+        let k = s
+            .create_key(&NewKey { agent: "billing".into(), name: Some("ci".into()), scopes: Some(vec!["read:all".into()]), rate: Some("100/s".into()), burst: Some(20), ..Default::default() })
+            .unwrap();
+        assert_eq!(k.key.scopes, ["billing:read", "read:all"], "{loc:?}: implications expand");
+        let dup = s.create_key(&NewKey { agent: "billing".into(), name: Some("ci".into()), ..Default::default() }).unwrap_err();
+        assert_eq!(dup.code(), "CONFLICT", "{loc:?}");
+        let upd = s.update_key(&k.key.id, &KeyUpdate { name: Some("ci-2".into()), rate: Some(Some("none".into())), ..Default::default() }).unwrap();
+        assert_eq!((upd.name.as_str(), upd.rate_limit.clone()), ("ci-2", None), "{loc:?}");
+        let rotated = s.rotate_key(&k.key.id, &RotateKey { grace: Some("1h".into()), ..Default::default() }).unwrap();
+        assert_eq!(rotated.old.rotated_to.as_deref(), Some(rotated.new.key.id.as_str()));
+        s.revoke_key(&created.key.id).unwrap();
+        let lines: Vec<String> = (0..1200).map(|i| format!("legacy-key-number-{i:06}-abcdef")).collect();
+        let ids = s.import_batch(&NewKey { agent: "billing".into(), name: Some("legacy".into()), ..Default::default() }, &lines, false).unwrap();
+        assert_eq!(ids.len(), 1200);
+        let again = s.import_batch(&NewKey { agent: "billing".into(), name: Some("other".into()), ..Default::default() }, &lines[5..6], false).unwrap_err();
+        assert!(again.to_string().contains("already registered"), "{loc:?}: {again}");
+        s.update_agent("billing", &AgentUpdate { remove_scopes: vec!["write:all".into()], ..Default::default() }).unwrap();
+        s.set_agent_enabled("billing", false, Some("unpaid invoice")).unwrap();
+        let in_use = s.remove_scope("billing:read").unwrap_err();
+        assert_eq!(in_use.code(), "CONFLICT", "{loc:?}: implied by a carried scope");
+        let scopes: Vec<String> = s.list_scopes().unwrap().into_iter().map(|v| format!("{}:{}:{}", v.name, v.agents, v.keys)).collect();
+        // Every change is one version, one audit entry, in order, with no gap.
+        let version = s.snapshot_version().unwrap();
+        let audit: Vec<u64> = s.audit(1000).unwrap().iter().map(|e| e.version).collect();
+        assert_eq!(audit, (1..=version).collect::<Vec<_>>(), "{loc:?}");
+        // The feed pages through every record exactly once, consistent with its version.
+        let mut since_cursor: Option<(u64, String)> = None;
+        let mut digests = std::collections::BTreeSet::new();
+        loop {
+            let page = match &since_cursor {
+                Some((v, id)) => s.feed_page(*v, Some(id), 250).unwrap(),
+                None => s.feed_page(0, None, 250).unwrap(),
+            };
+            assert_eq!(page.version, version);
+            assert!(page.store.as_deref().is_some_and(|id| id.starts_with("st_")), "{loc:?}: the store says who it is");
+            for k in &page.keys {
+                assert!(digests.insert(k.digest.clone()), "{loc:?}: {} twice", k.id);
+                assert!(!k.agent_enabled, "{loc:?}: the disabled agent travels with every key");
+            }
+            match page.cursor {
+                Some(c) => since_cursor = Some((c.version, c.id)),
+                None => break,
+            }
+        }
+        assert_eq!(digests.len(), 1203, "{loc:?}");
+        let snap = s.snapshot().unwrap();
+        assert_eq!(snap.keys.len(), 1203);
+        assert_eq!(snap.version, version);
+        // Usage lands, and only for keys the store knows.
+        let report = UsageReport {
+            envoy: "e1".into(),
+            usage: vec![
+                KeyUsage { key_id: rotated.new.key.id.clone(), count: 3, last_used: 1_700_000_000, denied: [("RATE_LIMITED".to_string(), 2)].into() },
+                KeyUsage { key_id: "key_unknown".into(), count: 1, last_used: 1_700_000_000, denied: Default::default() },
+            ],
+        };
+        assert_eq!(s.record_usage(&report).unwrap(), 1);
+        assert_eq!(s.record_usage(&report).unwrap(), 1);
+        let usage = s.usage(Some("billing"), 1_600_000_000).unwrap();
+        assert_eq!(usage.len(), 2, "{loc:?}: {usage:?}");
+        let used = usage.iter().find(|u| u.count > 0).unwrap();
+        assert_eq!(used.count, 6, "{loc:?}");
+        let refused = usage.iter().find(|u| !u.denied.is_empty()).unwrap();
+        assert_eq!(refused.denied.get("RATE_LIMITED"), Some(&4), "{loc:?}");
+        assert_eq!(s.get_key(&rotated.new.key.id).unwrap().last_used_at.as_deref(), Some("2023-11-14T22:13:20Z"));
+        // Acknowledgements and replicas.
+        s.replica = Some("r1".into());
+        s.replica_seen("r1", 1).unwrap();
+        s.envoy_seen("e1", Some(version), keyward_control::store::now_unix() + 30).unwrap();
+        s.is_server = true;
+        let status = s.status().unwrap();
+        assert_eq!(status.envoys.len(), 1);
+        assert_eq!(status.envoys[0].replica.as_deref(), Some("r1"));
+        assert_eq!(status.envoys[0].state, "connected");
+        assert_eq!(status.replicas.len(), 1);
+        assert_eq!(s.envoys_applied(version).unwrap(), (vec!["e1".to_string()], vec![]));
+        s.forget_open_feeds(Some("r1")).unwrap();
+        assert_eq!(s.envoys_applied(version).unwrap(), (vec![], vec![]));
+        // What the two engines said, minus ids and times.
+        let mut keys: Vec<String> = s.list_keys(Some("billing")).unwrap().iter().map(|k| format!("{} {} {:?} {}", k.name, k.status, k.scopes, k.masked.len())).collect();
+        keys.sort();
+        seen.push((scopes, keys, version, status.active_keys));
+    }
+    assert_eq!(seen[0], seen[1], "SQLite and PostgreSQL disagree");
+}
+
+#[test]
+fn the_audit_log_refuses_edits_in_the_database_itself() {
+    let url = common::postgres_database("audit");
+    let mut s = Store::open_at(&Location::parse(&url).unwrap()).unwrap();
+    s.create_agent(&agent("a", &["read:all"])).unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    for sql in ["UPDATE audit SET actor = 'mallory'", "DELETE FROM audit", "TRUNCATE audit"] {
+        let err = client.batch_execute(sql).unwrap_err();
+        assert!(format!("{err:?}").contains("append-only"), "{sql}: {err:?}");
+    }
+    assert_eq!(s.audit(10).unwrap().len(), 1);
+}
+
+#[test]
+fn a_newer_postgres_schema_is_refused_and_a_migrated_one_reopens() {
+    let url = common::postgres_database("schema");
+    let loc = Location::parse(&url).unwrap();
+    let mut s = Store::open_at(&loc).unwrap();
+    s.create_agent(&agent("a", &["read:all"])).unwrap();
+    let id = s.store_id().unwrap();
+    drop(s);
+    let s = Store::open_at(&loc).unwrap();
+    assert_eq!(s.store_id().unwrap(), id, "the identity survives a reopen");
+    assert_eq!(s.snapshot_version().unwrap(), 1);
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client.batch_execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'").unwrap();
+    let err = Store::open_at(&loc).err().unwrap().to_string();
+    assert!(err.contains("newer than this keyward"), "{err}");
+}
+
+/// Writers on separate connections (as separate replicas are) never share a version or skip
+/// one, and every acknowledged change is in the store and its audit log.
+#[test]
+fn concurrent_writers_get_strictly_increasing_gap_free_versions() {
+    for (loc, _dir) in engines("writers") {
+        let mut first = Store::open_at(&loc).unwrap();
+        first.create_agent(&agent("shared", &["read:all"])).unwrap();
+        let acknowledged = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for w in 0..4 {
+                let (loc, acknowledged) = (&loc, &acknowledged);
+                scope.spawn(move || {
+                    let mut s = Store::open_at(loc).unwrap();
+                    for i in 0..40 {
+                        let req = NewKey { agent: "shared".into(), name: Some(format!("w{w}-{i}")), ..Default::default() };
+                        // SQLite may answer busy under contention; a busy answer changed nothing.
+                        match s.create_key(&req) {
+                            Ok(k) => acknowledged.lock().unwrap().push((s.last_change.unwrap(), k.key.id)),
+                            Err(e) => assert!(e.store_fault().is_some(), "{loc:?}: {e}"),
+                        }
+                    }
+                });
+            }
+        });
+        let acknowledged = acknowledged.into_inner().unwrap();
+        let mut versions: Vec<u64> = acknowledged.iter().map(|a| a.0).collect();
+        versions.sort_unstable();
+        let unique: std::collections::BTreeSet<u64> = versions.iter().copied().collect();
+        assert_eq!(unique.len(), versions.len(), "{loc:?}: a version was given twice");
+        let total = first.snapshot_version().unwrap();
+        assert_eq!(total, 1 + versions.len() as u64, "{loc:?}: a refused change left a gap or a change went missing");
+        let audit: Vec<u64> = first.audit(10_000).unwrap().iter().map(|e| e.version).collect();
+        assert_eq!(audit, (1..=total).collect::<Vec<_>>(), "{loc:?}");
+        for (_, id) in &acknowledged {
+            first.get_key(id).unwrap();
+        }
+        assert!(acknowledged.len() >= 150, "{loc:?}: only {} of 160 changes landed", acknowledged.len());
+    }
+}
