@@ -167,6 +167,24 @@ pub async fn watch_version(state: Arc<AppState>, period: std::time::Duration) {
     }
 }
 
+/// Says every second that this replica lives, so `keyward status` and the CLI's
+/// read-your-writes see it, on whichever replica or host they run.
+pub async fn heartbeat(state: Arc<AppState>, replica: String) {
+    let started_at = crate::store::now_unix();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (s, name) = (Arc::clone(&state), replica.clone());
+        let beat = tokio::task::spawn_blocking(move || {
+            let mut store = s.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
+            store.replica_seen(&name, started_at)
+        });
+        if let Ok(Err(e)) = beat.await {
+            tracing::warn!(error = %e, "recording this replica's heartbeat");
+        }
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         if matches!(self, Error::Store(_) | Error::Postgres(_) | Error::Internal(_)) {

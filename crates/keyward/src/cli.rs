@@ -21,6 +21,10 @@ pub struct Cli {
     /// SQLite database file [default: $XDG_DATA_HOME/keyward/keyward.db]
     #[arg(long, global = true, env = "KEYWARD_DB", value_name = "PATH")]
     db: Option<PathBuf>,
+    /// The store, by URL: sqlite:///path/to/keyward.db or postgres://user:password@host:5432/db
+    /// (several `keyward serve` replicas may share one PostgreSQL) [default: the --db file]
+    #[arg(long, global = true, env = "KEYWARD_STORE", value_name = "URL", conflicts_with = "db", hide_env_values = true)]
+    store: Option<String>,
     /// Talk to a running `keyward serve` instead of the database file, e.g. http://127.0.0.1:7070
     #[arg(long, global = true, env = "KEYWARD_URL", value_name = "URL")]
     url: Option<String>,
@@ -357,6 +361,17 @@ fn flag_for(field: &str, positional: &[(&str, &str)]) -> String {
     }
 }
 
+/// This replica's name: `KEYWARD_REPLICA`, else the host name, else `keyward`.
+fn replica_name() -> String {
+    std::env::var("KEYWARD_REPLICA")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "keyward".into())
+}
+
 /// Runs the CLI; the process exit code says how it went.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -418,15 +433,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         .into());
     }
-    let db = cli.db.clone().unwrap_or_else(default_db);
+    // The flag a store problem is reported against.
+    let store_flag = if cli.store.is_some() { "--store" } else { "--db" };
+    let location = match &cli.store {
+        Some(url) => store::Location::parse(url).map_err(|error| CliError { error, flag: "--store".into() })?,
+        None => store::Location::Sqlite(cli.db.clone().unwrap_or_else(default_db)),
+    };
     if let Command::Serve { listen } = &cli.command {
-        return serve(&db, listen, cli.token.clone(), &cli.key_prefix);
+        return serve(&location, listen, cli.token.clone(), &cli.key_prefix);
     }
     if let Command::AdminToken(AdminTokenCommand::Rotate) = &cli.command {
         if cli.url.is_some() {
-            anyhow::bail!("admin-token rotate works on the database file (where serve keeps the token's digest); run it without --url");
+            anyhow::bail!("admin-token rotate works on the store (where serve keeps the token's digest); run it without --url");
         }
-        return rotate_admin_token(&db);
+        return rotate_admin_token(&location, store_flag);
     }
     let wait = !cli.no_wait;
     let mut backend: Box<dyn Admin> = match &cli.url {
@@ -439,16 +459,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // error. A first write that would be refused is tried on an in-memory store first,
             // so that it leaves no folder or empty store behind.
             let creates = matches!(cli.command, Command::Agent(AgentCommand::Create { .. }) | Command::Scope(ScopeCommand::Add { .. }));
-            let opened = if creates && !db.exists() {
+            let missing = matches!(&location, store::Location::Sqlite(db) if !db.exists());
+            let opened = if creates && missing {
                 first_write_probe(&cli.command, &cli.key_prefix)
                     .map_err(|error| CliError { flag: error.field().map_or_else(|| "error".into(), |f| flag_for(f, &[("name", "NAME")])), error })?;
-                Store::open(&db)
+                Store::open_at(&location)
             } else {
-                Store::open_existing(&db)
+                Store::open_existing_at(&location)
             };
             let mut store = match opened {
-                Err(error @ Error::Missing(_)) => return Err(CliError { error, flag: "--db".into() }.into()),
-                other => other.with_context(|| format!("opening {}", db.display()))?,
+                Err(error @ Error::Missing(_)) => return Err(CliError { error, flag: store_flag.into() }.into()),
+                other => other.with_context(|| format!("opening {}", location.display()))?,
             };
             store.actor = format!("cli:{}", std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()));
             store.key_prefix = cli.key_prefix.clone();
@@ -606,8 +627,8 @@ fn first_write_probe(command: &Command, key_prefix: &str) -> Result<(), Error> {
 }
 
 /// `admin-token rotate`: a new bootstrap admin token, printed once; only its digest is kept.
-fn rotate_admin_token(db: &std::path::Path) -> anyhow::Result<()> {
-    let mut store = Store::open_existing(db).map_err(|error| CliError { error, flag: "--db".into() })?;
+fn rotate_admin_token(location: &store::Location, flag: &str) -> anyhow::Result<()> {
+    let mut store = Store::open_existing_at(location).map_err(|error| CliError { error, flag: flag.into() })?;
     store.actor = format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
     let token = store::generate_key("kwadm")?;
     store.set_meta("admin_token_sha256", &keyward_core::Digest::of(token.as_bytes()).to_hex(), "admin_token.rotate")?;
@@ -617,7 +638,7 @@ fn rotate_admin_token(db: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_prefix: &str) -> anyhow::Result<()> {
+fn serve(location: &store::Location, listen: &str, env_token: Option<String>, key_prefix: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -625,14 +646,25 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let mut store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
-    // Held while serve runs: the CLI on the file sees that its changes are published.
-    // Another serve on the same store holds its Envoys' feed requests open: keep them.
-    let alone = !crate::applied::serve_running(db);
-    let _lock = crate::applied::ServeLock::acquire(db).with_context(|| format!("locking {}", crate::applied::lock_path(db).display()))?;
-    if alone {
-        store.forget_open_feeds(None)?;
+    let mut store = Store::open_at(location).with_context(|| format!("opening {}", location.display()))?;
+    let replica = replica_name();
+    let mut _lock = None;
+    match location {
+        store::Location::Sqlite(db) => {
+            // Held while serve runs: the CLI on the file sees that its changes are published.
+            // Another serve on the same store holds its Envoys' feed requests open: keep them.
+            let alone = !crate::applied::serve_running(db);
+            _lock = Some(
+                crate::applied::ServeLock::acquire(db).with_context(|| format!("locking {}", crate::applied::lock_path(db).display()))?,
+            );
+            if alone {
+                store.forget_open_feeds(None)?;
+            }
+        }
+        // Other replicas hold their own Envoys' feeds; this one held none yet.
+        _ => store.forget_open_feeds(Some(&replica))?,
     }
+    store.replica = Some(replica.clone());
     store.is_server = true;
     store.actor = "api".into();
     store.key_prefix = key_prefix.to_string();
@@ -650,9 +682,17 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
             None => {
                 let token = store::generate_key("kwadm")?;
                 let digest = keyward_core::Digest::of(token.as_bytes());
-                store.set_meta("admin_token_sha256", &digest.to_hex(), "admin_token.create")?;
-                println!("admin token (shown once; store it now, only its digest is kept):\n\n  {token}\n");
-                digest
+                // Replicas starting together on a new store: one token wins, and only its
+                // maker prints it.
+                if store.init_meta("admin_token_sha256", &digest.to_hex(), "admin_token.create")? {
+                    println!("admin token (shown once; store it now, only its digest is kept):\n\n  {token}\n");
+                    digest
+                } else {
+                    store
+                        .meta("admin_token_sha256")?
+                        .and_then(|h| keyward_core::Digest::from_hex(&h))
+                        .context("the store's admin token digest is unreadable")?
+                }
             }
         },
     };
@@ -666,11 +706,27 @@ fn serve(db: &std::path::Path, listen: &str, env_token: Option<String>, key_pref
     state.token_from_store = !from_env;
     let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let postgres = match location {
+        store::Location::Postgres(url) => Some(url.clone()),
+        _ => None,
+    };
     runtime.block_on(async move {
-        // Changes made by the CLI straight to the file reach the feed through this watcher.
-        tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(20)));
+        // Changes made by the CLI straight to the file reach the feed through this watcher. On
+        // PostgreSQL, every replica's changes arrive at once by LISTEN/NOTIFY; the watcher is
+        // the safety net for a notification lost with a connection.
+        let period = if postgres.is_some() { 1000 } else { 20 };
+        tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(period)));
+        if let Some(url) = postgres {
+            let s = Arc::clone(&state);
+            crate::notify::listen(url, move || {
+                if let Err(e) = s.refresh_version() {
+                    tracing::warn!(error = %e, "reading the snapshot version");
+                }
+            });
+        }
+        tokio::spawn(api::heartbeat(Arc::clone(&state), replica.clone()));
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-        tracing::info!(address = %listener.local_addr()?, db = %db.display(), version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
+        tracing::info!(address = %listener.local_addr()?, store = %location.display(), replica = %replica, version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
         // Client addresses feed the token brute-force guard.
         let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
         axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;

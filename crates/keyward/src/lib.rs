@@ -7,5 +7,6 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod model;
+pub mod notify;
 pub mod output;
 pub mod store;

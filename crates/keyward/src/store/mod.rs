@@ -249,6 +249,20 @@ impl Store {
         tx.commit()
     }
 
+    /// Sets a `meta` value only if it has none (replicas starting together agree on one admin
+    /// token); returns whether this call set it.
+    pub fn init_meta(&mut self, name: &str, value: &str, action: &str) -> Result<bool> {
+        let now = self.now();
+        let tx = Tx::write(&*self.db)?;
+        let set = tx.execute("INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO NOTHING", p![name, value])? == 1;
+        if set {
+            let version = version_in(&*tx)?;
+            audit(&*tx, now, &self.actor, action, name, serde_json::json!({}), version)?;
+        }
+        tx.commit()?;
+        Ok(set)
+    }
+
     /// Starts a change: a write transaction whose first act is to bump the version.
     pub(crate) fn begin(&mut self) -> Result<Change<'_>> {
         let tx = Tx::write(&*self.db)?;
