@@ -155,6 +155,15 @@ pub trait Db: Send {
     /// Starts a read-only transaction that sees one consistent state.
     fn begin_read(&self) -> Result<()>;
 
+    /// The SQLite connection, for what only SQLite does (online backup and restore).
+    fn sqlite(&self) -> Option<&rusqlite::Connection> {
+        None
+    }
+
+    fn sqlite_mut(&mut self) -> Option<&mut rusqlite::Connection> {
+        None
+    }
+
     /// At most one row.
     fn row(&self, sql: &str, params: &[Value]) -> Result<Option<Row>> {
         Ok(self.query(sql, params)?.into_iter().next())
@@ -265,6 +274,14 @@ impl Db for Sqlite {
 
     fn begin_read(&self) -> Result<()> {
         self.batch("BEGIN")
+    }
+
+    fn sqlite(&self) -> Option<&rusqlite::Connection> {
+        Some(&self.conn)
+    }
+
+    fn sqlite_mut(&mut self) -> Option<&mut rusqlite::Connection> {
+        Some(&mut self.conn)
     }
 }
 

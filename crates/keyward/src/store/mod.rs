@@ -14,6 +14,7 @@ mod records;
 mod schema;
 mod scopes;
 mod envoys;
+pub mod copy;
 
 
 use crate::error::{Error, Result};
@@ -206,6 +207,14 @@ impl Store {
 
     pub(crate) fn db(&self) -> &(dyn Db + 'static) {
         &*self.db
+    }
+
+    pub(crate) fn sqlite(&self) -> Option<&rusqlite::Connection> {
+        self.db.sqlite()
+    }
+
+    pub(crate) fn sqlite_mut(&mut self) -> Option<&mut rusqlite::Connection> {
+        self.db.sqlite_mut()
     }
 
     pub(crate) fn now(&self) -> i64 {
