@@ -6,6 +6,8 @@ pub mod applied;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod store;
+pub mod tls;
