@@ -711,9 +711,10 @@ fn serve(db: &std::path::Path, args: &ServeArgs, env_token: Option<String>, key_
     runtime.block_on(async move {
         // Changes made by the CLI straight to the file reach the feed through this watcher.
         tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(20)));
-        let listeners = match &args.feed_listen {
+        // An empty KEYWARD_FEED_LISTEN (compose's `${KEYWARD_FEED_LISTEN-}`) is unset.
+        let listeners = match args.feed_listen.as_deref().filter(|a| !a.is_empty()) {
             None => vec![(args.listen.as_str(), "--listen", api::Role::AdminAndFeed)],
-            Some(feed) => vec![(args.listen.as_str(), "--listen", api::Role::Admin), (feed.as_str(), "--feed-listen", api::Role::Feed)],
+            Some(feed) => vec![(args.listen.as_str(), "--listen", api::Role::Admin), (feed, "--feed-listen", api::Role::Feed)],
         };
         // Every address is bound before any serves: a taken port fails the start.
         let mut bound = Vec::new();
