@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/metrics"),
     ("GET", "/v1/agents"),
     ("POST", "/v1/agents"),
     ("GET", "/v1/agents/{name}"),
@@ -70,6 +71,11 @@ pub struct AppState {
     pub version: tokio::sync::watch::Sender<u64>,
     /// Failed token attempts per client address.
     pub guard: AuthGuard,
+    /// The store's engine, as `keyward_replica_info` names it.
+    pub engine: &'static str,
+    /// This process's name among the replicas (`--replica`).
+    pub replica: String,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Wrong tokens tolerated from one client address per window; then 429 until the window ends.
@@ -95,8 +101,9 @@ impl AuthGuard {
         (*count >= AUTH_FAILURES_ALLOWED).then(|| left.as_secs().max(1))
     }
 
-    pub fn failed(&self, ip: IpAddr, now: std::time::Instant) {
-        let Ok(mut map) = self.failures.lock() else { return };
+    /// Counts a failure; true if it is the one that blocks `ip`.
+    pub fn failed(&self, ip: IpAddr, now: std::time::Instant) -> bool {
+        let Ok(mut map) = self.failures.lock() else { return false };
         if map.len() >= AUTH_TRACKED_MAX && !map.contains_key(&ip) {
             map.retain(|_, (_, since)| now.duration_since(*since) < AUTH_WINDOW);
             if map.len() >= AUTH_TRACKED_MAX {
@@ -110,6 +117,7 @@ impl AuthGuard {
             *entry = (0, now);
         }
         entry.0 = entry.0.saturating_add(1);
+        entry.0 == AUTH_FAILURES_ALLOWED
     }
 }
 
@@ -130,6 +138,9 @@ impl AppState {
             feed_token_digest,
             version: tokio::sync::watch::channel(version).0,
             guard: AuthGuard::default(),
+            engine: "sqlite",
+            replica: "keyward".into(),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -199,7 +210,43 @@ impl IntoResponse for Error {
     }
 }
 
+/// What a listener serves: with `--feed-listen`, the admin API on one and the feed on the
+/// other; without it, both on one. Probes and `/metrics` answer on every listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Feed,
+    AdminAndFeed,
+}
+
+impl Role {
+    /// The `role` label of `keyward_replica_info`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Feed => "feed",
+            Role::AdminAndFeed => "admin+feed",
+        }
+    }
+
+    /// Which listener serves a route of [`ROUTES`]; `None`: every listener.
+    fn of_route(path: &str) -> Option<Role> {
+        match path {
+            "/healthz" | "/readyz" | "/metrics" => None,
+            p if p.starts_with("/v1/feed") => Some(Role::Feed),
+            _ => Some(Role::Admin),
+        }
+    }
+}
+
+/// The router of a listener serving both the admin API and the feed.
 pub fn router(state: Arc<AppState>) -> Router {
+    router_for(state, Role::AdminAndFeed)
+}
+
+/// A listener's router: the routes its `role` serves, and for the other listener's routes a
+/// 404 that says where they are.
+pub fn router_for(state: Arc<AppState>, role: Role) -> Router {
     let admin = Router::new()
         .route("/v1/agents", get(list_agents).post(create_agent))
         .route("/v1/agents/{name}", get(show_agent).patch(update_agent).delete(delete_agent))
@@ -223,16 +270,49 @@ pub fn router(state: Arc<AppState>) -> Router {
         // A usage report names up to 2,000 keys (the filter batches them): about 120 KiB.
         .route("/v1/feed/usage", post(feed_usage).layer(DefaultBodyLimit::max(USAGE_MAX_BODY_BYTES)))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_feed_token));
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .merge(admin)
-        .merge(feed)
-        .fallback(|req: Request| async move { Error::NoRoute(format!("{} {}", req.method(), req.uri().path())) })
+        .route("/metrics", get(move |State(state): State<Arc<AppState>>| metrics(state, role)));
+    let app = match role {
+        Role::AdminAndFeed => app.merge(admin).merge(feed),
+        Role::Admin => app.merge(admin).merge(elsewhere(Role::Feed)),
+        Role::Feed => app.merge(feed).merge(elsewhere(Role::Admin)),
+    };
+    app.fallback(|req: Request| async move { Error::NoRoute(format!("{} {}", req.method(), req.uri().path())) })
         .method_not_allowed_fallback(|req: Request| async move { Error::MethodNotAllowed(format!("{} {}", req.method(), req.uri().path())) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// The routes of the listener `other`, each answering a 404 that names that listener.
+fn elsewhere(other: Role) -> Router<Arc<AppState>> {
+    let paths: std::collections::BTreeSet<&str> = ROUTES.iter().map(|(_, p)| *p).filter(|p| Role::of_route(p) == Some(other)).collect();
+    paths.into_iter().fold(Router::new(), |r, path| {
+        r.route(
+            path,
+            axum::routing::any(move |req: Request| async move {
+                Error::OtherListener { route: format!("{} {}", req.method(), req.uri().path()), listener: other.as_str() }
+            }),
+        )
+    })
+}
+
+/// `GET /metrics`: OpenMetrics text; see [`crate::metrics`].
+async fn metrics(state: Arc<AppState>, role: Role) -> Result<Response> {
+    // Without the store the process's own metrics still answer, with no Envoy series.
+    let envoys = match with_store(&state, "metrics.status", |s| s.status()).await {
+        Ok(status) => crate::metrics::envoy_series(&status),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the Envoys for /metrics");
+            Vec::new()
+        }
+    };
+    let snapshot_version = *state.version.borrow();
+    let scrape = crate::metrics::Scrape { replica: &state.replica, engine: state.engine, role: role.as_str(), snapshot_version, envoys: &envoys };
+    let text = state.metrics.render(&scrape).map_err(|e| Error::Internal(format!("encoding metrics: {e}")))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// Logs each request's method, path, status and latency at debug level. Never headers or
@@ -287,7 +367,9 @@ async fn guarded(state: &AppState, headers: &HeaderMap, want: &Digest, messages:
     match bearer(headers) {
         Some(token) if digests_equal(&Digest::of(token.as_bytes()), want) => next.run(req).await,
         found => {
-            state.guard.failed(ip, now);
+            if state.guard.failed(ip, now) {
+                state.metrics.lockout();
+            }
             tracing::warn!(client = %ip, "request with a wrong or missing token");
             let message = if found.is_some() { messages.1 } else { messages.0 };
             Error::Unauthorized(message.into()).into_response()
@@ -295,12 +377,21 @@ async fn guarded(state: &AppState, headers: &HeaderMap, want: &Digest, messages:
     }
 }
 
-/// Runs a store operation off the async runtime.
-async fn with_store<T: Send + 'static>(state: &Arc<AppState>, op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static) -> Result<T> {
+/// Runs a store operation off the async runtime, timed in `keyward_store_operation_seconds`
+/// under `name`.
+async fn with_store<T: Send + 'static>(
+    state: &Arc<AppState>,
+    name: &'static str,
+    op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
+) -> Result<T> {
     let state = Arc::clone(state);
     tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let mut store = state.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
-        op(&mut store)
+        let out = op(&mut store);
+        drop(store);
+        state.metrics.store_op(name, started.elapsed());
+        out
     })
     .await
     .map_err(|e| Error::Internal(format!("store task failed: {e}")))?
@@ -330,16 +421,20 @@ type WaitQ = std::result::Result<Query<WaitQuery>, QueryRejection>;
 /// answers the result with an `applied` object.
 async fn mutate<T: Serialize + Send + 'static>(
     state: &Arc<AppState>,
+    name: &'static str,
     wait: bool,
     status: StatusCode,
     op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
 ) -> Result<Response> {
-    let (out, version) = with_store(state, move |s| {
+    let (out, version) = with_store(state, name, move |s| {
         s.last_change = None;
         let out = op(s)?;
         Ok((out, s.last_change.take()))
     })
     .await?;
+    if version.is_some() {
+        state.metrics.change();
+    }
     let s = Arc::clone(state);
     let _ = tokio::task::spawn_blocking(move || s.refresh_version()).await;
     let mut value = serde_json::to_value(out).map_err(|e| Error::Internal(e.to_string()))?;
@@ -355,7 +450,7 @@ async fn mutate<T: Serialize + Send + 'static>(
 async fn wait_applied(state: &Arc<AppState>, version: u64, wait: bool) -> Result<Applied> {
     let start = std::time::Instant::now();
     loop {
-        let (done, pending) = with_store(state, move |s| s.envoys_applied(version)).await?;
+        let (done, pending) = with_store(state, "envoys_applied", move |s| s.envoys_applied(version)).await?;
         if !wait || pending.is_empty() || start.elapsed() >= crate::applied::DEFAULT_WAIT {
             return Ok(crate::applied::applied(version, true, wait, &done, pending, start));
         }
@@ -383,39 +478,39 @@ fn ok<T: Serialize>(status: StatusCode, value: T) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Result<Response> {
-    let version = with_store(&state, |s| s.snapshot_version()).await?;
+    let version = with_store(&state, "readyz", |s| s.snapshot_version()).await?;
     Ok(ok(StatusCode::OK, serde_json::json!({"status": "ready", "snapshot_version": version})))
 }
 
 async fn list_agents(State(state): State<Arc<AppState>>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, |s| s.list_agents()).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "agent.list", |s| s.list_agents()).await?))
 }
 
 async fn create_agent(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: NewAgent = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.create_agent(&req)).await
+    mutate(&state, "agent.create", wait_param(w)?, StatusCode::CREATED, move |s| s.create_agent(&req)).await
 }
 
 async fn update_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
     let req: AgentUpdate = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.update_agent(&name, &req)).await
+    mutate(&state, "agent.update", wait_param(w)?, StatusCode::OK, move |s| s.update_agent(&name, &req)).await
 }
 
 async fn show_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.show_agent(&name)).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "agent.show", move |s| s.show_agent(&name)).await?))
 }
 
 async fn delete_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ) -> Result<Response> {
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.delete_agent(&name)).await
+    mutate(&state, "agent.delete", wait_param(w)?, StatusCode::OK, move |s| s.delete_agent(&name)).await
 }
 
 async fn disable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
     let req: DisableAgent = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.set_agent_enabled(&name, false, req.reason.as_deref())).await
+    mutate(&state, "agent.disable", wait_param(w)?, StatusCode::OK, move |s| s.set_agent_enabled(&name, false, req.reason.as_deref())).await
 }
 
 async fn enable_agent(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ) -> Result<Response> {
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.set_agent_enabled(&name, true, None)).await
+    mutate(&state, "agent.enable", wait_param(w)?, StatusCode::OK, move |s| s.set_agent_enabled(&name, true, None)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -429,57 +524,57 @@ fn query<T>(q: std::result::Result<Query<T>, QueryRejection>, field: &'static st
 
 async fn list_keys(State(state): State<Arc<AppState>>, q: std::result::Result<Query<KeyQuery>, QueryRejection>) -> Result<Response> {
     let q = query(q, "agent")?;
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.list_keys(q.agent.as_deref())).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "key.list", move |s| s.list_keys(q.agent.as_deref())).await?))
 }
 
 async fn create_key(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: NewKey = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.create_key(&req)).await
+    mutate(&state, "key.create", wait_param(w)?, StatusCode::CREATED, move |s| s.create_key(&req)).await
 }
 
 async fn import_key(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: ImportKey = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.import_key(&req)).await
+    mutate(&state, "key.import", wait_param(w)?, StatusCode::CREATED, move |s| s.import_key(&req)).await
 }
 
 async fn get_key(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.get_key(&id)).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "key.show", move |s| s.get_key(&id)).await?))
 }
 
 async fn update_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
     let req: KeyUpdate = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.update_key(&id, &req)).await
+    mutate(&state, "key.update", wait_param(w)?, StatusCode::OK, move |s| s.update_key(&id, &req)).await
 }
 
 async fn revoke_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, w: WaitQ) -> Result<Response> {
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.revoke_key(&id)).await
+    mutate(&state, "key.revoke", wait_param(w)?, StatusCode::OK, move |s| s.revoke_key(&id)).await
 }
 
 async fn rotate_key(State(state): State<Arc<AppState>>, Path(id): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
     let req: RotateKey = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.rotate_key(&id, &req)).await
+    mutate(&state, "key.rotate", wait_param(w)?, StatusCode::CREATED, move |s| s.rotate_key(&id, &req)).await
 }
 
 async fn list_scopes(State(state): State<Arc<AppState>>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, |s| s.list_scopes()).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "scope.list", |s| s.list_scopes()).await?))
 }
 
 async fn add_scope(State(state): State<Arc<AppState>>, w: WaitQ, body: Body) -> Result<Response> {
     let req: NewScope = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::CREATED, move |s| s.add_scope(&req)).await
+    mutate(&state, "scope.add", wait_param(w)?, StatusCode::CREATED, move |s| s.add_scope(&req)).await
 }
 
 async fn remove_scope(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ) -> Result<Response> {
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.remove_scope(&name)).await
+    mutate(&state, "scope.remove", wait_param(w)?, StatusCode::OK, move |s| s.remove_scope(&name)).await
 }
 
 async fn imply_scope(State(state): State<Arc<AppState>>, Path(name): Path<String>, w: WaitQ, body: Body) -> Result<Response> {
     let req: Imply = parse(body)?;
-    mutate(&state, wait_param(w)?, StatusCode::OK, move |s| s.imply_scope(&name, &req)).await
+    mutate(&state, "scope.imply", wait_param(w)?, StatusCode::OK, move |s| s.imply_scope(&name, &req)).await
 }
 
 async fn status(State(state): State<Arc<AppState>>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, |s| s.status()).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "status", |s| s.status()).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -492,7 +587,7 @@ async fn usage(State(state): State<Arc<AppState>>, q: std::result::Result<Query<
     let q = query(q, "since")?;
     let window = crate::model::parse_duration("since", q.since.as_deref().unwrap_or("24h"))?;
     let since = crate::store::now_unix().saturating_sub(window);
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.usage(q.agent.as_deref(), since)).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "usage", move |s| s.usage(q.agent.as_deref(), since)).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -508,6 +603,7 @@ struct FeedQuery {
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
 /// next change lands or after `wait` seconds, whichever is first. A long-poll: see ARCHITECTURE.md.
 async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<FeedQuery>, QueryRejection>) -> Result<Response> {
+    let _open = state.metrics.feed_client();
     let q = query(q, "since")?;
     let envoy = q.envoy.clone().unwrap_or_else(|| "unnamed".into());
     if envoy.len() > 256 {
@@ -534,7 +630,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     let wait = if ahead { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
     let open_until = crate::store::now_unix() + i64::try_from(wait).unwrap_or(0) + 2;
     let id = envoy.clone();
-    with_store(&state, move |s| s.envoy_seen(&id, applied, open_until)).await?;
+    with_store(&state, "feed.seen", move |s| s.envoy_seen(&id, applied, open_until)).await?;
     if q.after.is_none() && current <= q.since && wait > 0 {
         let wait = std::time::Duration::from_secs(wait);
         let _ = tokio::time::timeout(wait, async {
@@ -549,7 +645,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     // A store that went backwards (restored, replaced) gets the whole snapshot again.
     let since = if ahead { 0 } else { q.since };
     let after = if since == q.since { q.after.clone() } else { None };
-    let page = with_store(&state, move |s| {
+    let page = with_store(&state, "feed.page", move |s| {
         let page = s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)?;
         // Answered: connected for as long as it takes to ask again.
         s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)?;
@@ -561,7 +657,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
 
 async fn feed_usage(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let report: keyward_core::feed::UsageReport = parse_limited(body, USAGE_MAX_BODY_BYTES)?;
-    let known = with_store(&state, move |s| s.record_usage(&report)).await?;
+    let known = with_store(&state, "feed.usage", move |s| s.record_usage(&report)).await?;
     Ok(ok(StatusCode::OK, serde_json::json!({"recorded": known})))
 }
 
@@ -573,9 +669,9 @@ struct AuditQuery {
 async fn audit(State(state): State<Arc<AppState>>, q: std::result::Result<Query<AuditQuery>, QueryRejection>) -> Result<Response> {
     let q = query(q, "limit")?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    Ok(ok(StatusCode::OK, with_store(&state, move |s| s.audit(limit)).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "audit", move |s| s.audit(limit)).await?))
 }
 
 async fn snapshot(State(state): State<Arc<AppState>>) -> Result<Response> {
-    Ok(ok(StatusCode::OK, with_store(&state, |s| s.snapshot()).await?))
+    Ok(ok(StatusCode::OK, with_store(&state, "snapshot", |s| s.snapshot()).await?))
 }

@@ -28,6 +28,9 @@ pub struct Cli {
     /// Talk to a running `keyward serve` instead of the database file, e.g. http://127.0.0.1:7070
     #[arg(long, global = true, env = "KEYWARD_URL", value_name = "URL")]
     url: Option<String>,
+    /// CA certificate (PEM) to trust for --url https://…, besides the system's
+    #[arg(long, global = true, env = "KEYWARD_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Admin token for --url (and the token `serve` accepts, if set)
     #[arg(long, global = true, env = "KEYWARD_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -44,14 +47,30 @@ pub struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address of the admin API (and of the feed, without --feed-listen)
+    #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:7070", value_name = "ADDR")]
+    listen: String,
+    /// Serve the feed (GET /v1/feed, POST /v1/feed/usage) on this address only, and the admin API
+    /// only on --listen
+    #[arg(long, env = "KEYWARD_FEED_LISTEN", value_name = "ADDR")]
+    feed_listen: Option<String>,
+    /// This replica's name in /metrics [default: the host name, else "keyward"]
+    #[arg(long, env = "KEYWARD_REPLICA", value_name = "NAME")]
+    replica: Option<String>,
+    /// Serve HTTPS on every listener with this PEM certificate chain (leaf first); needs --tls-key
+    #[arg(long, env = "KEYWARD_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, env = "KEYWARD_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane: the admin API and the snapshot feed the Envoys fetch
-    Serve {
-        /// Address to listen on
-        #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:7070")]
-        listen: String,
-    },
+    Serve(ServeArgs),
     /// Manage agents: the principals that own keys and carry scopes
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -361,17 +380,6 @@ fn flag_for(field: &str, positional: &[(&str, &str)]) -> String {
     }
 }
 
-/// This replica's name: `KEYWARD_REPLICA`, else the host name, else `keyward`.
-fn replica_name() -> String {
-    std::env::var("KEYWARD_REPLICA")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "keyward".into())
-}
-
 /// Runs the CLI; the process exit code says how it went.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -439,8 +447,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(url) => store::Location::parse(url).map_err(|error| CliError { error, flag: "--store".into() })?,
         None => store::Location::Sqlite(cli.db.clone().unwrap_or_else(default_db)),
     };
-    if let Command::Serve { listen } = &cli.command {
-        return serve(&location, listen, cli.token.clone(), &cli.key_prefix);
+    if let Command::Serve(args) = &cli.command {
+        return serve(&location, args, cli.token.clone(), &cli.key_prefix);
     }
     if let Command::AdminToken(AdminTokenCommand::Rotate) = &cli.command {
         if cli.url.is_some() {
@@ -452,7 +460,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut backend: Box<dyn Admin> = match &cli.url {
         Some(url) => {
             let token = cli.token.clone().context("--url needs the admin token: pass --token or set KEYWARD_ADMIN_TOKEN")?;
-            Box::new(Remote::new(url, token, wait).map_err(|error| CliError { error, flag: "--url".into() })?)
+            let remote = Remote::new(url, token, wait, cli.ca_cert.as_deref());
+            Box::new(remote.map_err(|error| CliError { flag: if error.field() == Some("ca_cert") { "--ca-cert" } else { "--url" }.into(), error })?)
         }
         None => {
             // Only a first write may create the store; anything else on a missing file is an
@@ -638,7 +647,35 @@ fn rotate_admin_token(location: &store::Location, flag: &str) -> anyhow::Result<
     Ok(())
 }
 
-fn serve(location: &store::Location, listen: &str, env_token: Option<String>, key_prefix: &str) -> anyhow::Result<()> {
+fn location_engine(location: &store::Location) -> &'static str {
+    match location {
+        store::Location::Postgres(_) => "postgres",
+        _ => "sqlite",
+    }
+}
+
+/// `serve --replica`'s default: the host name, else "keyward".
+fn default_replica() -> String {
+    let file = std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string());
+    file.filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "keyward".into())
+}
+
+/// The TLS configuration of `--tls-cert` and `--tls-key`, read and checked before anything starts.
+fn serve_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<tokio_rustls::rustls::ServerConfig>>> {
+    // An empty variable (compose's `${KEYWARD_TLS_CERT-}`) is unset.
+    let given = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+    match (given(&args.tls_cert), given(&args.tls_key)) {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::server_config(&cert, &key)?)),
+        (None, None) => Ok(None),
+        (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key (KEYWARD_TLS_KEY): the certificate's private key"),
+        (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (KEYWARD_TLS_CERT): the certificate it belongs to"),
+    }
+}
+
+fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>, key_prefix: &str) -> anyhow::Result<()> {
+    let tls = serve_tls(args)?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -647,7 +684,7 @@ fn serve(location: &store::Location, listen: &str, env_token: Option<String>, ke
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut store = Store::open_at(location).with_context(|| format!("opening {}", location.display()))?;
-    let replica = replica_name();
+    let replica = args.replica.clone().filter(|r| !r.is_empty()).unwrap_or_else(default_replica);
     let mut _lock = None;
     match location {
         store::Location::Sqlite(db) => {
@@ -704,6 +741,8 @@ fn serve(location: &store::Location, listen: &str, env_token: Option<String>, ke
     let mut state = api::AppState::new(store, token_digest, feed_token_digest)?;
     // `admin-token rotate` writes a new digest to the file; the watcher picks it up.
     state.token_from_store = !from_env;
+    state.replica = replica;
+    state.engine = location_engine(location);
     let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let postgres = match location {
@@ -724,12 +763,47 @@ fn serve(location: &store::Location, listen: &str, env_token: Option<String>, ke
                 }
             });
         }
-        tokio::spawn(api::heartbeat(Arc::clone(&state), replica.clone()));
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-        tracing::info!(address = %listener.local_addr()?, store = %location.display(), replica = %replica, version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
-        // Client addresses feed the token brute-force guard.
-        let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+        tokio::spawn(api::heartbeat(Arc::clone(&state), state.replica.clone()));
+        // An empty KEYWARD_FEED_LISTEN (compose's `${KEYWARD_FEED_LISTEN-}`) is unset.
+        let listeners = match args.feed_listen.as_deref().filter(|a| !a.is_empty()) {
+            None => vec![(args.listen.as_str(), "--listen", api::Role::AdminAndFeed)],
+            Some(feed) => vec![(args.listen.as_str(), "--listen", api::Role::Admin), (feed, "--feed-listen", api::Role::Feed)],
+        };
+        // Every address is bound before any serves: a taken port fails the start.
+        let mut bound = Vec::new();
+        for (addr, flag, role) in listeners {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("{flag}: cannot listen on {addr}"))?;
+            bound.push((listener, role));
+        }
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut servers = tokio::task::JoinSet::new();
+        for (listener, role) in bound {
+            let address = listener.local_addr()?;
+            let incoming = match &tls {
+                Some(config) => crate::tls::Incoming::tls(listener, Arc::clone(config))?,
+                None => crate::tls::Incoming::plain(listener)?,
+            };
+            tracing::info!(%address, listener = %role.as_str(), tls = tls.is_some(), store = %location.display(), replica = %state.replica, version = env!("CARGO_PKG_VERSION"), "keyward serve listening");
+            // Client addresses feed the token brute-force guard. `tap_io` is a no-op here: it is
+            // what gives `ConnectInfo<SocketAddr>` to a listener other than `TcpListener`.
+            let incoming = axum::serve::ListenerExt::tap_io(incoming, |_| {});
+            let app = api::router_for(Arc::clone(&state), role).into_make_service_with_connect_info::<std::net::SocketAddr>();
+            let mut stopped = stopped.clone();
+            servers.spawn(async move {
+                axum::serve(incoming, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    })
+                    .await
+            });
+        }
+        tokio::spawn(async move {
+            shutdown().await;
+            let _ = stop.send(true);
+        });
+        while let Some(served) = servers.join_next().await {
+            served??;
+        }
         tracing::info!("keyward serve stopped");
         anyhow::Ok(())
     })

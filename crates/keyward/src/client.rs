@@ -125,8 +125,9 @@ pub struct Remote {
 use keyward_core::url::encode_component as segment;
 
 impl Remote {
-    /// `base` is `http://host:port`; a bare `host:port` means plain HTTP.
-    pub fn new(base: &str, token: String, wait: bool) -> Result<Remote> {
+    /// `base` is `http://host:port` or `https://…`; a bare `host:port` means plain HTTP.
+    /// HTTPS trusts the system's roots and the PEM certificates in `ca_cert`.
+    pub fn new(base: &str, token: String, wait: bool, ca_cert: Option<&std::path::Path>) -> Result<Remote> {
         let base = base.trim().trim_end_matches('/');
         let base = match base.split_once("://") {
             None if !base.is_empty() => format!("http://{base}"),
@@ -136,7 +137,14 @@ impl Remote {
             }
             _ => return Err(invalid("url", format!("{base:?} is not an address; write e.g. http://127.0.0.1:7070"))),
         };
-        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(30)).build();
+        let mut agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(30));
+        if base.starts_with("https://") {
+            agent = agent.tls_config(crate::tls::client_config(ca_cert).map_err(|e| match e {
+                crate::tls::TlsError::File { path, message, .. } => invalid("ca_cert", format!("{path}: {message}")),
+                other => Error::Internal(other.to_string()),
+            })?);
+        }
+        let agent = agent.build();
         Ok(Remote { base, token, agent, wait, last_applied: Default::default() })
     }
 
@@ -163,7 +171,10 @@ impl Remote {
                 let body: serde_json::Value = r.into_json().unwrap_or_default();
                 Err(Error::from_body(code, &body))
             }
-            Err(e) => Err(Error::Internal(format!("cannot reach the admin API at {}: {e}", self.base))),
+            Err(e) => {
+                let hint = if e.to_string().contains("certificate") { " (to trust a private CA, pass --ca-cert FILE)" } else { "" };
+                Err(Error::Internal(format!("cannot reach the admin API at {}: {e}{hint}", self.base)))
+            }
         }
     }
 

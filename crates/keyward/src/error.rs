@@ -30,6 +30,9 @@ pub enum Error {
     /// No route at this path (API).
     #[error("no route {0}")]
     NoRoute(String),
+    /// The route is served on the other listener (`--listen` / `--feed-listen`).
+    #[error("{route} is served on the {listener} listener")]
+    OtherListener { route: String, listener: &'static str },
     /// The route exists, not with this method (API).
     #[error("method not allowed: {0}")]
     MethodNotAllowed(String),
@@ -102,7 +105,7 @@ impl Error {
             Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
             Error::TooManyAttempts { .. } => "TOO_MANY_ATTEMPTS",
             Error::Store(_) | Error::Postgres(_) | Error::Internal(_) => "INTERNAL_ERROR",
-            Error::Missing(_) | Error::NoRoute(_) => "NOT_FOUND",
+            Error::Missing(_) | Error::NoRoute(_) | Error::OtherListener { .. } => "NOT_FOUND",
             Error::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
         }
     }
@@ -121,7 +124,7 @@ impl Error {
             Error::TooLarge(_) => 413,
             Error::TooManyAttempts { .. } => 429,
             Error::Store(_) | Error::Postgres(_) | Error::Internal(_) => 500,
-            Error::Missing(_) | Error::NoRoute(_) => 404,
+            Error::Missing(_) | Error::NoRoute(_) | Error::OtherListener { .. } => 404,
             Error::MethodNotAllowed(_) => 405,
         }
     }
@@ -142,6 +145,10 @@ impl Error {
             Error::NotFound { what, name, .. } => format!("{what} {name:?} not found"),
             Error::Unauthorized(m) | Error::Internal(m) => m.clone(),
             Error::NoRoute(r) => format!("there is no route {r}; the admin API is described in openapi.json"),
+            Error::OtherListener { route, listener } => {
+                let flag = if *listener == "feed" { "--feed-listen" } else { "--listen" };
+                format!("{route} is served on the {listener} listener ({flag}), not on this one")
+            }
             Error::MethodNotAllowed(r) => format!("{r}: this route does not take that method; the admin API is described in openapi.json"),
             Error::Missing(path) => format!(
                 "no keyward store at {path}: create an agent first (`keyward agent create`), or pass --db / --url to use another store"
