@@ -22,8 +22,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "KEYWARD_DB", value_name = "PATH")]
     db: Option<PathBuf>,
     /// The store, by URL: sqlite:///path/to/keyward.db or postgres://user:password@host:5432/db
-    /// (several `keyward serve` replicas may share one PostgreSQL) [default: the --db file]
-    #[arg(long, global = true, env = "KEYWARD_STORE", value_name = "URL", conflicts_with = "db", hide_env_values = true)]
+    /// (several `keyward serve` replicas may share one PostgreSQL); wins over --db [default: the --db file]
+    #[arg(long, global = true, env = "KEYWARD_STORE", value_name = "URL", hide_env_values = true)]
     store: Option<String>,
     /// Talk to a running `keyward serve` instead of the database file, e.g. http://127.0.0.1:7070
     #[arg(long, global = true, env = "KEYWARD_URL", value_name = "URL")]
