@@ -253,11 +253,13 @@ fn kubernetes_manifests_pass_kubernetes_validate_strictly() {
 
 fn crd_validate(files: &[PathBuf]) -> std::process::Output {
     let dir = workspace_root().join("deploy/validate");
-    assert!(
-        dir.join("node_modules/@kubernetes-models/istio").is_dir(),
-        "{}",
-        tool_missing("deploy/validate's npm packages (`npm ci --prefix deploy/validate`)")
-    );
+    for package in ["istio", "gateway-api", "cloudnative-pg", "prometheus-operator"] {
+        assert!(
+            dir.join("node_modules/@kubernetes-models").join(package).is_dir(),
+            "{}",
+            tool_missing(&format!("deploy/validate's npm package @kubernetes-models/{package} (`npm ci --prefix deploy/validate`)"))
+        );
+    }
     Command::new("node").arg(dir.join("validate.mjs")).args(files).output().unwrap_or_else(|e| panic!("node: {e}"))
 }
 
