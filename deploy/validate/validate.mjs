@@ -1,7 +1,8 @@
-// Checks Istio and Gateway API resources against their CRD schemas: the @kubernetes-models
-// packages (validators generated from the upstream CRDs: Istio 1.2x, Gateway API v1), vendored
-// as tarballs in vendor/; their small runtime comes from npm, pinned by package-lock.json.
-// Core Kubernetes kinds are checked by kubernetes-validate instead.
+// Checks resources of CRD kinds against their CRD schemas: the @kubernetes-models packages
+// (validators generated from the upstream CRDs and API types: Istio 1.2x, Gateway API v1,
+// CloudNativePG's postgresql.cnpg.io/v1, prometheus-operator's monitoring.coreos.com/v1),
+// vendored as tarballs in vendor/; their small runtime comes from npm, pinned by
+// package-lock.json. Core Kubernetes kinds are checked by kubernetes-validate instead.
 //
 //   npm ci --prefix deploy/validate && node deploy/validate/validate.mjs deploy/istio/*.yaml
 //
@@ -15,6 +16,8 @@ const packages = {
   "security.istio.io": "@kubernetes-models/istio",
   "telemetry.istio.io": "@kubernetes-models/istio",
   "gateway.networking.k8s.io": "@kubernetes-models/gateway-api",
+  "postgresql.cnpg.io": "@kubernetes-models/cloudnative-pg",
+  "monitoring.coreos.com": "@kubernetes-models/prometheus-operator",
 };
 
 let failed = 0;

