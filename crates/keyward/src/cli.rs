@@ -80,6 +80,9 @@ enum Command {
     /// The scope catalogue: the only scopes agents and keys may carry, and their implications
     #[command(subcommand)]
     Scope(ScopeCommand),
+    /// Move and keep the store: copy between engines, back up and restore SQLite
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// The bootstrap admin token of `keyward serve`
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCommand),
@@ -317,6 +320,34 @@ enum KeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Copy a whole store into a new, empty one (SQLite to PostgreSQL or back): agents, keys,
+    /// scopes, the audit log, usage, the snapshot version and the admin token's digest
+    Copy {
+        /// The store to read, e.g. sqlite:///var/lib/keyward/keyward.db
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// The store to write, which must hold no data yet, e.g. postgres://keyward@db/keyward
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
+    /// Take a consistent backup of a SQLite store into a new file, while `keyward serve` runs
+    Backup {
+        /// The backup file to create
+        file: PathBuf,
+    },
+    /// Put a SQLite backup back: the store gets the backup's data, a new identity and a version
+    /// above any it had, so every Envoy drops what the backup lacks
+    Restore {
+        /// A file made by `keyward store backup`
+        file: PathBuf,
+    },
+    /// After restoring a store by other means (pg_restore): give it a new identity and a
+    /// higher version, so every Envoy drops keys the restored store lacks
+    Rekey,
+}
+
+#[derive(Debug, Subcommand)]
 enum ScopeCommand {
     /// List the catalogue: each scope, its description, what it implies and who carries it
     List,
@@ -450,6 +481,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Serve(args) = &cli.command {
         return serve(&location, args, cli.token.clone(), &cli.key_prefix);
     }
+    if let Command::Store(cmd) = &cli.command {
+        if cli.url.is_some() {
+            anyhow::bail!("store commands work on the store itself; run them without --url (with --store or --db)");
+        }
+        return store_command(cmd, &location, store_flag, cli.json);
+    }
     if let Command::AdminToken(AdminTokenCommand::Rotate) = &cli.command {
         if cli.url.is_some() {
             anyhow::bail!("admin-token rotate works on the store (where serve keeps the token's digest); run it without --url");
@@ -502,7 +539,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         // Handled above, before any backend is opened.
-        Command::Serve { .. } | Command::AdminToken(_) => {}
+        Command::Serve { .. } | Command::AdminToken(_) | Command::Store(_) => {}
         Command::Agent(AgentCommand::Create { name, scopes, rate, burst, description }) => {
             let req = NewAgent { name, scopes: model::split_scopes(&scopes), rate, burst, description };
             let r = backend.create_agent(&req).map_err(wrap)?;
@@ -550,7 +587,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text).context("reading keys from stdin")?;
             let lines: Vec<String> = text.lines().map(str::to_string).collect();
-            let ids = backend.import_batch(&key.into_new_key(), &lines, allow_weak).map_err(wrap)?;
+            let mut progress = crate::progress::Progress::new(cli.json);
+            let ids = backend.import_batch(&key.into_new_key(), &lines, allow_weak, &mut |n| progress.update("keys", n as u64, lines.len() as u64));
+            progress.finish();
+            let ids = ids.map_err(wrap)?;
             reach(&mut backend, &mut out)?;
             out.imported_batch(&ids)
         }
@@ -632,6 +672,83 @@ fn first_write_probe(command: &Command, key_prefix: &str) -> Result<(), Error> {
         }
         Command::Scope(ScopeCommand::Add { name, description }) => probe.add_scope(&NewScope { name: name.clone(), description: description.clone() }).map(|_| ()),
         _ => Ok(()),
+    }
+}
+
+/// `keyward store …`: operations on a whole store.
+fn store_command(cmd: &StoreCommand, location: &store::Location, flag: &str, json: bool) -> anyhow::Result<()> {
+    let mut progress = crate::progress::Progress::new(json);
+    let mut update = |stage: &str, done: u64, total: u64| progress.update(stage, done, total);
+    let actor = format!("cli:{}", std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()));
+    let opened = |loc: &store::Location, flag: &str| -> anyhow::Result<Store> {
+        let mut s = Store::open_existing_at(loc).map_err(|error| CliError { error, flag: flag.into() })?;
+        s.actor = actor.clone();
+        Ok(s)
+    };
+    let result = match cmd {
+        StoreCommand::Copy { from, to } => {
+            let from = store::Location::parse(from).map_err(|error| CliError { error, flag: "--from".into() })?;
+            let to = store::Location::parse(to).map_err(|error| CliError { error, flag: "--to".into() })?;
+            let started = std::time::Instant::now();
+            let summary = store::copy::copy(&from, &to, &mut update).map_err(|error| {
+                let flag = if matches!(error, Error::Missing(_)) { "--from" } else { "--to" };
+                CliError { error, flag: flag.into() }
+            })?;
+            let rows: serde_json::Map<String, serde_json::Value> = summary.rows.iter().map(|(t, n)| (t.to_string(), (*n).into())).collect();
+            let secs = started.elapsed().as_secs_f64();
+            serde_json::json!({"from": from.display(), "to": to.display(), "snapshot_version": summary.version, "rows": rows, "seconds": secs})
+        }
+        StoreCommand::Backup { file } => {
+            let store = opened(location, flag)?;
+            let version = store.backup(file, &mut update).map_err(|error| CliError { flag: flag_of(&error, flag), error })?;
+            serde_json::json!({"backup": file.display().to_string(), "snapshot_version": version})
+        }
+        StoreCommand::Restore { file } => {
+            let mut store = opened(location, flag)?;
+            let (from, version) = store.restore(file, &mut update).map_err(|error| CliError { flag: flag_of(&error, flag), error })?;
+            serde_json::json!({"restored": file.display().to_string(), "backup_version": from, "snapshot_version": version})
+        }
+        StoreCommand::Rekey => {
+            let mut store = opened(location, flag)?;
+            let version = store.rekey(0, "store.rekey", serde_json::json!({})).map_err(|error| CliError { error, flag: flag.into() })?;
+            serde_json::json!({"snapshot_version": version, "store_id": store.store_id()?})
+        }
+    };
+    progress.finish();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    match cmd {
+        StoreCommand::Copy { .. } => {
+            println!("Copied {} to {} at snapshot version {}:", result["from"].as_str().unwrap_or(""), result["to"].as_str().unwrap_or(""), result["snapshot_version"]);
+            if let Some(rows) = result["rows"].as_object() {
+                for (table, n) in rows {
+                    println!("  {table:<20} {n}");
+                }
+            }
+            println!("in {:.1} s. Point `keyward serve --store` at the new store; Envoys keep what they applied.", result["seconds"].as_f64().unwrap_or(0.0));
+        }
+        StoreCommand::Backup { file } => println!("Backed up snapshot version {} to {}.", result["snapshot_version"], file.display()),
+        StoreCommand::Restore { file } => println!(
+            "Restored {} (snapshot version {}). The store is now at version {} with a new identity: every Envoy replaces what it holds.",
+            file.display(),
+            result["backup_version"],
+            result["snapshot_version"]
+        ),
+        StoreCommand::Rekey => println!(
+            "The store has a new identity and is at version {}: every Envoy replaces what it holds with it.",
+            result["snapshot_version"]
+        ),
+    }
+    Ok(())
+}
+
+/// The flag an error is reported against: its own field's, else the store's.
+fn flag_of(error: &Error, store_flag: &str) -> String {
+    match error.field() {
+        Some("file") => "FILE".into(),
+        _ => store_flag.into(),
     }
 }
 

@@ -25,7 +25,7 @@ pub trait Admin {
     fn delete_agent(&mut self, name: &str) -> Result<AgentView>;
     fn create_key(&mut self, req: &NewKey) -> Result<CreatedKey>;
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView>;
-    fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool) -> Result<Vec<String>>;
+    fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool, progress: &mut dyn FnMut(usize)) -> Result<Vec<String>>;
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>>;
     fn revoke_key(&mut self, id: &str) -> Result<KeyView>;
     fn rotate_key(&mut self, id: &str, req: &RotateKey) -> Result<Rotated>;
@@ -84,8 +84,8 @@ impl Admin for Store {
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         Store::import_key(self, req)
     }
-    fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool) -> Result<Vec<String>> {
-        Store::import_batch(self, template, lines, allow_weak)
+    fn import_batch(&mut self, template: &NewKey, lines: &[String], allow_weak: bool, progress: &mut dyn FnMut(usize)) -> Result<Vec<String>> {
+        Store::import_batch_with(self, template, lines, allow_weak, progress)
     }
     fn list_keys(&mut self, agent: Option<&str>) -> Result<Vec<KeyView>> {
         Store::list_keys(self, agent)
@@ -234,7 +234,7 @@ impl Admin for Remote {
     fn import_key(&mut self, req: &ImportKey) -> Result<KeyView> {
         self.call("POST", "/v1/keys/import", Some(req))
     }
-    fn import_batch(&mut self, _template: &NewKey, _lines: &[String], _allow_weak: bool) -> Result<Vec<String>> {
+    fn import_batch(&mut self, _template: &NewKey, _lines: &[String], _allow_weak: bool, _progress: &mut dyn FnMut(usize)) -> Result<Vec<String>> {
         // A batch can be far larger than an API body; it is a migration step run on the store.
         Err(invalid("request", "--batch works on the database file; run it without --url"))
     }

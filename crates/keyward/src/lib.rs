@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod output;
+pub mod progress;
 pub mod store;
 pub mod tls;
