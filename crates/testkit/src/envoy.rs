@@ -21,6 +21,9 @@ pub struct EnvoyOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Add a `keyward` cluster reaching `keyward serve` on this loopback port.
     pub control_plane_port: Option<u16>,
+    /// `keyward serve` replicas the `keyward` cluster balances over (instead of one port), with
+    /// health checks and outlier detection as `envoy/local-postgres.yaml` has them.
+    pub control_plane_replicas: Vec<u16>,
     /// The bootstrap's `node.id`.
     pub node_id: String,
     /// Run Envoy under `taskset -c <cpus>`.
@@ -41,6 +44,7 @@ impl EnvoyOptions {
             extra_args: Vec::new(),
             tls: None,
             control_plane_port: None,
+            control_plane_replicas: Vec::new(),
             node_id: "keyward-test".into(),
             pin_cpus: None,
             bootstrap: None,
@@ -107,6 +111,21 @@ pub fn loopback_cluster(name: &str, port: u16) -> Value {
     })
 }
 
+/// A cluster over several loopback replicas that skips a dead one: active health checks on
+/// `/healthz` every second and ejection at the first refused connection.
+pub fn replicas_cluster(name: &str, ports: &[u16]) -> Value {
+    let endpoints: Vec<Value> =
+        ports.iter().map(|p| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}})).collect();
+    json!({
+        "name": name, "type": "STATIC", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+        "health_checks": [{"timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+                           "http_health_check": {"path": "/healthz"}}],
+        "outlier_detection": {"split_external_local_origin_errors": true, "consecutive_local_origin_failure": 1,
+                              "enforcing_consecutive_local_origin_failure": 100, "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 50},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
+    })
+}
+
 /// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster, with
 /// the path normalisation of the configs in `envoy/`.
 pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
@@ -114,6 +133,9 @@ pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
     let mut clusters = vec![loopback_cluster("echo", opts.upstream_port)];
     if let Some(port) = opts.control_plane_port {
         clusters.push(loopback_cluster("keyward", port));
+    }
+    if !opts.control_plane_replicas.is_empty() {
+        clusters.push(replicas_cluster("keyward", &opts.control_plane_replicas));
     }
     let mut config = listener_bootstrap(&opts.node_id, routes, vec![wasm_filter(wasm, &opts.plugin_config)], clusters);
     let hcm = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];

@@ -1,7 +1,7 @@
 //! The real `keyward` binary: `keyward serve` as a process, and CLI runs against its store.
 
 use crate::{poll_until, request, workspace_root, TempDir};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -27,13 +27,15 @@ pub struct Keyward {
     run: u32,
     /// A database elsewhere than the temp dir (e.g. on a small disk).
     db: Option<PathBuf>,
+    /// A store URL (`postgres://…`) instead of the SQLite file, and this replica's name.
+    store: Option<(String, String)>,
 }
 
 impl Keyward {
     /// Starts `keyward serve` on a free port with a fresh database.
     pub fn start() -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None };
+        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: None };
         k.spawn(0);
         k
     }
@@ -41,7 +43,24 @@ impl Keyward {
     /// A stopped server whose database exists, to start later (`restart`) on a chosen port.
     pub fn stopped(port: u16) -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        Keyward { dir, child: None, port, run: 0, db: None }
+        Keyward { dir, child: None, port, run: 0, db: None, store: None }
+    }
+
+    /// Starts `keyward serve --store <url> --replica <replica>` on a free port: one of several
+    /// replicas sharing a PostgreSQL store.
+    pub fn start_replica(url: &str, replica: &str) -> Keyward {
+        let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: Some((url.to_string(), replica.to_string())) };
+        k.spawn(0);
+        k
+    }
+
+    /// The `--store` (or `--db`) arguments that reach this server's store.
+    fn store_args(&self) -> Vec<std::ffi::OsString> {
+        match &self.store {
+            Some((url, _)) => vec!["--store".into(), url.into()],
+            None => vec!["--db".into(), self.db().into()],
+        }
     }
 
     pub fn db(&self) -> PathBuf {
@@ -61,9 +80,12 @@ impl Keyward {
         self.run += 1;
         let log_path = self.log_path(self.run);
         let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{}: {e}", log_path.display()));
-        let child = Command::new(keyward_bin())
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-            .arg(self.db())
+        let mut cmd = Command::new(keyward_bin());
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).args(self.store_args());
+        if let Some((_, replica)) = &self.store {
+            cmd.args(["--replica", replica]);
+        }
+        let child = cmd
             .env("KEYWARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("KEYWARD_LOG", "info")
             .env_remove("KEYWARD_FEED_TOKEN")
@@ -88,6 +110,16 @@ impl Keyward {
         self.spawn(port);
     }
 
+    /// The process has not been killed (it may still be starting).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The replica name given to `start_replica`.
+    pub fn replica(&self) -> Option<&str> {
+        self.store.as_ref().map(|(_, r)| r.as_str())
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -105,12 +137,12 @@ impl Keyward {
 
     /// Runs `keyward --db <db> args…` (the CLI straight on the file) and returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        cli_in(&self.db(), args, None)
+        cli_in(&self.store_args(), args, None)
     }
 
     /// Runs the CLI with `stdin`.
     pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> String {
-        cli_in(&self.db(), args, Some(stdin))
+        cli_in(&self.store_args(), args, Some(stdin))
     }
 
     /// `GET path` on the admin API, as JSON.
@@ -132,11 +164,10 @@ impl Keyward {
     }
 }
 
-fn cli_in(db: &Path, args: &[&str], stdin: Option<&str>) -> String {
+fn cli_in(store: &[std::ffi::OsString], args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
     let mut child = Command::new(keyward_bin())
-        .arg("--db")
-        .arg(db)
+        .args(store)
         .args(args)
         .env_remove("KEYWARD_URL")
         .stdin(Stdio::piped())
