@@ -72,7 +72,9 @@ impl Error {
                 {
                     Some(StoreFault::Busy)
                 }
-                // The server went away: nothing was changed, and trying again may reach it.
+                // The server went away or is shutting down (a restart, a failover): nothing was
+                // changed, and trying again reaches it, or its successor.
+                Some(c) if c.code().starts_with("08") || c.code().starts_with("57P") => Some(StoreFault::Busy),
                 None if e.is_closed() => Some(StoreFault::Busy),
                 _ => None,
             },
@@ -158,6 +160,9 @@ impl Error {
                 format!("too many requests with a wrong token from this address; retry in {retry_after_secs} s")
             }
             Error::Store(_) | Error::Postgres(_) => match self.store_fault() {
+                Some(StoreFault::Busy) if matches!(self, Error::Postgres(_)) => {
+                    "the database is busy or unreachable (restarting, failing over?); nothing was changed, try again".into()
+                }
                 Some(StoreFault::Busy) => "the database is locked by another writer; nothing was changed, try again".into(),
                 Some(StoreFault::Full) => "the disk holding the database is full; nothing was changed".into(),
                 // Storage details stay in the server log.

@@ -184,3 +184,30 @@ fn concurrent_writers_get_strictly_increasing_gap_free_versions() {
         assert!(acknowledged.len() >= 150, "{loc:?}: only {} of 160 changes landed", acknowledged.len());
     }
 }
+
+/// PostgreSQL restarted or failed over: the change in flight fails as busy (nothing changed),
+/// and the next one reconnects.
+#[test]
+fn a_lost_postgres_connection_fails_one_change_cleanly_and_the_next_reconnects() {
+    let url = common::postgres_database("reconnect");
+    let mut s = Store::open_at(&Location::parse(&url).unwrap()).unwrap();
+    s.create_agent(&agent("a", &["read:all"])).unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let db = url.rsplit('/').next().unwrap();
+    admin
+        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", &[&db])
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let first = s.create_agent(&agent("b", &["read:all"]));
+    if let Err(e) = &first {
+        assert!(e.store_fault().is_some(), "a lost connection is a busy store, not a 500: {e:?}");
+        assert_eq!(e.status(), 503);
+    }
+    let second = s.create_agent(&agent("c", &["read:all"])).unwrap();
+    assert_eq!(second.agent.name, "c");
+    let names: Vec<String> = s.list_agents().unwrap().into_iter().map(|a| a.name).collect();
+    let want: Vec<&str> = if first.is_ok() { vec!["a", "b", "c"] } else { vec!["a", "c"] };
+    assert_eq!(names, want);
+    let versions: Vec<u64> = s.audit(10).unwrap().iter().map(|e| e.version).collect();
+    assert_eq!(versions, (1..=want.len() as u64).collect::<Vec<_>>(), "a failed change left no gap");
+}

@@ -303,17 +303,33 @@ pub fn pg_sql(sql: &str) -> String {
 }
 
 pub struct Postgres {
+    url: String,
     client: RefCell<postgres::Client>,
     statements: RefCell<HashMap<String, postgres::Statement>>,
+    /// A transaction is open: a lost connection must fail it, never reconnect under it.
+    in_tx: std::cell::Cell<bool>,
 }
 
 impl Postgres {
     pub fn connect(url: &str) -> Result<Postgres> {
         let client = postgres::Client::connect(url, postgres::NoTls)?;
-        Ok(Postgres { client: RefCell::new(client), statements: RefCell::new(HashMap::new()) })
+        Ok(Postgres { url: url.to_string(), client: RefCell::new(client), statements: RefCell::new(HashMap::new()), in_tx: false.into() })
+    }
+
+    /// Between transactions, a connection the server closed (a restart, a failover) is replaced.
+    fn ensure_connected(&self) -> Result<()> {
+        if self.in_tx.get() || !self.client.borrow().is_closed() {
+            return Ok(());
+        }
+        tracing::warn!("the PostgreSQL connection was closed; reconnecting");
+        let client = postgres::Client::connect(&self.url, postgres::NoTls)?;
+        *self.client.borrow_mut() = client;
+        self.statements.borrow_mut().clear();
+        Ok(())
     }
 
     fn prepared(&self, sql: &str) -> Result<postgres::Statement> {
+        self.ensure_connected()?;
         if let Some(s) = self.statements.borrow().get(sql) {
             return Ok(s.clone());
         }
@@ -388,15 +404,27 @@ impl Db for Postgres {
     }
 
     fn batch(&self, sql: &str) -> Result<()> {
-        Ok(self.client.borrow_mut().batch_execute(sql)?)
+        let ends = matches!(sql, "COMMIT" | "ROLLBACK");
+        if !ends {
+            self.ensure_connected()?;
+        }
+        let done = self.client.borrow_mut().batch_execute(sql);
+        if ends {
+            self.in_tx.set(false);
+        }
+        Ok(done?)
     }
 
     fn begin_write(&self) -> Result<()> {
-        self.batch("BEGIN")
+        self.batch("BEGIN")?;
+        self.in_tx.set(true);
+        Ok(())
     }
 
     fn begin_read(&self) -> Result<()> {
-        self.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        self.in_tx.set(true);
+        Ok(())
     }
 }
 
