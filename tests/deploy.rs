@@ -784,9 +784,8 @@ fn docker_compose_postgres_profile_runs_two_replicas_behind_envoy() {
 
 // ---- The Grafana dashboard against keyward's metrics.
 
-/// The metrics `keyward serve` exposes on /metrics (issue 18's contract): name, type, labels.
-/// This list must match crates/keyward's /metrics; once both are merged, this test should scrape
-/// a real `keyward serve` instead of trusting the list.
+/// The metrics `keyward serve` exposes on /metrics: name, type, labels.
+/// `metrics_list_matches_what_a_real_keyward_serve_exposes` scrapes a real one against it.
 const METRICS: &[(&str, &str, &[&str])] = &[
     ("keyward_replica_info", "gauge", &["replica", "engine", "role"]),
     ("keyward_snapshot_version", "gauge", &[]),
@@ -943,6 +942,35 @@ fn grafana_dashboard_names_only_metrics_keyward_serves() {
         assert!(text.contains(from), "the dashboard no longer has {from:?}");
         let problems = dashboard_problems(&text.replacen(from, to, 1)).join("\n");
         assert!(problems.contains(expect), "{from} -> {to}: expected {expect:?}, got:\n{problems}");
+    }
+}
+
+#[test]
+fn metrics_list_matches_what_a_real_keyward_serve_exposes() {
+    let serve = keyward_testkit::Keyward::start();
+    serve.cli(&["agent", "create", "demo", "--scopes", "read:all", "--no-wait"]);
+    // An Envoy on the feed, so the per-Envoy series exist.
+    let feed = keyward_testkit::request(serve.port, "GET", "/v1/feed?since=0&envoy=dash", &[]).unwrap();
+    assert_eq!(feed.status, 200);
+    let text = String::from_utf8(keyward_testkit::request(serve.port, "GET", "/metrics", &[]).unwrap().body).unwrap();
+    let mut served: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' ').map(|(n, t)| (n.to_string(), t.to_string())))
+        .collect();
+    served.sort();
+    let mut listed: Vec<(String, String)> =
+        METRICS.iter().map(|(n, t, _)| (n.strip_suffix("_total").unwrap_or(n).to_string(), t.to_string())).collect();
+    listed.sort();
+    assert_eq!(served, listed, "the dashboard's metric list and /metrics differ:\n{text}");
+    for (name, _, labels) in METRICS {
+        let sample = text
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .unwrap_or_else(|| panic!("no sample of {name}:\n{text}"));
+        for label in *labels {
+            assert!(sample.contains(&format!("{label}=\"")), "{name} has no label {label}: {sample}");
+        }
     }
 }
 
