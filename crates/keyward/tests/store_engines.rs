@@ -211,3 +211,96 @@ fn a_lost_postgres_connection_fails_one_change_cleanly_and_the_next_reconnects()
     let versions: Vec<u64> = s.audit(10).unwrap().iter().map(|e| e.version).collect();
     assert_eq!(versions, (1..=want.len() as u64).collect::<Vec<_>>(), "a failed change left no gap");
 }
+
+fn keyward(args: &[&str]) -> common::Out {
+    let out = common::bin().args(args).env_remove("KEYWARD_STORE").env_remove("KEYWARD_DB").env_remove("KEYWARD_URL").output().unwrap();
+    common::Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+/// A PostgreSQL binary (`pg_dump`, `pg_restore`), from Debian's versioned directory or PATH.
+fn pg_tool(name: &str) -> std::path::PathBuf {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin").join(name)).filter(|p| p.is_file()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found.pop().or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+    })
+    .unwrap_or_else(|| panic!("{name} not found: install Debian's postgresql package (`cargo xtask test` does), or put {name} on PATH"))
+}
+
+/// The documented PostgreSQL backup path: `pg_dump`, `pg_restore` into a new database, then
+/// `keyward store rekey`; the restored store has every key, a new identity and a higher version.
+#[test]
+fn a_postgres_store_survives_pg_dump_and_pg_restore_and_rekey_moves_it_forward() {
+    let url = common::postgres_database("dump");
+    let dir = common::Dir::new("dump");
+    assert_eq!(keyward(&["--store", &url, "agent", "create", "billing", "--scopes", "read:all", "--json"]).ok().code, 0);
+    keyward(&["--store", &url, "key", "create", "--agent", "billing", "--name", "ci"]).ok();
+    let before: serde_json::Value = keyward(&["--store", &url, "status", "--json"]).ok().json();
+    let dump = dir.0.join("keyward.dump");
+    let out = std::process::Command::new(pg_tool("pg_dump")).args(["-Fc", "-f"]).arg(&dump).arg(&url).output().unwrap();
+    assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+    let restored = common::postgres_database("restored");
+    let out = std::process::Command::new(pg_tool("pg_restore")).args(["--no-owner", "-d", &restored]).arg(&dump).output().unwrap();
+    assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
+    let loc = Location::parse(&restored).unwrap();
+    let old_id = Store::open_at(&loc).unwrap().store_id().unwrap();
+    let rekey = keyward(&["--store", &restored, "store", "rekey", "--json"]).ok().json();
+    let after: serde_json::Value = keyward(&["--store", &restored, "status", "--json"]).ok().json();
+    assert_eq!(after["active_keys"], before["active_keys"]);
+    assert_eq!(after["snapshot_version"].as_u64(), Some(before["snapshot_version"].as_u64().unwrap() + 1));
+    assert_ne!(rekey["store_id"].as_str(), Some(old_id.as_str()), "a new identity");
+    // The audit log came along, append-only still, and says what happened.
+    let audit: serde_json::Value = keyward(&["--store", &restored, "audit", "--json"]).ok().json();
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, ["agent.create", "key.create", "store.rekey"]);
+    let mut client = postgres::Client::connect(&restored, postgres::NoTls).unwrap();
+    assert!(client.batch_execute("DELETE FROM audit").is_err(), "the restored audit log is still append-only");
+}
+
+/// `store backup` while `serve` runs, then `store restore`: the data is the backup's, the
+/// version is above both, and the identity is new; bad arguments name themselves.
+#[test]
+fn a_sqlite_backup_taken_online_restores_with_versions_moving_forward() {
+    let dir = common::Dir::new("backup");
+    let db = dir.db();
+    let db_s = db.to_str().unwrap();
+    keyward(&["--db", db_s, "agent", "create", "kept", "--scopes", "read:all"]).ok();
+    let mut serve = common::bin()
+        .args(["--db", db_s, "serve", "--listen", "127.0.0.1:0"])
+        .env("KEYWARD_ADMIN_TOKEN", "backup-test-admin-token-0123456789")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let backup = dir.0.join("backup.db");
+    let b = backup.to_str().unwrap();
+    let out = keyward(&["--db", db_s, "store", "backup", b, "--json"]).ok().json();
+    assert_eq!(out["snapshot_version"], 1);
+    let again = keyward(&["--db", db_s, "store", "backup", b]);
+    assert_eq!(again.code, 2);
+    assert!(again.stderr.contains("error: FILE:") && again.stderr.contains("exists"), "{}", again.stderr);
+    keyward(&["--db", db_s, "agent", "create", "lost", "--scopes", "read:all", "--no-wait"]).ok();
+    keyward(&["--db", db_s, "agent", "create", "lost2", "--scopes", "read:all", "--no-wait"]).ok();
+    let old_id = Store::open(&db).unwrap().store_id().unwrap();
+    let restored = keyward(&["--db", db_s, "store", "restore", b, "--json"]).ok().json();
+    assert_eq!(restored["backup_version"], 1);
+    assert_eq!(restored["snapshot_version"], 4, "above the store's 3 and the backup's 1");
+    let s = Store::open(&db).unwrap();
+    assert_ne!(s.store_id().unwrap(), old_id);
+    let mut s = s;
+    let names: Vec<String> = s.list_agents().unwrap().into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(s.snapshot().unwrap().keys.iter().map(|k| k.id.clone()).count(), 1);
+    let missing = keyward(&["--db", db_s, "store", "restore", "/nonexistent/backup.db"]);
+    assert_eq!(missing.code, 2);
+    assert!(missing.stderr.contains("FILE") && missing.stderr.contains("is not a file"), "{}", missing.stderr);
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
