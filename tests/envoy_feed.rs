@@ -39,8 +39,58 @@ fn start_with(keyward: Keyward, config: Value) -> Stack {
     Stack { envoy, keyward, _echo: echo }
 }
 
-fn start() -> Stack {
-    let stack = start_with(Keyward::start(), feed_config(json!({})));
+/// The store a test's `keyward serve` runs on: every feed test runs on both.
+#[derive(Debug, Clone, Copy)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+fn keyward(engine: Engine) -> Keyward {
+    match engine {
+        Engine::Sqlite => Keyward::start(),
+        Engine::Postgres => Keyward::start_replica(&pg_database(), "feed-test"),
+    }
+}
+
+/// A stopped `keyward serve` with a store, to start later on `port`.
+fn stopped(engine: Engine, port: u16) -> Keyward {
+    match engine {
+        Engine::Sqlite => Keyward::stopped(port),
+        Engine::Postgres => Keyward::stopped_replica(&pg_database(), "feed-test", port),
+    }
+}
+
+fn pg_database() -> String {
+    keyward_testkit::postgres::fresh_database("feed").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Each test twice: on a SQLite file and on a PostgreSQL database.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(super::Engine::Sqlite) })*
+        }
+        mod postgres {
+            $(#[test] fn $name() { super::$name(super::Engine::Postgres) })*
+        }
+    };
+}
+
+on_both_engines!(
+    a_key_created_by_the_cli_works_through_envoy_at_once_and_status_shows_the_applied_version,
+    revocation_is_enforced_on_both_workers_within_a_second,
+    disable_rotation_and_expiry_changes_propagate_and_both_keys_work_during_grace,
+    usage_flows_back_to_key_list_and_keyward_usage,
+    envoy_started_before_the_control_plane_answers_503_until_the_first_snapshot,
+    fail_open_lets_requests_through_while_no_snapshot_is_loaded,
+    envoy_keeps_enforcing_through_a_control_plane_outage_and_catches_up_with_exact_deltas,
+    max_snapshot_age_fails_closed_when_the_feed_goes_quiet,
+    after_the_first_refusal_no_worker_accepts_the_key_again_issue_12,
+);
+
+fn start(engine: Engine) -> Stack {
+    let stack = start_with(keyward(engine), feed_config(json!({})));
     stack.wait_applied();
     stack
 }
@@ -65,9 +115,8 @@ impl Stack {
     }
 }
 
-#[test]
-fn a_key_created_by_the_cli_works_through_envoy_at_once_and_status_shows_the_applied_version() {
-    let stack = start();
+fn a_key_created_by_the_cli_works_through_envoy_at_once_and_status_shows_the_applied_version(engine: Engine) {
+    let stack = start(engine);
     let before = stack.get("kw_live_never_issued_000000");
     assert_denied(&before, 401, "MALFORMED_API_KEY", b"", "garbage checksum");
     let created_at = Instant::now();
@@ -125,9 +174,8 @@ fn assert_refused_everywhere(stack: &Stack, key: &str, code: &str) {
     panic!("both workers must be exercised, got {served:?} after 400 connections");
 }
 
-#[test]
-fn revocation_is_enforced_on_both_workers_within_a_second() {
-    let stack = start();
+fn revocation_is_enforced_on_both_workers_within_a_second(engine: Engine) {
+    let stack = start(engine);
     stack.create_agent("rev", "read:all");
     let mut took = Vec::new();
     for i in 0..50 {
@@ -146,9 +194,8 @@ fn revocation_is_enforced_on_both_workers_within_a_second() {
     assert!(p99 <= 1000.0, "p99 {p99:.0} ms exceeds the one-second promise");
 }
 
-#[test]
-fn disable_rotation_and_expiry_changes_propagate_and_both_keys_work_during_grace() {
-    let stack = start();
+fn disable_rotation_and_expiry_changes_propagate_and_both_keys_work_during_grace(engine: Engine) {
+    let stack = start(engine);
     let (id, secret) = stack.create_agent("acme", "read:all");
     poll_until(Duration::from_secs(5), "the key", || (stack.get(&secret).status == 200).then_some(()));
 
@@ -184,9 +231,8 @@ fn disable_rotation_and_expiry_changes_propagate_and_both_keys_work_during_grace
     assert!(disabled < Duration::from_secs(1) && expired < Duration::from_secs(1));
 }
 
-#[test]
-fn usage_flows_back_to_key_list_and_keyward_usage() {
-    let stack = start();
+fn usage_flows_back_to_key_list_and_keyward_usage(engine: Engine) {
+    let stack = start(engine);
     let (id, secret) = stack.create_agent("metered", "read:all");
     poll_until(Duration::from_secs(5), "the key", || (stack.get(&secret).status == 200).then_some(()));
     let before = stack.envoy.worker_connections();
@@ -228,9 +274,8 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[test]
-fn envoy_started_before_the_control_plane_answers_503_until_the_first_snapshot() {
-    let mut keyward = Keyward::stopped(free_port());
+fn envoy_started_before_the_control_plane_answers_503_until_the_first_snapshot(engine: Engine) {
+    let mut keyward = stopped(engine, free_port());
     let echo = Echo::start(0).unwrap();
     let mut opts = EnvoyOptions::new(feed_config(json!({})), echo.port());
     opts.control_plane_port = Some(keyward.port);
@@ -252,9 +297,8 @@ fn envoy_started_before_the_control_plane_answers_503_until_the_first_snapshot()
     eprintln!("first snapshot served {:.1} s after the control plane started", t0.elapsed().as_secs_f64());
 }
 
-#[test]
-fn fail_open_lets_requests_through_while_no_snapshot_is_loaded() {
-    let keyward = Keyward::stopped(free_port());
+fn fail_open_lets_requests_through_while_no_snapshot_is_loaded(engine: Engine) {
+    let keyward = stopped(engine, free_port());
     let echo = Echo::start(0).unwrap();
     let mut config = feed_config(json!({}));
     config["fail_open"] = json!(true);
@@ -267,9 +311,8 @@ fn fail_open_lets_requests_through_while_no_snapshot_is_loaded() {
     poll_until(Duration::from_secs(5), "the fail-open counter", || (envoy.stat("wasmcustom.keyward.fail_open") == Some(1)).then_some(()));
 }
 
-#[test]
-fn envoy_keeps_enforcing_through_a_control_plane_outage_and_catches_up_with_exact_deltas() {
-    let mut stack = start();
+fn envoy_keeps_enforcing_through_a_control_plane_outage_and_catches_up_with_exact_deltas(engine: Engine) {
+    let mut stack = start(engine);
     let (_, alive) = stack.create_agent("alive", "read:all");
     let (doomed_id, doomed) = stack.create_agent("doomed", "read:all");
     poll_until(Duration::from_secs(5), "the keys", || (stack.get(&doomed).status == 200 && stack.get(&alive).status == 200).then_some(()));
@@ -297,9 +340,8 @@ fn envoy_keeps_enforcing_through_a_control_plane_outage_and_catches_up_with_exac
     assert!(stack.envoy.stat("wasmcustom.keyward.feed.errors").unwrap_or(0) >= 1, "the outage was noticed");
 }
 
-#[test]
-fn max_snapshot_age_fails_closed_when_the_feed_goes_quiet() {
-    let keyward = Keyward::start();
+fn max_snapshot_age_fails_closed_when_the_feed_goes_quiet(engine: Engine) {
+    let keyward = keyward(engine);
     let mut stack = start_with(keyward, feed_config(json!({"feed_wait_secs": 1, "max_snapshot_age_secs": 7})));
     stack.wait_applied();
     let (_, secret) = stack.create_agent("aging", "read:all");
@@ -451,9 +493,8 @@ fn first_refusal_is_final(stack: &Stack, key: &str, refused: u16, change: impl F
     assert!(after.iter().all(|&s| s == refused), "{after:?}");
 }
 
-#[test]
-fn after_the_first_refusal_no_worker_accepts_the_key_again_issue_12() {
-    let stack = start();
+fn after_the_first_refusal_no_worker_accepts_the_key_again_issue_12(engine: Engine) {
+    let stack = start(engine);
     let (id, secret) = stack.create_agent("monotonic", "read:all");
     let (_, other) = stack.create_agent("switched-off", "read:all");
     for key in [&secret, &other] {

@@ -55,6 +55,12 @@ impl Keyward {
         k
     }
 
+    /// A stopped replica on `url`, to start later (`restart`) on a chosen port.
+    pub fn stopped_replica(url: &str, replica: &str, port: u16) -> Keyward {
+        let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        Keyward { dir, child: None, port, run: 0, db: None, store: Some((url.to_string(), replica.to_string())) }
+    }
+
     /// The `--store` (or `--db`) arguments that reach this server's store.
     fn store_args(&self) -> Vec<std::ffi::OsString> {
         match &self.store {
