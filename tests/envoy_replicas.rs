@@ -163,3 +163,24 @@ fn concurrent_writers_across_both_replicas_never_share_or_skip_a_version() {
         assert!(present.contains(id.as_str()), "acknowledged key {id} is missing");
     }
 }
+
+/// Wrong tokens count across replicas: ten in all, spread over both, block the address on both,
+/// and the right token is refused there too until the window ends.
+#[test]
+fn wrong_tokens_are_counted_across_replicas() {
+    let url = keyward_testkit::postgres::fresh_database("replicas_guard").unwrap_or_else(|e| panic!("{e}"));
+    let replicas = [Keyward::start_replica(&url, "a"), Keyward::start_replica(&url, "b")];
+    let wrong = [("authorization", b"Bearer not-the-admin-token-000000".as_slice())];
+    for i in 0..10 {
+        let r = keyward_testkit::request(replicas[i % 2].port, "GET", "/v1/agents", &wrong).unwrap();
+        assert_eq!(r.status, 401, "attempt {i}");
+    }
+    let right = format!("Bearer {}", keyward_testkit::ADMIN_TOKEN);
+    for (i, replica) in replicas.iter().enumerate() {
+        let blocked = poll_until(Duration::from_secs(2), "the address to be blocked on every replica", || {
+            let r = keyward_testkit::request(replica.port, "GET", "/v1/agents", &[("authorization", right.as_bytes())]).unwrap();
+            (r.status == 429).then_some(r)
+        });
+        assert!(blocked.header("retry-after").is_some(), "replica {i}: 429 without Retry-After");
+    }
+}

@@ -102,6 +102,14 @@ impl AuthGuard {
     }
 
     /// Counts a failure; true if it is the one that blocks `ip`.
+    /// Blocks `ip` for `secs` from `now`: another replica saw it reach the limit.
+    pub fn block(&self, ip: IpAddr, secs: u64, now: std::time::Instant) {
+        let Ok(mut map) = self.failures.lock() else { return };
+        let left = std::time::Duration::from_secs(secs).min(AUTH_WINDOW);
+        let since = now.checked_sub(AUTH_WINDOW - left).unwrap_or(now);
+        map.insert(ip, (AUTH_FAILURES_ALLOWED, since));
+    }
+
     pub fn failed(&self, ip: IpAddr, now: std::time::Instant) -> bool {
         let Ok(mut map) = self.failures.lock() else { return false };
         if map.len() >= AUTH_TRACKED_MAX && !map.contains_key(&ip) {
@@ -358,7 +366,7 @@ async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, r
 /// Compares the bearer token with `want` (as digests, in constant time), unless this client
 /// address is blocked for too many failures; counts every failure.
 /// `messages`: what to say when the token is missing, and when it is wrong.
-async fn guarded(state: &AppState, headers: &HeaderMap, want: &Digest, messages: (&str, &str), req: Request, next: Next) -> Response {
+async fn guarded(state: &Arc<AppState>, headers: &HeaderMap, want: &Digest, messages: (&str, &str), req: Request, next: Next) -> Response {
     let ip = client_ip(&req);
     let now = std::time::Instant::now();
     if let Some(retry_after_secs) = state.guard.blocked(ip, now) {
@@ -369,6 +377,23 @@ async fn guarded(state: &AppState, headers: &HeaderMap, want: &Digest, messages:
         found => {
             if state.guard.failed(ip, now) {
                 state.metrics.lockout();
+            }
+            if state.engine == "postgres" {
+                // Replicas count together: an address gets its ten tries from all of them, not
+                // ten from each. The failure that reaches the limit blocks it everywhere.
+                let address = ip.to_string();
+                let counted = with_store(state, "guard.failure", move |s| {
+                    s.auth_failure(&address, AUTH_WINDOW.as_secs() as i64, u64::from(AUTH_FAILURES_ALLOWED))
+                })
+                .await;
+                match counted {
+                    Ok((count, until)) if count >= u64::from(AUTH_FAILURES_ALLOWED) => {
+                        let left = u64::try_from(until - crate::store::now_unix()).unwrap_or(0);
+                        state.guard.block(ip, left, now);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "counting a failed token attempt in the store"),
+                }
             }
             tracing::warn!(client = %ip, "request with a wrong or missing token");
             let message = if found.is_some() { messages.1 } else { messages.0 };

@@ -874,7 +874,16 @@ fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>
         tokio::spawn(api::watch_version(Arc::clone(&state), std::time::Duration::from_millis(period)));
         if let Some(url) = postgres {
             let s = Arc::clone(&state);
-            crate::notify::listen(url, move || {
+            crate::notify::listen(url, move |payload| {
+                // `block <address> <until>`: another replica saw the address reach the limit.
+                if let Some(rest) = payload.strip_prefix("block ") {
+                    let mut parts = rest.split(' ');
+                    if let (Some(Ok(ip)), Some(Ok(until))) = (parts.next().map(str::parse), parts.next().map(str::parse::<i64>)) {
+                        let left = u64::try_from(until - store::now_unix()).unwrap_or(0);
+                        s.guard.block(ip, left, std::time::Instant::now());
+                    }
+                    return;
+                }
                 if let Err(e) = s.refresh_version() {
                     tracing::warn!(error = %e, "reading the snapshot version");
                 }

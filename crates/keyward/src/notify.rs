@@ -7,9 +7,10 @@ use std::time::Duration;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Listens on a thread of its own for as long as the process runs, calling `wake` for every
-/// notification, and once after each (re)connection, since changes may have landed unheard.
-pub fn listen(url: String, wake: impl Fn() + Send + 'static) {
+/// Listens on a thread of its own for as long as the process runs, calling `wake` with every
+/// notification's payload (a version, `meta`, or `block <address> <until>`), and with `""` once
+/// after each (re)connection, since changes may have landed unheard.
+pub fn listen(url: String, wake: impl Fn(&str) + Send + 'static) {
     let spawned = std::thread::Builder::new().name("keyward-listen".into()).spawn(move || {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -28,16 +29,16 @@ pub fn listen(url: String, wake: impl Fn() + Send + 'static) {
     }
 }
 
-fn listen_once(url: &str, wake: &impl Fn()) -> Result<(), postgres::Error> {
+fn listen_once(url: &str, wake: &impl Fn(&str)) -> Result<(), postgres::Error> {
     let mut client = postgres::Client::connect(url, postgres::NoTls)?;
     client.batch_execute(&format!("LISTEN {}", crate::store::CHANNEL))?;
     tracing::info!("listening for changes from every replica");
-    wake();
+    wake("");
     let mut notifications = client.notifications();
     let mut it = notifications.blocking_iter();
     while let Some(n) = postgres::fallible_iterator::FallibleIterator::next(&mut it)? {
         tracing::debug!(payload = n.payload(), "change notification");
-        wake();
+        wake(n.payload());
     }
     Ok(())
 }

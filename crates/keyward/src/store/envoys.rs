@@ -45,6 +45,29 @@ impl Store {
         Ok(())
     }
 
+    /// Counts a wrong or missing token from `address` in its window of `window` seconds, across
+    /// every replica of the store. Returns the count and when the window ends; the failure that
+    /// reaches `allowed` also tells every replica to block the address until then.
+    pub fn auth_failure(&mut self, address: &str, window: i64, allowed: u64) -> Result<(u64, i64)> {
+        let now = self.now();
+        let tx = Tx::write(self.db())?;
+        let row = tx.one(
+            "INSERT INTO auth_failures (address, window_start, count) VALUES (?1, ?2, 1) ON CONFLICT(address) DO UPDATE SET \
+             count = CASE WHEN auth_failures.window_start <= CAST(?2 AS BIGINT) - CAST(?3 AS BIGINT) THEN 1 ELSE auth_failures.count + 1 END, \
+             window_start = CASE WHEN auth_failures.window_start <= CAST(?2 AS BIGINT) - CAST(?3 AS BIGINT) THEN ?2 ELSE auth_failures.window_start END \
+             RETURNING count, window_start",
+            p![address, now, window],
+        )?;
+        let (count, until) = (row.count(0)?, row.int(1)? + window);
+        if count == allowed {
+            super::notify(&*tx, &format!("block {address} {until}"))?;
+        }
+        // Windows long over are forgotten, a few at a time.
+        tx.execute("DELETE FROM auth_failures WHERE window_start < ?1", p![now - 10 * window])?;
+        tx.commit()?;
+        Ok((count, until))
+    }
+
     /// Says this replica is alive (every second, from `serve`).
     pub fn replica_seen(&mut self, name: &str, started_at: i64) -> Result<()> {
         let now = self.now();

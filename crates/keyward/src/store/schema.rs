@@ -130,10 +130,19 @@ CREATE TABLE replicas (
     started_at INTEGER NOT NULL,
     last_seen INTEGER NOT NULL
 ) STRICT;
+"#,
+// 7: wrong tokens per client address, counted across replicas.
+r#"
+CREATE TABLE auth_failures (
+    address TEXT PRIMARY KEY,
+    window_start INTEGER NOT NULL,
+    count INTEGER NOT NULL
+) STRICT;
 "#];
 
 
-/// PostgreSQL migrations, applied in order. Migration 1 is SQLite's first six as one schema.
+/// PostgreSQL migrations, applied in order. Migration 1 is SQLite's first six as one schema;
+/// each later one is the SQLite migration five after it.
 /// Booleans are BIGINT 0/1 and times BIGINT Unix seconds, as on SQLite.
 const POSTGRES: &[&str] = &[r#"
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -238,6 +247,14 @@ INSERT INTO scopes (name, description, created_at) VALUES
     ('write:all', 'Create and update access to all non-administrative resources', 0),
     ('admin', 'Full access, including team management, billing and API key administration', 0);
 INSERT INTO scope_implications (scope, implies) VALUES ('admin', 'read:all'), ('admin', 'write:all');
+"#,
+// 2 (SQLite's 7): wrong tokens per client address, counted across replicas.
+r#"
+CREATE TABLE auth_failures (
+    address TEXT PRIMARY KEY,
+    window_start BIGINT NOT NULL,
+    count BIGINT NOT NULL
+);
 "#];
 
 /// The schema version this build writes (the same meaning on both engines).
