@@ -304,3 +304,47 @@ fn a_sqlite_backup_taken_online_restores_with_versions_moving_forward() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// `store copy` SQLite → PostgreSQL → SQLite: the same snapshot (version, identity, records),
+/// the same audit log, and a target that already holds data is refused untouched.
+#[test]
+fn a_store_copied_to_postgres_and_back_is_the_same_store() {
+    let dir = common::Dir::new("copy");
+    let src = dir.db();
+    let mut s = Store::open(&src).unwrap();
+    s.create_agent(&agent("billing", &["read:all", "write:all"])).unwrap();
+    s.add_scope(&NewScope { name: "billing:read".into(), description: "Read invoices".into() }).unwrap();
+    let k = s.create_key(&NewKey { agent: "billing".into(), name: Some("ci".into()), scopes: Some(vec!["read:all".into()]), ..Default::default() }).unwrap();
+    s.rotate_key(&k.key.id, &RotateKey::default()).unwrap();
+    let lines: Vec<String> = (0..2500).map(|i| format!("copied-legacy-key-{i:06}-abcdef")).collect();
+    s.import_batch(&NewKey { agent: "billing".into(), name: Some("legacy".into()), ..Default::default() }, &lines, false).unwrap();
+    s.record_usage(&UsageReport { envoy: "e".into(), usage: vec![KeyUsage { key_id: k.key.id.clone(), count: 2, last_used: 1_700_000_000, denied: Default::default() }] }).unwrap();
+    let (snap, audit, id) = (s.snapshot().unwrap(), s.audit(100).unwrap(), s.store_id().unwrap());
+    drop(s);
+    let pg = common::postgres_database("copy");
+    let back = dir.0.join("back.db");
+    let sqlite_url = format!("sqlite://{}", src.display());
+    let back_url = format!("sqlite://{}", back.display());
+    let out = keyward(&["store", "copy", "--from", &sqlite_url, "--to", &pg, "--json"]).ok().json();
+    assert_eq!(out["rows"]["keys"], 2503, "{out}: Production, ci, its rotation and 2,500 imported");
+    keyward(&["store", "copy", "--from", &pg, "--to", &back_url]).ok();
+    for loc in [Location::parse(&pg).unwrap(), Location::Sqlite(back.clone())] {
+        let mut t = Store::open_at(&loc).unwrap();
+        let copied = t.snapshot().unwrap();
+        assert_eq!(copied.version, snap.version, "{loc:?}");
+        assert_eq!(copied.keys, snap.keys, "{loc:?}");
+        assert_eq!(copied.implications, snap.implications, "{loc:?}");
+        assert_eq!(t.store_id().unwrap(), id, "{loc:?}: the same store, so Envoys carry on");
+        let a = t.audit(100).unwrap();
+        assert_eq!(a.iter().map(|e| (e.seq, e.action.clone(), e.version)).collect::<Vec<_>>(), audit.iter().map(|e| (e.seq, e.action.clone(), e.version)).collect::<Vec<_>>());
+        assert_eq!(t.usage(None, 0).unwrap().len(), 1, "{loc:?}");
+        // The copy goes on: a change takes the next version and the next audit sequence.
+        t.create_agent(&agent("after", &["read:all"])).unwrap();
+        assert_eq!(t.audit(1).unwrap()[0].seq, audit.last().unwrap().seq + 1, "{loc:?}");
+    }
+    let refused = keyward(&["store", "copy", "--from", &sqlite_url, "--to", &pg]);
+    assert_eq!(refused.code, 2);
+    assert!(refused.stderr.contains("--to") && refused.stderr.contains("already holds data"), "{}", refused.stderr);
+    let bad = keyward(&["store", "copy", "--from", "mysql://x/y", "--to", &pg]);
+    assert!(bad.stderr.contains("--from"), "{}", bad.stderr);
+}
