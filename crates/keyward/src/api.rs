@@ -483,17 +483,28 @@ struct FeedQuery {
     since: u64,
     after: Option<String>,
     envoy: Option<String>,
+    /// The store whose records the Envoy holds (absent before its first apply, and from a
+    /// filter older than resets).
+    store: Option<String>,
     #[serde(default)]
     wait: u64,
 }
 
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
 /// next change lands or after `wait` seconds, whichever is first. A long-poll: see ARCHITECTURE.md.
+///
+/// A reset answers an Envoy whose records are not this store's: it names another store
+/// (`store=`), or it is ahead of this one (a restore that kept the id). The answer is then the
+/// whole snapshot from version 0 with `reset: true` on its first page; its further pages are
+/// asked for with this store's id and a cursor, so they are plain continuations.
 async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<FeedQuery>, QueryRejection>) -> Result<Response> {
     let q = query(q, "since")?;
     let envoy = q.envoy.clone().unwrap_or_else(|| "unnamed".into());
     if envoy.len() > 256 {
         return Err(Error::Invalid { field: "envoy", message: "at most 256 characters".into() });
+    }
+    if q.store.as_deref().is_some_and(|id| !keyward_core::feed::valid_store_id(id)) {
+        return Err(Error::Invalid { field: "store", message: "1 to 64 letters, digits or underscores".into() });
     }
     let mut rx = state.version.subscribe();
     let mut current = *rx.borrow_and_update();
@@ -504,16 +515,18 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
             current = v;
         }
     }
-    // An Envoy ahead of the store (restored, replaced) has applied nothing of it: it gets the
-    // whole snapshot at once, and counts as behind until it asks again.
-    let ahead = q.since > current;
+    let store_id = with_store(&state, |s| s.meta("store_id")).await?.ok_or_else(|| Error::Internal("the store has no store_id".into()))?;
+    // An Envoy ahead of the store (restored, replaced) or holding another store's records has
+    // applied nothing of it: it gets the whole snapshot at once, and counts as behind until it
+    // asks again.
+    let reset = q.since > current || q.store.as_ref().is_some_and(|id| *id != store_id);
     // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
-    let applied = match (ahead, q.after.is_none()) {
+    let applied = match (reset, q.after.is_none()) {
         (true, _) => Some(0),
         (false, true) => Some(q.since),
         (false, false) => None,
     };
-    let wait = if ahead { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
+    let wait = if reset { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
     let open_until = crate::store::now_unix() + i64::try_from(wait).unwrap_or(0) + 2;
     let id = envoy.clone();
     with_store(&state, move |s| s.envoy_seen(&id, applied, open_until)).await?;
@@ -528,16 +541,19 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
         })
         .await;
     }
-    // A store that went backwards (restored, replaced) gets the whole snapshot again.
-    let since = if ahead { 0 } else { q.since };
-    let after = if since == q.since { q.after.clone() } else { None };
-    let page = with_store(&state, move |s| {
+    let (since, after) = if reset { (0, None) } else { (q.since, q.after.clone()) };
+    if reset {
+        tracing::info!(envoy = %envoy, since = q.since, envoy_store = q.store.as_deref().unwrap_or("-"), store = %store_id, "feed reset: the whole snapshot replaces what the Envoy holds");
+    }
+    let mut page = with_store(&state, move |s| {
         let page = s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)?;
         // Answered: connected for as long as it takes to ask again.
         s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)?;
         Ok(page)
     })
     .await?;
+    page.store = Some(store_id);
+    page.reset = reset;
     Ok(ok(StatusCode::OK, page))
 }
 

@@ -530,6 +530,8 @@ impl Store {
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", i + 1)?;
         }
+        // The store's identity on the feed: a restored or replaced store has another one.
+        tx.execute("INSERT INTO meta (name, value) VALUES ('store_id', ?1) ON CONFLICT(name) DO NOTHING", [random_base62(16)?])?;
         tx.commit()?;
         Ok(Store { conn, actor: "cli".into(), key_prefix: DEFAULT_KEY_PREFIX.into(), path: None, is_server: false, last_change: None })
     }
