@@ -284,9 +284,9 @@ impl Fetcher {
         if let Some(after) = &ask.after {
             path.push_str(&format!("&after={}", encode(after)));
         }
-        if let Some(store) = &ask.store {
-            path.push_str(&format!("&store={}", encode(store)));
-        }
+        // Always sent, empty before a store is known: a control plane tells a filter that
+        // understands `store` and `reset` by it.
+        path.push_str(&format!("&store={}", encode(ask.store.as_deref().unwrap_or(""))));
         if !state.loaded && state.cursor.is_none() {
             self.full_sync_started_ms = Some(now_ms);
         }

@@ -141,7 +141,8 @@ pub struct Epochs {
 pub struct FeedAsk {
     pub since: u64,
     pub after: Option<String>,
-    /// The store the Envoy's records come from (`store=`), when it knows it.
+    /// The store the Envoy's records come from, when it knows it; sent as `store=`, empty
+    /// when it does not (an older filter sends no `store=` and is answered without `store`).
     pub store: Option<String>,
     /// The whole snapshot again, because a reset's first page was never written whole: the
     /// answer starts the reset over, whatever its `reset` flag says.

@@ -483,8 +483,8 @@ struct FeedQuery {
     since: u64,
     after: Option<String>,
     envoy: Option<String>,
-    /// The store whose records the Envoy holds (absent before its first apply, and from a
-    /// filter older than resets).
+    /// The store whose records the Envoy holds: empty before its first apply; absent from a
+    /// filter older than resets, which refuses a page with fields it does not know.
     store: Option<String>,
     #[serde(default)]
     wait: u64,
@@ -496,14 +496,16 @@ struct FeedQuery {
 /// A reset answers an Envoy whose records are not this store's: it names another store
 /// (`store=`), or it is ahead of this one (a restore that kept the id). The answer is then the
 /// whole snapshot from version 0 with `reset: true` on its first page; its further pages are
-/// asked for with this store's id and a cursor, so they are plain continuations.
+/// asked for with this store's id and a cursor, so they are plain continuations. A filter
+/// older than resets sends no `store=` and gets pages without `store` and `reset` (its parser
+/// refuses unknown fields): the whole snapshot when it is ahead, as before.
 async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<FeedQuery>, QueryRejection>) -> Result<Response> {
     let q = query(q, "since")?;
     let envoy = q.envoy.clone().unwrap_or_else(|| "unnamed".into());
     if envoy.len() > 256 {
         return Err(Error::Invalid { field: "envoy", message: "at most 256 characters".into() });
     }
-    if q.store.as_deref().is_some_and(|id| !keyward_core::feed::valid_store_id(id)) {
+    if q.store.as_deref().is_some_and(|id| !id.is_empty() && !keyward_core::feed::valid_store_id(id)) {
         return Err(Error::Invalid { field: "store", message: "1 to 64 letters, digits or underscores".into() });
     }
     let mut rx = state.version.subscribe();
@@ -519,7 +521,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     // An Envoy ahead of the store (restored, replaced) or holding another store's records has
     // applied nothing of it: it gets the whole snapshot at once, and counts as behind until it
     // asks again.
-    let reset = q.since > current || q.store.as_ref().is_some_and(|id| *id != store_id);
+    let reset = q.since > current || q.store.as_ref().is_some_and(|id| !id.is_empty() && *id != store_id);
     // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
     let applied = match (reset, q.after.is_none()) {
         (true, _) => Some(0),
@@ -552,8 +554,10 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
         Ok(page)
     })
     .await?;
-    page.store = Some(store_id);
-    page.reset = reset;
+    if q.store.is_some() {
+        page.store = Some(store_id);
+        page.reset = reset;
+    }
     Ok(ok(StatusCode::OK, page))
 }
 

@@ -608,15 +608,28 @@ async fn an_envoy_ahead_of_the_store_gets_the_whole_snapshot_at_once_and_counts_
 }
 
 /// The reset rule: every page names the store; an Envoy naming another store, or ahead of this
-/// one, gets the whole snapshot from 0 with `reset`; one naming this store, or none (an older
-/// filter), gets the plain delta.
+/// one, gets the whole snapshot from 0 with `reset`; one naming this store, or none yet (`store=`
+/// empty), gets the plain delta. A filter older than resets sends no `store=` and gets neither
+/// field (it refuses fields it does not know), and the whole snapshot when it is ahead.
+/// The page format of a filter from before resets.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct OlderFeedMessage {
+    version: u64,
+    complete: bool,
+    cursor: Option<Value>,
+    implications: Option<Value>,
+    keys: Vec<Value>,
+}
+
 #[tokio::test]
 async fn the_feed_names_its_store_and_resets_an_envoy_holding_another_store_s_records() {
     let api = api();
     api.agent("crm", &["read:all"]).await;
     api.agent("erp", &["read:all"]).await;
     let v = api.version();
-    let (_, full) = api.call("GET", "/v1/feed?since=0", None).await;
+    let (_, full) = api.call("GET", "/v1/feed?since=0&store=", None).await;
     let store = full["store"].as_str().unwrap().to_string();
     assert!(keyward_core::feed::valid_store_id(&store), "{full}");
     assert_eq!(full.get("reset"), None, "a first load is no reset: {full}");
@@ -636,7 +649,14 @@ async fn the_feed_names_its_store_and_resets_an_envoy_holding_another_store_s_re
     check(format!("since={}&store=AnotherStore1", v), true, 2).await;
     check(format!("since={}&store={store}", v + 50), true, 2).await;
     check(format!("since={}&store={store}", v - 1), false, 1).await;
-    check(format!("since={}", v - 1), false, 1).await;
+    check(format!("since={}&store=", v - 1), false, 1).await;
+    check(format!("since={}&store=", v + 50), true, 2).await;
+    for (query, keys) in [(format!("since={}", v - 1), 1), (format!("since={}", v + 50), 2)] {
+        let (_, page) = api.call("GET", &format!("/v1/feed?envoy=edge-old&{query}"), None).await;
+        assert_eq!((page.get("store"), page.get("reset")), (None, None), "an older filter: {page}");
+        assert_eq!(page["keys"].as_array().map(Vec::len), Some(keys), "{page}");
+        serde_json::from_value::<OlderFeedMessage>(page).unwrap();
+    }
     check(format!("since={}&after=zzz&store=AnotherStore1", v - 1), true, 2).await;
     let (_, status) = api.call("GET", "/v1/status", None).await;
     assert_eq!(status["envoys"][0]["applied_version"].as_u64(), Some(0), "a reset Envoy has applied nothing of this store: {status}");
