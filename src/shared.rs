@@ -195,10 +195,15 @@ impl RecordCache {
         epoch == committed || pending == Some(epoch)
     }
 
-    /// Whether a record of `epoch` counts, reading the epochs again if this VM does not know it.
+    /// Whether a record of `epoch` counts, reading the epochs again if it may be newer than
+    /// this VM's copy. Epochs only grow (a reset takes one above every epoch so far), so one
+    /// below the committed epoch is dead for good: a stale key costs no second read.
     fn live<H: Host>(&self, host: &H, epoch: u64) -> Result<bool, HostError> {
         if self.is_live(epoch) {
             return Ok(true);
+        }
+        if epoch < self.live.get().0 {
+            return Ok(false);
         }
         self.read_live(host)?;
         Ok(self.is_live(epoch))
@@ -445,6 +450,9 @@ mod tests {
         assert_eq!(both(&k1), (None, None), "refused from the commit on, even before the generation moves");
         end_apply(&host).unwrap();
         assert_eq!((both(&k1), both(&k2), both(&k3)), ((None, None), some("k2"), some("k3")));
+        let reads = host.1.get();
+        assert_eq!(status(&a, &k1), None);
+        assert_eq!(host.1.get(), reads + 2, "a stale key costs the generation's read and its record's, no more");
         // A worker whose copy of the epochs is older than a record it reads looks again.
         let c = RecordCache::default();
         c.sync(&host, generation(&host).unwrap()).unwrap();
