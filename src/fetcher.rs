@@ -9,7 +9,7 @@
 use crate::host::{self, Envoy, Host, HostError};
 use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY, STATE_KEY, USAGE_QUEUE};
 use keyward_core::config::ControlPlane;
-use keyward_core::feed::{parse_page, FeedError, KeyUsage, UsageReport};
+use keyward_core::feed::{parse_page, Epochs, FeedAsk, FeedError, KeyUsage, UsageReport};
 use keyward_core::response::CODES;
 use keyward_core::scope::Implications;
 use keyward_core::url::encode_component as encode;
@@ -100,6 +100,7 @@ pub struct FeedMetrics {
     pub errors: u32,
     pub version: u32,
     pub usage_reports: u32,
+    pub resets: u32,
 }
 
 impl FeedMetrics {
@@ -110,6 +111,7 @@ impl FeedMetrics {
             errors: host::define_counter("keyward.feed.errors")?,
             version: host::define_gauge("keyward.feed.applied_version")?,
             usage_reports: host::define_counter("keyward.feed.usage_reports")?,
+            resets: host::define_counter("keyward.feed.resets")?,
         })
     }
 }
@@ -123,6 +125,8 @@ pub struct Fetcher {
     leader: bool,
     envoy_id: Option<String>,
     poll: Option<u32>,
+    /// What the poll in flight asked for: its answer is read against it.
+    asked: Option<FeedAsk>,
     full_sync_started_ms: Option<u64>,
     next_poll_ms: u64,
     backoff_ms: u64,
@@ -155,6 +159,7 @@ impl Fetcher {
             leader: false,
             envoy_id: None,
             poll: None,
+            asked: None,
             full_sync_started_ms: None,
             next_poll_ms: 0,
             backoff_ms: BACKOFF_MIN_MS,
@@ -270,14 +275,18 @@ impl Fetcher {
 
     fn start_poll(&mut self, now_ms: u64) -> Result<(), HostError> {
         let state = State::read(&Envoy)?;
+        let epochs = shared::read_epochs(&Envoy)?;
         let envoy = self.envoy_id(now_ms)?;
-        // Until a snapshot is loaded, do not wait: ask for everything now.
-        let wait = if state.loaded { self.cp.feed_wait_secs } else { 0 };
-        let mut path = format!("/v1/feed?envoy={}&wait={wait}", encode(&envoy));
-        match &state.cursor {
-            Some(c) => path.push_str(&format!("&since={}&after={}", c.version, encode(&c.id))),
-            None => path.push_str(&format!("&since={}", if state.loaded { state.applied } else { 0 })),
+        let ask = epochs.ask(state.loaded, state.applied, state.cursor.as_ref());
+        // Until a snapshot is loaded, or while a reset starts over, do not wait: ask now.
+        let wait = if state.loaded && !ask.restart { self.cp.feed_wait_secs } else { 0 };
+        let mut path = format!("/v1/feed?envoy={}&wait={wait}&since={}", encode(&envoy), ask.since);
+        if let Some(after) = &ask.after {
+            path.push_str(&format!("&after={}", encode(after)));
         }
+        // Always sent, empty before a store is known: a control plane tells a filter that
+        // understands `store` and `reset` by it.
+        path.push_str(&format!("&store={}", encode(ask.store.as_deref().unwrap_or(""))));
         if !state.loaded && state.cursor.is_none() {
             self.full_sync_started_ms = Some(now_ms);
         }
@@ -285,6 +294,7 @@ impl Fetcher {
         let headers = self.headers("GET", &path, &auth);
         let timeout = Duration::from_secs(u64::from(wait) + 10);
         self.poll = Some(host::dispatch_http_call(&self.cp.cluster, headers, None, timeout)?);
+        self.asked = Some(ask);
         Ok(())
     }
 
@@ -344,19 +354,42 @@ impl Fetcher {
         }
         // Validate the whole page before writing any of it.
         let page = parse_page(&body, self.cp.max_feed_bytes, &self.implications)?;
-        // The generation is odd while records are being written, and changes again after the
-        // state (see `shared::generation`): a worker caches nothing while it is odd and drops its cache whenever it
-        // changed, so once any worker refuses a key no worker accepts it again. The next feed
-        // request (`since` = this version) is sent only after `end_apply`: from then on every
-        // worker enforces this version on its next request.
-        if !page.records.is_empty() {
+        let asked = self.asked.take().ok_or(FeedError::Inconsistent("an answer to no request"))?;
+        let epochs = shared::read_epochs(&Envoy)?;
+        let step = epochs.step(&asked, &page)?;
+        // The generation is odd while records (or the live epochs) are being written, and
+        // changes again after the state (see `shared::generation`): a worker caches nothing
+        // while it is odd and drops its cache whenever it changed, so once any worker refuses a
+        // key no worker accepts it again. A reset makes its epoch live before its records are
+        // written and, on its last page, the only live one: from the next generation on, no
+        // worker finds a record the new store lacks. The next feed request (`since` = this
+        // version) is sent only after `end_apply`: from then on every worker enforces this
+        // version on its next request.
+        let live = |e: &Epochs| (e.committed.n, e.pending.as_ref().map(|p| p.epoch.n));
+        let bracket = !page.records.is_empty() || step.before.is_some() || live(&step.after) != live(&epochs);
+        if bracket {
             shared::begin_apply(&Envoy)?;
         }
+        if step.begins_reset {
+            host::increment_counter(self.metrics.resets);
+            host::log(
+                LogLevel::Warn,
+                &format!(
+                    "snapshot feed: reset to store {} version {}: its whole snapshot replaces the one held (store {}); keys it lacks are refused once it is applied",
+                    page.store.as_deref().unwrap_or("(unnamed)"),
+                    page.version,
+                    epochs.committed.store.as_deref().unwrap_or("(unnamed)"),
+                ),
+            );
+        }
+        if let Some(before) = &step.before {
+            shared::write_epochs(&Envoy, before)?;
+        }
         for (digest, record) in &page.records {
-            Envoy.shared_set(&shared::record_key(digest), record.encode().as_bytes(), None)?;
+            Envoy.shared_set(&shared::record_key(digest), record.encode_entry(step.tag).as_bytes(), None)?;
         }
         let mut state = State::read(&Envoy)?;
-        let changed = !page.records.is_empty() || state.applied != page.version || !state.loaded;
+        let changed = !page.records.is_empty() || state.applied != page.version || !state.loaded || step.after != epochs;
         state.last_heard_ms = now_ms;
         if page.complete {
             state.loaded = true;
@@ -366,7 +399,10 @@ impl Fetcher {
             state.cursor = page.cursor.clone();
         }
         Envoy.shared_set(STATE_KEY, state.encode().as_bytes(), None)?;
-        if !page.records.is_empty() {
+        if step.after != epochs || step.before.is_some() {
+            shared::write_epochs(&Envoy, &step.after)?;
+        }
+        if bracket {
             shared::end_apply(&Envoy)?;
         }
         host::increment_counter(self.metrics.pages);

@@ -237,7 +237,7 @@ impl KeywardHttp {
             *shared.state.borrow_mut() = fresh;
         }
         // One small read per request keeps refusals monotonic across workers (see RecordCache).
-        shared.records.sync(shared::generation(&env)?);
+        shared.records.sync(&env, shared::generation(&env)?)?;
         let keys = SharedKeys::new(&env, usable, &shared.records);
         let outcome = filter::on_request(&env, c, &keys, &shared.per_vm(shared.count_usage))?;
         if keys.fault.get() {

@@ -6,10 +6,16 @@
 //! digest's, whatever the key count. There is no delete, so nothing here is keyed by time: the
 //! key space is the set of digests the control plane ever sent (a revoked key stays as a
 //! `revoked` record, which is what it is), plus the fixed entries below.
+//!
+//! Nor can an entry be taken away when the control plane's store goes back (a restore, another
+//! store): each record is tagged with the feed epoch it was written in, and a record whose epoch
+//! is not live (`keyward.epochs`, see `keyward_core::feed::Epochs`) reads as absent. A reset
+//! writes the new store's records under a new epoch and commits it last, inside one apply
+//! generation, so from the next generation on no worker finds the older store's records.
 
 use crate::host::{Host, HostError};
 use keyward_core::decision::{KeyLookup, LookupError};
-use keyward_core::feed::FeedCursor;
+use keyward_core::feed::{Epochs, FeedCursor};
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -26,6 +32,10 @@ pub const ENVOY_ID_KEY: &str = "keyward.envoy";
 /// otherwise. Every request reads it: an empty value costs no allocation in the VM.
 pub const GENERATION_KEY: &str = "keyward.gen";
 pub const USAGE_QUEUE: &str = "keyward.usage";
+/// The live feed epochs ([`Epochs`]): written only by the fetcher, only while the generation is
+/// odd, so a worker reads it again whenever the generation moved (and on every request while it
+/// is odd), never on a steady request. Absent until the first apply that names a store.
+pub const EPOCHS_KEY: &str = "keyward.epochs";
 
 pub fn record_key(digest: &Digest) -> String {
     format!("{PREFIX}k.{}", digest.to_hex())
@@ -49,6 +59,18 @@ pub fn begin_apply<H: Host>(host: &H) -> Result<(), HostError> {
 /// records it cached before.
 pub fn end_apply<H: Host>(host: &H) -> Result<(), HostError> {
     host.shared_set(GENERATION_KEY, b"", None).map(|_| ())
+}
+
+/// The live epochs. An entry that cannot be decoded is an error: every request fails closed.
+pub fn read_epochs<H: Host>(host: &H) -> Result<Epochs, HostError> {
+    let (value, _) = host.shared_get(EPOCHS_KEY)?;
+    let text = value.unwrap_or_default();
+    std::str::from_utf8(&text).ok().and_then(Epochs::decode).ok_or(HostError { op: "decoding keyward.epochs", status: proxy_wasm::types::Status::ParseFailure })
+}
+
+/// Only the fetcher, between [`begin_apply`] and [`end_apply`].
+pub fn write_epochs<H: Host>(host: &H, epochs: &Epochs) -> Result<(), HostError> {
+    host.shared_set(EPOCHS_KEY, epochs.encode().as_bytes(), None).map(|_| ())
 }
 
 /// What the fetcher has applied, as every worker sees it.
@@ -117,10 +139,28 @@ impl State {
 /// is cached only from an even generation, and used only while the generation is still that
 /// one: no worker serves a record older than one another worker has already read. This makes
 /// refusals monotonic across workers (a key refused once is refused everywhere after).
-#[derive(Debug, Default)]
+///
+/// `sync` also re-reads the live epochs when the generation moved, and on every request while
+/// it is odd (the fetcher changes them only then). A record of an epoch this VM does not know
+/// as live makes the lookup read them once more (a reset's first records may be newer than
+/// this VM's copy); if it is still not live, the record is absent. Only live records are
+/// cached, and the cache is dropped with the generation, so no cached record outlives a reset.
+#[derive(Debug)]
 pub struct RecordCache {
     entries: RefCell<HashMap<Digest, Rc<KeyRecord>>>,
+    /// The generation last synced; `NEVER` before the first request.
     generation: std::cell::Cell<u64>,
+    /// The live epochs' numbers as of the last read: committed, and a reset's under way.
+    live: std::cell::Cell<(u64, Option<u64>)>,
+}
+
+/// A generation `generation` cannot return (it is a CAS token, a `u32`, times two plus one).
+const NEVER: u64 = u64::MAX;
+
+impl Default for RecordCache {
+    fn default() -> Self {
+        RecordCache { entries: RefCell::default(), generation: std::cell::Cell::new(NEVER), live: std::cell::Cell::new((0, None)) }
+    }
 }
 
 /// Most records a VM caches (about 300 bytes each).
@@ -132,11 +172,41 @@ impl RecordCache {
     }
 
     /// Follows the shared generation read by this request; see the type's comment.
-    pub fn sync(&self, generation: u64) {
+    pub fn sync<H: Host>(&self, host: &H, generation: u64) -> Result<(), HostError> {
         if generation != self.generation.get() {
             self.entries.borrow_mut().clear();
             self.generation.set(generation);
+            self.read_live(host)
+        } else if self.applying() {
+            self.read_live(host)
+        } else {
+            Ok(())
         }
+    }
+
+    fn read_live<H: Host>(&self, host: &H) -> Result<(), HostError> {
+        let epochs = read_epochs(host)?;
+        self.live.set((epochs.committed.n, epochs.pending.map(|p| p.epoch.n)));
+        Ok(())
+    }
+
+    fn is_live(&self, epoch: u64) -> bool {
+        let (committed, pending) = self.live.get();
+        epoch == committed || pending == Some(epoch)
+    }
+
+    /// Whether a record of `epoch` counts, reading the epochs again if it may be newer than
+    /// this VM's copy. Epochs only grow (a reset takes one above every epoch so far), so one
+    /// below the committed epoch is dead for good: a stale key costs no second read.
+    fn live<H: Host>(&self, host: &H, epoch: u64) -> Result<bool, HostError> {
+        if self.is_live(epoch) {
+            return Ok(true);
+        }
+        if epoch < self.live.get().0 {
+            return Ok(false);
+        }
+        self.read_live(host)?;
+        Ok(self.is_live(epoch))
     }
 
     fn applying(&self) -> bool {
@@ -199,10 +269,16 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
             self.fault.set(true);
             LookupError::Fault
         })?;
+        let fault = |_| {
+            self.fault.set(true);
+            LookupError::Fault
+        };
         match value {
             None => Ok(None),
-            Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode) {
-                Some(record) => {
+            Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode_entry) {
+                // An older store's record, which a reset has replaced: absent, never cached.
+                Some((epoch, _)) if !self.cache.live(self.host, epoch).map_err(fault)? => Ok(None),
+                Some((_, record)) => {
                     let record = Rc::new(record);
                     self.cache.put(*digest, Rc::clone(&record));
                     Ok(Some(self.hand_out(record)))
@@ -287,7 +363,7 @@ mod tests {
         let cache = RecordCache::default();
         let digest = Digest::of(b"key");
         host.shared_set(&record_key(&digest), b"9\tgarbage", None).unwrap();
-        cache.sync(generation(&host).unwrap());
+        cache.sync(&host, generation(&host).unwrap()).unwrap();
         let keys = SharedKeys::new(&host, true, &cache);
         assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Fault));
         assert!(keys.fault.get());
@@ -304,7 +380,7 @@ mod tests {
         let (a, b) = (RecordCache::default(), RecordCache::default());
         let digest = Digest::of(b"key");
         let status = |cache: &RecordCache| {
-            cache.sync(generation(&host).unwrap());
+            cache.sync(&host, generation(&host).unwrap()).unwrap();
             SharedKeys::new(&host, true, cache).lookup(&digest).unwrap().map(|r| r.status)
         };
         begin_apply(&host).unwrap();
@@ -334,11 +410,67 @@ mod tests {
         assert!(generation(&host).unwrap() % 2 == 0 && generation(&host).unwrap() != g);
     }
 
+    /// A reset as the fetcher writes it (two pages: K2 on each, K1 on neither), with two workers
+    /// looking at every step: K2 is never refused, K1 keeps its old answer until the reset
+    /// commits and is absent on both from then on, including from B's cache.
+    #[test]
+    fn after_a_reset_a_key_the_new_store_lacks_is_absent_on_every_worker() {
+        use keyward_core::feed::{Epoch, Reset};
+        let host = SharedData::default();
+        let (a, b) = (RecordCache::default(), RecordCache::default());
+        let (k1, k2, k3) = (Digest::of(b"k1"), Digest::of(b"k2"), Digest::of(b"k3"));
+        let status = |cache: &RecordCache, d: &Digest| {
+            cache.sync(&host, generation(&host).unwrap()).unwrap();
+            SharedKeys::new(&host, true, cache).lookup(d).unwrap().map(|r| r.id.clone())
+        };
+        let both = |d: &Digest| (status(&a, d), status(&b, d));
+        let some = |id: &str| (Some(id.to_string()), Some(id.to_string()));
+        let write = |d: &Digest, id: &str, epoch: u64| host.shared_set(&record_key(d), record(id, KeyStatus::Active).encode_entry(epoch).as_bytes(), None).unwrap();
+        // Store A, epoch 0, written by a module from before epochs (untagged).
+        begin_apply(&host).unwrap();
+        write(&k1, "k1", 0);
+        write(&k2, "k2", 0);
+        end_apply(&host).unwrap();
+        assert_eq!((both(&k1), both(&k2)), (some("k1"), some("k2")), "B now caches both");
+        // Store B's reset, page 1 of 2 (K3): epoch 1 becomes live before its records.
+        let a_store = Epoch { n: 0, store: Some("A".into()) };
+        let pending = |cursor| Epochs { committed: a_store.clone(), pending: Some(Reset { epoch: Epoch { n: 1, store: Some("B".into()) }, cursor }) };
+        begin_apply(&host).unwrap();
+        write_epochs(&host, &pending(None)).unwrap();
+        write(&k3, "k3", 1);
+        write_epochs(&host, &pending(Some(FeedCursor { version: 1, id: "k3".into() }))).unwrap();
+        end_apply(&host).unwrap();
+        assert_eq!((both(&k1), both(&k2), both(&k3)), (some("k1"), some("k2"), some("k3")), "mid-reset: nothing refused");
+        // Page 2 (K2), then the commit: A's records are gone on both workers.
+        begin_apply(&host).unwrap();
+        assert_eq!(both(&k2), some("k2"), "while applying");
+        write(&k2, "k2", 1);
+        assert_eq!(both(&k2), some("k2"));
+        write_epochs(&host, &Epochs { committed: Epoch { n: 1, store: Some("B".into()) }, pending: None }).unwrap();
+        assert_eq!(both(&k1), (None, None), "refused from the commit on, even before the generation moves");
+        end_apply(&host).unwrap();
+        assert_eq!((both(&k1), both(&k2), both(&k3)), ((None, None), some("k2"), some("k3")));
+        let reads = host.1.get();
+        assert_eq!(status(&a, &k1), None);
+        assert_eq!(host.1.get(), reads + 2, "a stale key costs the generation's read and its record's, no more");
+        // A worker whose copy of the epochs is older than a record it reads looks again.
+        let c = RecordCache::default();
+        c.sync(&host, generation(&host).unwrap()).unwrap();
+        begin_apply(&host).unwrap();
+        write_epochs(&host, &Epochs { committed: Epoch { n: 1, store: Some("B".into()) }, pending: Some(Reset { epoch: Epoch { n: 2, store: Some("C".into()) }, cursor: None }) }).unwrap();
+        write(&k2, "k2", 2);
+        assert_eq!(SharedKeys::new(&host, true, &c).lookup(&k2).unwrap().map(|r| r.id.clone()), Some("k2".into()), "read as of an older generation");
+        // A garbled epochs entry fails every request closed.
+        host.shared_set(EPOCHS_KEY, b"garbage", None).unwrap();
+        assert!(RecordCache::default().sync(&host, generation(&host).unwrap()).is_err());
+    }
+
     #[test]
     fn a_key_written_after_a_miss_is_found_at_once_and_a_hit_costs_no_read() {
         let host = SharedData::default();
         let cache = RecordCache::default();
         let digest = Digest::of(b"a-new-key");
+        cache.sync(&host, generation(&host).unwrap()).unwrap();
         let status = |keys: &SharedKeys<'_, SharedData>| keys.lookup(&digest).unwrap().map(|r| r.status);
         assert_eq!(status(&SharedKeys::new(&host, true, &cache)), None, "unknown before the feed wrote it");
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();

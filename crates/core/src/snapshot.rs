@@ -221,6 +221,35 @@ impl KeyRecord {
         Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at, rate_bucket, rate_burst, disabled_reason })
     }
 
+    /// The shared-data entry of a record written in feed epoch `epoch` (see `feed::Epochs`):
+    /// epoch 0, the only one before any reset, is [`KeyRecord::encode`] itself, so a module
+    /// that predates epochs still reads it; a later one is `e<epoch>\t` before it.
+    pub fn encode_entry(&self, epoch: u64) -> String {
+        if epoch == 0 {
+            self.encode()
+        } else {
+            format!("e{epoch}\t{}", self.encode())
+        }
+    }
+
+    /// Decodes [`KeyRecord::encode_entry`]'s output into its epoch and record; an untagged
+    /// record is epoch 0. `None` for anything else.
+    pub fn decode_entry(s: &str) -> Option<(u64, KeyRecord)> {
+        match s.strip_prefix('e') {
+            None => Some((0, KeyRecord::decode(s)?)),
+            Some(rest) => {
+                let (epoch, record) = rest.split_once('\t')?;
+                if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                match epoch.parse() {
+                    Ok(0) | Err(_) => None,
+                    Ok(n) => Some((n, KeyRecord::decode(record)?)),
+                }
+            }
+        }
+    }
+
     pub fn has_scope(&self, scope: &str) -> bool {
         self.scopes.binary_search_by(|s| s.as_str().cmp(scope)).is_ok()
     }
@@ -463,6 +492,26 @@ mod tests {
         for bad in ["", "3\tx", "1\tid", "2\ti\ta\ta\t\t1\t\t\t\t\t\tx\t", "2\ti\ta\ta\t\t1\t\t\t\t\t\t\t\tx", "1\ti\ta\tx\t\t1\t\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t\t", "1\ti\ta\ta\t\t1\t\t\t\t\t\tx"] {
             assert_eq!(KeyRecord::decode(bad), None, "{bad:?}");
         }
+    }
+
+    /// Epoch 0 is today's untagged record, so a module from before epochs reads it; a later
+    /// epoch is a prefix an older module refuses (a fault, 500: closed, never a stale answer).
+    #[test]
+    fn a_record_entry_carries_its_feed_epoch() {
+        let v2 = "2\tkey_9\tagent\ta\t\t1\tread:all\t\t\t\t\t\t";
+        let record = KeyRecord::decode(v2).unwrap();
+        assert_eq!(record.encode_entry(0), record.encode(), "epoch 0 is untagged");
+        let check = |entry: &str, want: Option<u64>| {
+            assert_eq!(KeyRecord::decode_entry(entry).map(|(e, r)| (e, r == record)), want.map(|e| (e, true)), "{entry:?}");
+        };
+        check(&record.encode_entry(0), Some(0));
+        check(&record.encode_entry(7), Some(7));
+        check(&format!("e7\t{v2}"), Some(7));
+        check(&record.encode_entry(u64::MAX), Some(u64::MAX));
+        for bad in [format!("e0\t{v2}"), format!("e\t{v2}"), format!("e-1\t{v2}"), format!("e+1\t{v2}"), format!("e18446744073709551616\t{v2}"), "e3".into(), "e3\tgarbage".into()] {
+            check(&bad, None);
+        }
+        assert_eq!(KeyRecord::decode(&record.encode_entry(1)), None, "an older module refuses a tagged entry");
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/feed/usage"),
 ];
 
+/// The highest version an Envoy ahead of the store may move it to: a bound on what a bad feed
+/// request can do to the version counter.
+const MAX_ADVANCE: u64 = 1 << 53;
+
 /// Longest a feed request may be held open.
 pub const MAX_FEED_WAIT_SECS: u64 = 60;
 
@@ -621,18 +625,31 @@ struct FeedQuery {
     since: u64,
     after: Option<String>,
     envoy: Option<String>,
+    /// The store whose records the Envoy holds: empty before its first apply; absent from a
+    /// filter older than resets, which refuses a page with fields it does not know.
+    store: Option<String>,
     #[serde(default)]
     wait: u64,
 }
 
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
 /// next change lands or after `wait` seconds, whichever is first. A long-poll: see ARCHITECTURE.md.
+///
+/// A reset answers an Envoy whose records are not this store's: it names another store
+/// (`store=`), or it is ahead of this one (a restore that kept the id). The answer is then the
+/// whole snapshot from version 0 with `reset: true` on its first page; its further pages are
+/// asked for with this store's id and a cursor, so they are plain continuations. A filter
+/// older than resets sends no `store=` and gets pages without `store` and `reset` (its parser
+/// refuses unknown fields): the whole snapshot when it is ahead, as before.
 async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<FeedQuery>, QueryRejection>) -> Result<Response> {
     let _open = state.metrics.feed_client();
     let q = query(q, "since")?;
     let envoy = q.envoy.clone().unwrap_or_else(|| "unnamed".into());
     if envoy.len() > 256 {
         return Err(Error::Invalid { field: "envoy", message: "at most 256 characters".into() });
+    }
+    if q.store.as_deref().is_some_and(|id| !id.is_empty() && !keyward_core::feed::valid_store_id(id)) {
+        return Err(Error::Invalid { field: "store", message: "1 to 64 letters, digits or underscores".into() });
     }
     let mut rx = state.version.subscribe();
     let mut current = *rx.borrow_and_update();
@@ -643,16 +660,26 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
             current = v;
         }
     }
-    // An Envoy ahead of the store (restored, replaced) has applied nothing of it: it gets the
-    // whole snapshot at once, and counts as behind until it asks again.
-    let ahead = q.since > current;
+    if q.since > current && q.since <= MAX_ADVANCE {
+        // The Envoy applied a version this store has not reached (a restore without `rekey`):
+        // the store jumps past it, so what the Envoy gets next is newer than what it holds.
+        let seen = q.since;
+        let advanced = with_store(&state, "feed.advance", move |s| s.advance_past(seen)).await?;
+        tracing::warn!(envoy = %envoy, envoy_version = seen, store_version = current, now = advanced, "an Envoy was ahead of the store; the store's version moved past it");
+        let _ = state.refresh_version();
+    }
+    let store_id = with_store(&state, "feed.store_id", |s| s.store_id()).await?;
+    // An Envoy ahead of the store (restored, replaced) or holding another store's records has
+    // applied nothing of it: it gets the whole snapshot at once, and counts as behind until it
+    // asks again.
+    let reset = q.since > current || q.store.as_ref().is_some_and(|id| !id.is_empty() && *id != store_id);
     // Asking for changes after `since` means `since` is applied (mid-delta pages excepted).
-    let applied = match (ahead, q.after.is_none()) {
+    let applied = match (reset, q.after.is_none()) {
         (true, _) => Some(0),
         (false, true) => Some(q.since),
         (false, false) => None,
     };
-    let wait = if ahead { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
+    let wait = if reset { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
     let open_until = crate::store::now_unix() + i64::try_from(wait).unwrap_or(0) + 2;
     let id = envoy.clone();
     with_store(&state, "feed.seen", move |s| s.envoy_seen(&id, applied, open_until)).await?;
@@ -667,16 +694,23 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
         })
         .await;
     }
-    // A store that went backwards (restored, replaced) gets the whole snapshot again.
-    let since = if ahead { 0 } else { q.since };
-    let after = if since == q.since { q.after.clone() } else { None };
-    let page = with_store(&state, "feed.page", move |s| {
+    let (since, after) = if reset { (0, None) } else { (q.since, q.after.clone()) };
+    if reset {
+        tracing::info!(envoy = %envoy, since = q.since, envoy_store = q.store.as_deref().unwrap_or("-"), store = %store_id, "feed reset: the whole snapshot replaces what the Envoy holds");
+    }
+    let mut page = with_store(&state, "feed.page", move |s| {
         let page = s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)?;
         // Answered: connected for as long as it takes to ask again.
         s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)?;
         Ok(page)
     })
     .await?;
+    if q.store.is_some() {
+        page.store = Some(store_id);
+        page.reset = reset;
+    } else {
+        page.store = None;
+    }
     Ok(ok(StatusCode::OK, page))
 }
 

@@ -602,9 +602,74 @@ async fn an_envoy_ahead_of_the_store_gets_the_whole_snapshot_at_once_and_counts_
     assert_eq!(s, StatusCode::OK, "{page}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "a restored store must not hold the Envoy's request");
     assert_eq!((page["complete"].as_bool(), page["keys"].as_array().map(Vec::len)), (Some(true), Some(1)), "{page}");
+    // The store moved past the Envoy: what it gets is newer than what it held.
+    assert_eq!(page["version"].as_u64(), Some(v + 51), "{page}");
     let (_, status) = api.call("GET", "/v1/status", None).await;
     let envoy = &status["envoys"][0];
-    assert_eq!((envoy["applied_version"].as_u64(), envoy["lag"].as_u64()), (Some(0), Some(v)), "{status}");
+    assert_eq!((envoy["applied_version"].as_u64(), envoy["lag"].as_u64()), (Some(0), Some(v + 51)), "{status}");
+    let (_, audit) = api.call("GET", "/v1/audit?limit=1", None).await;
+    assert_eq!(audit[0]["action"], "store.advance", "{audit}");
+    // A request far beyond any real version moves nothing.
+    let (_, page) = api.call("GET", &format!("/v1/feed?envoy=edge-a&since={}", u64::MAX - 1), None).await;
+    assert_eq!(page["version"].as_u64(), Some(v + 51), "{page}");
+}
+
+/// The reset rule: every page names the store; an Envoy naming another store, or ahead of this
+/// one, gets the whole snapshot from 0 with `reset`; one naming this store, or none yet (`store=`
+/// empty), gets the plain delta. A filter older than resets sends no `store=` and gets neither
+/// field (it refuses fields it does not know), and the whole snapshot when it is ahead.
+/// The page format of a filter from before resets.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct OlderFeedMessage {
+    version: u64,
+    complete: bool,
+    cursor: Option<Value>,
+    implications: Option<Value>,
+    keys: Vec<Value>,
+}
+
+#[tokio::test]
+async fn the_feed_names_its_store_and_resets_an_envoy_holding_another_store_s_records() {
+    let api = api();
+    api.agent("crm", &["read:all"]).await;
+    api.agent("erp", &["read:all"]).await;
+    let v = api.version();
+    let (_, full) = api.call("GET", "/v1/feed?since=0&store=", None).await;
+    let store = full["store"].as_str().unwrap().to_string();
+    assert!(keyward_core::feed::valid_store_id(&store), "{full}");
+    assert_eq!(full.get("reset"), None, "a first load is no reset: {full}");
+    let check = |query: String, want_reset: bool, want_keys: usize| {
+        let api = &api;
+        let store = store.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let (s, page) = api.call("GET", &format!("/v1/feed?envoy=edge-r&wait=15&{query}"), None).await;
+            assert_eq!(s, StatusCode::OK, "{query}: {page}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "{query}: answered at once");
+            assert_eq!(page["store"].as_str(), Some(store.as_str()), "{query}: {page}");
+            assert_eq!(page["reset"].as_bool().unwrap_or(false), want_reset, "{query}: {page}");
+            assert_eq!(page["keys"].as_array().map(Vec::len), Some(want_keys), "{query}: {page}");
+        }
+    };
+    check(format!("since={}&store=AnotherStore1", v), true, 2).await;
+    check(format!("since={}&store={store}", v - 1), false, 1).await;
+    check(format!("since={}&store=", v - 1), false, 1).await;
+    check(format!("since={}&after=zzz&store=AnotherStore1", v - 1), true, 2).await;
+    // Ahead of the store: a reset, and the store moves past the Envoy each time.
+    check(format!("since={}&store={store}", v + 50), true, 2).await;
+    check(format!("since={}&store=", v + 100), true, 2).await;
+    for (query, keys) in [(format!("since={}", v + 101), 0), (format!("since={}", v + 200), 2)] {
+        let (_, page) = api.call("GET", &format!("/v1/feed?envoy=edge-old&{query}"), None).await;
+        assert_eq!((page.get("store"), page.get("reset")), (None, None), "an older filter: {page}");
+        assert_eq!(page["keys"].as_array().map(Vec::len), Some(keys), "{query}: {page}");
+        serde_json::from_value::<OlderFeedMessage>(page).unwrap();
+    }
+    let (_, status) = api.call("GET", "/v1/status", None).await;
+    assert_eq!(status["envoys"][0]["applied_version"].as_u64(), Some(0), "a reset Envoy has applied nothing of this store: {status}");
+    let got = api.call("GET", "/v1/feed?since=0&store=a%20b", None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("store"));
 }
 
 #[tokio::test]
