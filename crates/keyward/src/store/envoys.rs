@@ -168,8 +168,11 @@ impl Store {
     pub fn feed_page(&mut self, since: u64, after: Option<&str>, limit: usize) -> Result<FeedMessage> {
         let tx = Tx::read(self.db())?;
         let version = version_in(&*tx)?;
+        // A row-value comparison, so both engines seek into the `(version, id)` index where the
+        // last page ended; `version > ?1 OR (version = ?1 AND id > ?2)` made them scan from the
+        // start of the version each page (one batch import puts every key on one version).
         let (cond, after) = match after {
-            Some(a) => ("(k.version > ?1 OR (k.version = ?1 AND k.id > ?2))", a),
+            Some(a) => ("(k.version, k.id) > (CAST(?1 AS BIGINT), CAST(?2 AS TEXT))", a),
             None => ("(k.version > ?1 AND ?2 = '')", ""),
         };
         let rows = key_rows(
