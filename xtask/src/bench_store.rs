@@ -101,6 +101,9 @@ fn cli(url: &str, args: &[&str], stdin: Option<&Path>) -> Result<(Duration, u64)
         Some(p) => Stdio::from(std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => Stdio::null(),
     };
+    // wait4's peak RSS of a child is at least the parent's peak when it spawned (exec keeps the
+    // larger of the two): bring ours down to what we hold now.
+    reset_peak(std::process::id());
     let t = Instant::now();
     let child = Command::new(keyward_bin())
         .args(["--store", url])
@@ -162,6 +165,14 @@ impl Serve {
             .stderr(file)
             .spawn()
             .map_err(|e| format!("cannot start keyward serve: {e}"))?;
+        let pid = child.id() as libc::pid_t;
+        crate::postgres::on_interrupt(move || {
+            // SAFETY: kill(2) on our own child's pid; if it was reaped already, at worst a
+            // process that reused the pid in the moment before xtask exits.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        });
         let mut serve = Serve { child, port: 0 };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -456,6 +467,8 @@ pub fn run(opts: &Options) -> Result {
     let mut stores = Stores { dir: TempDir::new("bench-stores-db").map_err(|e| e.to_string())?, n: 0 };
     let small_input = import_file(dir.path(), plan.import_small)?;
     let large_input = import_file(dir.path(), plan.import_large)?;
+    reset_peak(std::process::id());
+    let own_kib = proc_kib(std::process::id(), "VmRSS");
 
     let mut rounds: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
     for r in 0..plan.rounds {
@@ -475,7 +488,7 @@ pub fn run(opts: &Options) -> Result {
     }
     let pg_version = pg.version().to_string();
     drop(pg);
-    let section = report(&plan, &rounds, &large, &pg_version, &load, t_total.elapsed());
+    let section = report(&plan, &rounds, &large, &pg_version, &load, own_kib, t_total.elapsed());
     print!("{section}");
     let old = std::fs::read_to_string(&opts.out).unwrap_or_default();
     let kept = old.find(STORES_MARKER).map_or(old.as_str(), |at| &old[..at]).trim_end();
@@ -495,7 +508,7 @@ fn spread(v: &[f64], decimals: usize) -> String {
     format!("{:.*} ({:.*}–{:.*})", decimals, median(v.to_vec()), decimals, lo, decimals, hi)
 }
 
-fn report(plan: &Plan, rounds: &[Vec<Round>; 2], large: &[Snapshot], pg_version: &str, load: &str, took: Duration) -> String {
+fn report(plan: &Plan, rounds: &[Vec<Round>; 2], large: &[Snapshot], pg_version: &str, load: &str, own_kib: u64, took: Duration) -> String {
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     let mut r = format!("{STORES_MARKER}\n\n## Stores: SQLite and PostgreSQL\n\n");
     let _ = writeln!(
@@ -503,7 +516,8 @@ fn report(plan: &Plan, rounds: &[Vec<Round>; 2], large: &[Snapshot], pg_version:
         "Written by `cargo xtask bench --stores{}` on {date}, commit {}, machine: {} (shared: load average {load} at the start; nothing pinned). \
          The release `keyward` binary on each engine: SQLite, a file in a temp dir; PostgreSQL {pg_version}, a fresh database per measure on a \
          throwaway local cluster (`fsync = off`, `synchronous_commit = off`, as `cargo xtask test` runs it: durability is not measured here). \
-         {} The {}-key import and the full snapshot ran once per engine. Took {:.0} s.\n",
+         {} The {}-key import and the full snapshot ran once per engine. A CLI's peak RSS is wait4's `ru_maxrss`, which is never below xtask's \
+         own RSS when it spawns the CLI ({:.0} MiB here). Took {:.0} s.\n",
         if plan.quick { " --quick" } else { "" },
         crate::bench::git_commit(),
         crate::bench::machine(),
@@ -513,6 +527,7 @@ fn report(plan: &Plan, rounds: &[Vec<Round>; 2], large: &[Snapshot], pg_version:
             "One round (a smoke run: these are not medians).".to_string()
         },
         plan.import_large,
+        own_kib as f64 / 1024.0,
         took.as_secs_f64()
     );
     let col = |f: Figure, e: usize, d: usize| spread(&rounds[e].iter().map(f).collect::<Vec<_>>(), d);
@@ -580,6 +595,20 @@ fn report(plan: &Plan, rounds: &[Vec<Round>; 2], large: &[Snapshot], pg_version:
         row("`keyward serve` RSS when started, MiB", mib(a.serve_start_kib), mib(b.serve_start_kib), 0);
         row("`keyward serve` peak RSS over the feed, MiB", mib(a.feed_peak_kib), mib(b.feed_peak_kib), 0);
         row("`keyward serve` peak RSS over `GET /v1/snapshot`, MiB", mib(a.snapshot_peak_kib), mib(b.snapshot_peak_kib), 0);
+        for (engine, x) in ENGINES.iter().zip(large) {
+            // Keyset paging costs the same on every page; a page that costs more the further it
+            // is into the snapshot means each page scans what came before (quadratic in all).
+            if x.last_pages_ms > 2.0 * x.first_pages_ms {
+                let _ = writeln!(
+                    r,
+                    "
+{}: a feed page costs more the further it is into the snapshot ({:.0} ms for the first 10, {:.0} ms for the last 10):                      paging through the whole snapshot is superlinear in its size.",
+                    engine.name(),
+                    x.first_pages_ms,
+                    x.last_pages_ms
+                );
+            }
+        }
     }
     r
 }
