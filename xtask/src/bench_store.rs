@@ -601,8 +601,8 @@ fn report(plan: &Plan, rounds: &[Vec<Round>; 2], large: &[Snapshot], pg_version:
             if x.last_pages_ms > 2.0 * x.first_pages_ms {
                 let _ = writeln!(
                     r,
-                    "
-{}: a feed page costs more the further it is into the snapshot ({:.0} ms for the first 10, {:.0} ms for the last 10):                      paging through the whole snapshot is superlinear in its size.",
+                    "\n{}: a feed page costs more the further it is into the snapshot ({:.0} ms for the first 10, {:.0} ms for the last 10): \
+                     paging through the whole snapshot is superlinear in its size.",
                     engine.name(),
                     x.first_pages_ms,
                     x.last_pages_ms
