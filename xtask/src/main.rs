@@ -33,7 +33,7 @@ Commands:
             `bench --stores` measures the store on SQLite and on a throwaway PostgreSQL: keys/s
             created through the admin API and the CLI, `key import --batch` of 100,000 and
             1,000,000 keys, and the 1,000,001-key snapshot paged through the feed; it writes
-            its own section at the end of BENCHMARKS.md (about 15 minutes; with --quick, small
+            its own section at the end of BENCHMARKS.md (about 6 minutes; with --quick, small
             sizes only, to target/BENCHMARKS.quick.md).
   soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
             created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
