@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
+mod bench_store;
 mod postgres;
 mod soak;
 
@@ -29,6 +30,11 @@ Commands:
             target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere. `bench --instructions`
             runs only the callgrind table (instructions per request) and rewrites that section;
             `bench --rate-error` only the rate-limit accuracy table (a simulation, seconds).
+            `bench --stores` measures the store on SQLite and on a throwaway PostgreSQL: keys/s
+            created through the admin API and the CLI, `key import --batch` of 100,000 and
+            1,000,000 keys, and the 1,000,001-key snapshot paged through the feed; it writes
+            its own section at the end of BENCHMARKS.md (about 6 minutes; with --quick, small
+            sizes only, to target/BENCHMARKS.quick.md).
   soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
             created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
@@ -264,18 +270,25 @@ fn bench_cmd(args: &[String]) -> Result {
     let quick = args.iter().any(|a| a == "--quick");
     let instructions_only = args.iter().any(|a| a == "--instructions");
     let rate_error_only = args.iter().any(|a| a == "--rate-error");
+    let stores = args.iter().any(|a| a == "--stores");
     let out = match args.iter().position(|a| a == "--out") {
         Some(i) => PathBuf::from(args.get(i + 1).ok_or("--out needs a file")?),
         None if quick => workspace_root().join("target/BENCHMARKS.quick.md"),
         None => workspace_root().join("BENCHMARKS.md"),
     };
     let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
-    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error"].contains(&a.as_str()) || is_value_of_out(*i))) {
-        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error and --out FILE", bad.1));
+    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error", "--stores"].contains(&a.as_str()) || is_value_of_out(*i))) {
+        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores and --out FILE", bad.1));
     }
     // A pure simulation of the core's limiter: no Envoy, no builds.
     if rate_error_only {
         return bench::run_rate_error(&out);
+    }
+    // The store on both engines: the keyward binary and a throwaway PostgreSQL, no Envoy.
+    if stores {
+        run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
+        std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
+        return bench_store::run(&bench_store::Options { quick, out });
     }
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;
