@@ -172,7 +172,7 @@ impl Store {
         // last page ended; `version > ?1 OR (version = ?1 AND id > ?2)` made them scan from the
         // start of the version each page (one batch import puts every key on one version).
         let (cond, after) = match after {
-            Some(a) => ("(k.version, k.id) > (CAST(?1 AS BIGINT), CAST(?2 AS TEXT))", a),
+            Some(a) => ("(k.version, k.id) > (?1, ?2)", a),
             None => ("(k.version > ?1 AND ?2 = '')", ""),
         };
         let rows = key_rows(
