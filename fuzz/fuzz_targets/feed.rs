@@ -2,7 +2,7 @@
 //! accepted record survives the shared-data encoding unchanged.
 #![no_main]
 
-use keyward_core::feed::parse_page;
+use keyward_core::feed::{parse_page, Epochs};
 use keyward_core::ratelimit::{admit, Burst, Window};
 use keyward_core::RateLimit;
 use keyward_core::scope::Implications;
@@ -15,6 +15,14 @@ fuzz_target!(|data: &[u8]| {
         for (_, record) in &page.records {
             let encoded = record.encode();
             assert_eq!(KeyRecord::decode(&encoded).as_ref(), Some(record), "record does not round-trip: {encoded:?}");
+            let tagged = record.encode_entry(page.version);
+            assert_eq!(KeyRecord::decode_entry(&tagged), Some((page.version, record.clone())), "entry does not round-trip: {tagged:?}");
+        }
+        // Whatever the page says, the epochs after it round-trip too.
+        let epochs = Epochs::default();
+        if let Ok(step) = epochs.step(&epochs.ask(true, page.version, page.cursor.as_ref()), &page) {
+            assert_eq!(Epochs::decode(&step.after.encode()), Some(step.after.clone()));
+            assert!(step.after.live(step.tag), "a page's records are live once it is applied");
         }
     }
     // Whatever sits in shared data is decoded defensively.
@@ -22,6 +30,12 @@ fuzz_target!(|data: &[u8]| {
         if let Some(record) = KeyRecord::decode(text) {
             let _ = record.allows_path("/v1/x");
             let _ = record.has_scope("read:all");
+        }
+        if let Some((epoch, record)) = KeyRecord::decode_entry(text) {
+            assert_eq!(KeyRecord::decode_entry(&record.encode_entry(epoch)), Some((epoch, record)));
+        }
+        if let Some(epochs) = Epochs::decode(text) {
+            assert_eq!(Epochs::decode(&epochs.encode()), Some(epochs));
         }
     }
     // So is a rate-limit bucket: any stored value is judged without a panic, and re-encoded.
