@@ -156,10 +156,21 @@ impl AppState {
         })
     }
 
+    /// The store, for one operation at a time. A panic in an earlier one rolled its transaction
+    /// back as it unwound (`Tx`'s drop), so the store behind a poisoned lock is sound: carry on
+    /// rather than refuse every request from then on.
+    pub fn lock_store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|poisoned| {
+            tracing::error!("a store operation panicked earlier; its transaction was rolled back");
+            self.store.clear_poison();
+            poisoned.into_inner()
+        })
+    }
+
     /// Re-reads the store's version and wakes feed requests if it moved. Changes made by the
     /// CLI straight to the file are seen this way too.
     pub fn refresh_version(&self) -> Result<u64> {
-        let store = self.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
+        let store = self.lock_store();
         let v = store.snapshot_version()?;
         if self.token_from_store {
             if let Some(d) = store.meta("admin_token_sha256")?.and_then(|h| Digest::from_hex(&h)) {
@@ -199,7 +210,7 @@ pub async fn heartbeat(state: Arc<AppState>, replica: String) {
         tick.tick().await;
         let (s, name) = (Arc::clone(&state), replica.clone());
         let beat = tokio::task::spawn_blocking(move || {
-            let mut store = s.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
+            let mut store = s.lock_store();
             store.replica_seen(&name, started_at)
         });
         if let Ok(Err(e)) = beat.await {
@@ -416,7 +427,7 @@ async fn with_store<T: Send + 'static>(
     let state = Arc::clone(state);
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let mut store = state.store.lock().map_err(|_| Error::Internal("store lock poisoned".into()))?;
+        let mut store = state.lock_store();
         let out = op(&mut store);
         drop(store);
         state.metrics.store_op(name, started.elapsed());
@@ -666,7 +677,8 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
         let seen = q.since;
         let advanced = with_store(&state, "feed.advance", move |s| s.advance_past(seen)).await?;
         tracing::warn!(envoy = %envoy, envoy_version = seen, store_version = current, now = advanced, "an Envoy was ahead of the store; the store's version moved past it");
-        let _ = state.refresh_version();
+        let s = Arc::clone(&state);
+        let _ = tokio::task::spawn_blocking(move || s.refresh_version()).await;
     }
     let store_id = with_store(&state, "feed.store_id", |s| s.store_id()).await?;
     // An Envoy ahead of the store (restored, replaced) or holding another store's records has

@@ -690,10 +690,7 @@ fn store_command(cmd: &StoreCommand, location: &store::Location, flag: &str, jso
             let from = store::Location::parse(from).map_err(|error| CliError { error, flag: "--from".into() })?;
             let to = store::Location::parse(to).map_err(|error| CliError { error, flag: "--to".into() })?;
             let started = std::time::Instant::now();
-            let summary = store::copy::copy(&from, &to, &mut update).map_err(|error| {
-                let flag = if matches!(error, Error::Missing(_)) { "--from" } else { "--to" };
-                CliError { error, flag: flag.into() }
-            })?;
+            let summary = store::copy::copy(&from, &to, &mut update).map_err(|(side, error)| CliError { error, flag: side.into() })?;
             let rows: serde_json::Map<String, serde_json::Value> = summary.rows.iter().map(|(t, n)| (t.to_string(), (*n).into())).collect();
             let secs = started.elapsed().as_secs_f64();
             serde_json::json!({"from": from.display(), "to": to.display(), "snapshot_version": summary.version, "rows": rows, "seconds": secs})
@@ -710,7 +707,10 @@ fn store_command(cmd: &StoreCommand, location: &store::Location, flag: &str, jso
         }
         StoreCommand::Rekey => {
             let mut store = opened(location, flag)?;
-            let version = store.rekey(0, "store.rekey", serde_json::json!({})).map_err(|error| CliError { error, flag: flag.into() })?;
+            // Past every version an Envoy is known to have applied; one that applied more (after
+            // the dump) moves the store past it on its next feed request.
+            let floor = store.max_applied().map_err(|error| CliError { error, flag: flag.into() })?;
+            let version = store.rekey(floor, "store.rekey", serde_json::json!({})).map_err(|error| CliError { error, flag: flag.into() })?;
             serde_json::json!({"snapshot_version": version, "store_id": store.store_id()?})
         }
     };

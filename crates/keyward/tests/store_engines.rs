@@ -348,3 +348,28 @@ fn a_store_copied_to_postgres_and_back_is_the_same_store() {
     let bad = keyward(&["store", "copy", "--from", "mysql://x/y", "--to", &pg]);
     assert!(bad.stderr.contains("--from"), "{}", bad.stderr);
 }
+
+/// Two replicas moving the version past two Envoys at once, while a change holds the version
+/// row: the version only ever rises, and ends past both.
+#[test]
+fn concurrent_advances_never_move_the_version_backwards() {
+    let url = common::postgres_database("advance");
+    let loc = Location::parse(&url).unwrap();
+    let mut s = Store::open_at(&loc).unwrap();
+    s.create_agent(&agent("a", &["read:all"])).unwrap();
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("UPDATE meta SET value = value WHERE name = 'snapshot_version'", &[]).unwrap();
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| Store::open_at(&loc).unwrap().advance_past(100).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let b = scope.spawn(|| Store::open_at(&loc).unwrap().advance_past(50).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        tx.commit().unwrap();
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        assert!(a > 100 && b > 50, "{a} {b}");
+    });
+    assert_eq!(s.snapshot_version().unwrap(), 101);
+    let versions: Vec<u64> = s.audit(10).unwrap().iter().map(|e| e.version).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "the version went backwards: {versions:?}");
+}

@@ -60,39 +60,66 @@ fn insert_rows(db: &dyn Db, t: &Table, rows: &[Vec<Value>]) -> Result<()> {
     Ok(())
 }
 
+/// Which side of a copy failed: `--from` or `--to`.
+pub type Side = &'static str;
+
 /// Copies every agent, key, scope, audit entry and usage count, the snapshot version, the
 /// store's identity and the admin token's digest from `from` to `to`, which must hold no data
 /// yet. The source is read in one consistent transaction; the target is written in one, so a
-/// failed copy leaves the target as it was.
-pub fn copy(from: &Location, to: &Location, progress: Progress<'_>) -> Result<CopySummary> {
+/// failed copy leaves the target as it was. An error names the side that failed, with its cause
+/// in words (the API keeps storage details out of its answers; the operator copying needs them).
+pub fn copy(from: &Location, to: &Location, progress: Progress<'_>) -> std::result::Result<CopySummary, (Side, Error)> {
     if from == to {
-        return Err(invalid("to", "the source and the target are the same store"));
+        return Err(("--to", invalid("to", "the source and the target are the same store")));
     }
-    let source = Store::open_existing_at(from)?;
-    let target = Store::open_at(to)?;
-    let src = Tx::read(source.db())?;
-    let dst = Tx::write(target.db())?;
+    let tag = |side: Side| {
+        let shown = if side == "--from" { from.display() } else { to.display() };
+        move |e: Error| match e {
+            e @ (Error::Invalid { .. } | Error::Conflict { .. } | Error::Missing(_)) => (side, e),
+            other => (side, Error::Internal(format!("{shown}: {other}"))),
+        }
+    };
+    let source = Store::open_existing_at(from).map_err(tag("--from"))?;
+    let target = Store::open_at(to).map_err(tag("--to"))?;
+    let src = Tx::read(source.db()).map_err(tag("--from"))?;
+    let dst = Tx::write(target.db()).map_err(tag("--to"))?;
+    let rows = copy_tables(&src, &dst, to, progress).map_err(|(side, e)| tag(side)(e))?;
+    let version = version_in(&*dst).map_err(tag("--to"))?;
+    dst.commit().map_err(tag("--to"))?;
+    src.commit().map_err(tag("--from"))?;
+    Ok(CopySummary { rows, version })
+}
+
+type Rows = Vec<(&'static str, u64)>;
+
+fn copy_tables(src: &Tx<'_>, dst: &Tx<'_>, to: &Location, progress: Progress<'_>) -> std::result::Result<Rows, (Side, Error)> {
+    let r = |e: Error| ("--from", e);
+    let w = |e: Error| ("--to", e);
     for table in ["agents", "keys", "audit"] {
-        let n = count(&*dst, table)?;
+        let n = count(&**dst, table).map_err(w)?;
         if n > 0 {
-            return Err(Error::Conflict {
+            return Err(w(Error::Conflict {
                 field: "to",
-                message: format!("{} already holds data ({n} rows in {table}); copy into a new, empty store", to.display()),
-            });
+                message: format!(
+                    "{} already holds data ({n} rows in {table}); copy into a new, empty store, before any `keyward serve` starts on it",
+                    to.display()
+                ),
+            }));
         }
     }
     // A new store holds the default catalogue: the source's replaces it.
-    dst.execute("DELETE FROM scope_implications", &[])?;
-    dst.execute("DELETE FROM scopes", &[])?;
-    let mut summary = CopySummary::default();
+    dst.execute("DELETE FROM scope_implications", &[]).map_err(w)?;
+    dst.execute("DELETE FROM scopes", &[]).map_err(w)?;
+    let mut copied = Vec::new();
     for t in TABLES {
-        let total = count(&*src, t.name)?;
+        let total = count(&**src, t.name).map_err(r)?;
         let mut done = 0u64;
         progress(t.name, 0, total);
         match t.page_by {
             None => {
-                let rows: Vec<Vec<Value>> = src.query(&format!("SELECT {} FROM {}", t.columns, t.name), &[])?.into_iter().map(|r| r.0).collect();
-                insert_rows(&*dst, t, &rows)?;
+                let rows: Vec<Vec<Value>> =
+                    src.query(&format!("SELECT {} FROM {}", t.columns, t.name), &[]).map_err(r)?.into_iter().map(|row| row.0).collect();
+                insert_rows(&**dst, t, &rows).map_err(w)?;
                 done += rows.len() as u64;
             }
             Some(key) => {
@@ -100,17 +127,18 @@ pub fn copy(from: &Location, to: &Location, progress: Progress<'_>) -> Result<Co
                 let mut after: Option<Value> = None;
                 loop {
                     let rows = match &after {
-                        None => src.query(&format!("SELECT {} FROM {} ORDER BY {key} LIMIT ?1", t.columns, t.name), p![PAGE])?,
+                        None => src.query(&format!("SELECT {} FROM {} ORDER BY {key} LIMIT ?1", t.columns, t.name), p![PAGE]),
                         Some(a) => src.query(
                             &format!("SELECT {} FROM {} WHERE {key} > ?1 ORDER BY {key} LIMIT ?2", t.columns, t.name),
                             &[a.clone(), Value::from(PAGE)],
-                        )?,
-                    };
+                        ),
+                    }
+                    .map_err(r)?;
                     let Some(last) = rows.last() else { break };
                     after = last.0.get(key_index).cloned();
                     let n = rows.len();
-                    let rows: Vec<Vec<Value>> = rows.into_iter().map(|r| r.0).collect();
-                    insert_rows(&*dst, t, &rows)?;
+                    let rows: Vec<Vec<Value>> = rows.into_iter().map(|row| row.0).collect();
+                    insert_rows(&**dst, t, &rows).map_err(w)?;
                     done += n as u64;
                     progress(t.name, done, total);
                     if n < PAGE {
@@ -120,20 +148,26 @@ pub fn copy(from: &Location, to: &Location, progress: Progress<'_>) -> Result<Co
             }
         }
         progress(t.name, done, total);
-        summary.rows.push((t.name, done));
+        copied.push((t.name, done));
     }
-    for r in src.query("SELECT name, value FROM meta WHERE name != 'schema_version'", &[])? {
-        dst.execute("INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2", p![r.text(0)?, r.text(1)?])?;
+    for row in src.query("SELECT name, value FROM meta WHERE name != 'schema_version'", &[]).map_err(r)? {
+        let (name, value) = (row.text(0).map_err(r)?, row.text(1).map_err(r)?);
+        dst.execute("INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2", p![name, value]).map_err(w)?;
     }
     if dst.engine() == Engine::Postgres {
         // Explicit ids were written: the sequences continue after them.
-        dst.query("SELECT setval(pg_get_serial_sequence('audit', 'seq'), GREATEST((SELECT MAX(seq) FROM audit), 1))", &[])?;
-        dst.query("SELECT setval(pg_get_serial_sequence('scopes', 'rowid'), GREATEST((SELECT MAX(rowid) FROM scopes), 1))", &[])?;
+        dst.query("SELECT setval(pg_get_serial_sequence('audit', 'seq'), GREATEST((SELECT MAX(seq) FROM audit), 1))", &[]).map_err(w)?;
+        dst.query("SELECT setval(pg_get_serial_sequence('scopes', 'rowid'), GREATEST((SELECT MAX(rowid) FROM scopes), 1))", &[]).map_err(w)?;
     }
-    summary.version = version_in(&*dst)?;
-    dst.commit()?;
-    src.commit()?;
-    Ok(summary)
+    Ok(copied)
+}
+
+/// The snapshot version, with its row locked for the rest of the transaction (as every change
+/// takes it first): on PostgreSQL, a concurrent change or advance waits, and this one reads the
+/// value the last of them committed.
+fn lock_version(db: &dyn Db) -> Result<u64> {
+    let v = db.one("UPDATE meta SET value = value WHERE name = 'snapshot_version' RETURNING value", &[])?.text(0)?;
+    v.parse().map_err(|_| Error::Internal(format!("corrupt snapshot_version {v:?}")))
 }
 
 #[derive(Debug, Default)]
@@ -213,7 +247,7 @@ impl Store {
         let now = self.now();
         let id = format!("st_{}", random_base62(16)?);
         let tx = Tx::write(self.db())?;
-        let current = version_in(&*tx)?;
+        let current = lock_version(&*tx)?;
         let version = current.max(floor) + 1;
         tx.execute("UPDATE meta SET value = ?1 WHERE name = 'snapshot_version'", p![version.to_string()])?;
         tx.execute("UPDATE meta SET value = ?1 WHERE name = 'store_id'", p![&id])?;
@@ -230,7 +264,7 @@ impl Store {
     pub fn advance_past(&mut self, seen: u64) -> Result<u64> {
         let now = self.now();
         let tx = Tx::write(self.db())?;
-        let current = version_in(&*tx)?;
+        let current = lock_version(&*tx)?;
         if current > seen {
             return Ok(current);
         }

@@ -93,6 +93,13 @@ impl Location {
             return Ok(Location::Sqlite(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let query = url.split_once('?').map_or("", |(_, q)| q);
+            if query.split('&').any(|kv| kv.eq_ignore_ascii_case("sslmode=require") || kv.to_ascii_lowercase().starts_with("sslmode=verify")) {
+                return Err(crate::error::invalid(
+                    "store",
+                    "keyward connects to PostgreSQL without TLS for now: use a server that accepts plain connections on a private network, or a local TLS-terminating proxy",
+                ));
+            }
             return Ok(Location::Postgres(url.to_string()));
         }
         Err(crate::error::invalid(
@@ -111,16 +118,35 @@ impl Location {
     }
 }
 
-/// A URL with its password replaced by `***`.
+/// A URL with its password replaced by `***`: in `user:password@` and in a `password=` query
+/// parameter.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((a, h)) => (a, h),
-        None => return url.to_string(),
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((auth, host)) => match auth.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_string(),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
+    };
+    match query {
+        None => base,
+        Some(q) => {
+            let params: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", params.join("&"))
+        }
     }
 }
 
@@ -270,6 +296,12 @@ impl Store {
         }
         tx.commit()?;
         Ok(set)
+    }
+
+    /// The highest version any Envoy has reported applying, as the store remembers it.
+    pub fn max_applied(&self) -> Result<u64> {
+        let v = self.db.one("SELECT COALESCE(MAX(applied_version), 0) FROM envoys", &[])?.int(0)?;
+        Ok(u64::try_from(v).unwrap_or(0))
     }
 
     /// Starts a change: a write transaction whose first act is to bump the version.
@@ -446,6 +478,10 @@ mod tests {
     #[test]
     fn passwords_never_show() {
         assert_eq!(redact("postgres://kw:s3cret@db:5432/keyward"), "postgres://kw:***@db:5432/keyward");
+        assert_eq!(redact("postgres://db/k?user=kw&password=s3cret&x=1"), "postgres://db/k?user=kw&password=***&x=1");
+        assert_eq!(redact("postgres://kw:a@b@db/k?PASSWORD=s3cret"), "postgres://kw:***@db/k?PASSWORD=***");
+        assert!(Location::parse("postgres://db/k?sslmode=require").unwrap_err().to_string().contains("without TLS"));
+        assert!(Location::parse("postgres://db/k?sslmode=disable").is_ok());
         assert_eq!(redact("postgres://kw@db/keyward"), "postgres://kw@db/keyward");
         assert_eq!(Location::Postgres("postgres://a:b@c/d".into()).display(), "postgres://a:***@c/d");
     }

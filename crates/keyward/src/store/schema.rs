@@ -163,8 +163,10 @@ CREATE TABLE agents (
 );
 CREATE UNIQUE INDEX agents_live_name ON agents(name) WHERE deleted_at IS NULL;
 CREATE INDEX agents_version ON agents(version);
+-- Byte order for key ids, as SQLite's: the feed pages by (version, id), and a cursor must mean
+-- the same on both engines (a store copied mid-delta), whatever the database's collation.
 CREATE TABLE keys (
-    id TEXT PRIMARY KEY,
+    id TEXT COLLATE "C" PRIMARY KEY,
     agent_id TEXT NOT NULL REFERENCES agents(id),
     name TEXT NOT NULL,
     display_prefix TEXT NOT NULL,
