@@ -17,26 +17,24 @@ const PAGE: usize = 2_000;
 struct Table {
     name: &'static str,
     columns: &'static str,
-    width: usize,
     page_by: Option<&'static str>,
 }
 
 /// In an order foreign keys accept. `envoys` and `replicas` describe running processes, not
 /// data: they are not copied.
 const TABLES: &[Table] = &[
-    Table { name: "agents", columns: "id, name, description, scopes, enabled, rate_limit, created_at, updated_at, deleted_at, version, disabled_reason, rate_burst", width: 12, page_by: Some("id") },
-    Table { name: "scopes", columns: "rowid, name, description, created_at", width: 4, page_by: Some("name") },
-    Table { name: "scope_implications", columns: "scope, implies", width: 2, page_by: None },
+    Table { name: "agents", columns: "id, name, description, scopes, enabled, rate_limit, created_at, updated_at, deleted_at, version, disabled_reason, rate_burst", page_by: Some("id") },
+    Table { name: "scopes", columns: "rowid, name, description, created_at", page_by: Some("name") },
+    Table { name: "scope_implications", columns: "scope, implies", page_by: None },
     Table {
         name: "keys",
         columns: "id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, created_at, expires_at, revoked_at, \
                   last_used_at, rotated_from, rotated_to, imported, version, rotated_at, lineage, rate_burst",
-        width: 20,
         page_by: Some("id"),
     },
-    Table { name: "audit", columns: "seq, at, actor, action, target, details, version", width: 7, page_by: Some("seq") },
-    Table { name: "usage", columns: "key_id, hour, count", width: 3, page_by: None },
-    Table { name: "usage_denied", columns: "key_id, hour, code, count", width: 4, page_by: None },
+    Table { name: "audit", columns: "seq, at, actor, action, target, details, version", page_by: Some("seq") },
+    Table { name: "usage", columns: "key_id, hour, count", page_by: None },
+    Table { name: "usage_denied", columns: "key_id, hour, code, count", page_by: None },
 ];
 
 fn count(db: &dyn Db, table: &str) -> Result<u64> {
@@ -44,20 +42,7 @@ fn count(db: &dyn Db, table: &str) -> Result<u64> {
 }
 
 fn insert_rows(db: &dyn Db, t: &Table, rows: &[Vec<Value>]) -> Result<()> {
-    for chunk in rows.chunks(PAGE.min(30_000 / t.width)) {
-        let mut sql = format!("INSERT INTO {} ({}) VALUES ", t.name, t.columns);
-        let mut params = Vec::with_capacity(chunk.len() * t.width);
-        for (i, row) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            let marks: Vec<String> = (1..=t.width).map(|j| format!("?{}", i * t.width + j)).collect();
-            sql.push_str(&format!("({})", marks.join(", ")));
-            params.extend(row.iter().cloned());
-        }
-        db.execute(&sql, &params)?;
-    }
-    Ok(())
+    super::db::insert_many(db, t.name, t.columns, rows, PAGE)
 }
 
 /// Which side of a copy failed: `--from` or `--to`.
@@ -162,6 +147,22 @@ fn copy_tables(src: &Tx<'_>, dst: &Tx<'_>, to: &Location, progress: Progress<'_>
     Ok(copied)
 }
 
+/// Copies every page of a SQLite online backup (or restore), 256 at a time, letting writers in
+/// between and waiting a moment when the source is busy, and reports pages done.
+fn run_backup(backup: &rusqlite::backup::Backup<'_, '_>, progress: Progress<'_>) -> Result<()> {
+    loop {
+        let more = backup.step(256)?;
+        let p = backup.progress();
+        let total = u64::try_from(p.pagecount).unwrap_or(0);
+        progress("pages", total.saturating_sub(u64::try_from(p.remaining).unwrap_or(0)), total);
+        match more {
+            rusqlite::backup::StepResult::Done => return Ok(()),
+            rusqlite::backup::StepResult::More => {}
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
 /// The snapshot version, with its row locked for the rest of the transaction (as every change
 /// takes it first): on PostgreSQL, a concurrent change or advance waits, and this one reads the
 /// value the last of them committed.
@@ -188,18 +189,7 @@ impl Store {
         }
         let mut dst = rusqlite::Connection::open(file)?;
         {
-            let backup = rusqlite::backup::Backup::new(conn, &mut dst)?;
-            loop {
-                let more = backup.step(256)?;
-                let p = backup.progress();
-                let total = u64::try_from(p.pagecount).unwrap_or(0);
-                progress("pages", total.saturating_sub(u64::try_from(p.remaining).unwrap_or(0)), total);
-                match more {
-                    rusqlite::backup::StepResult::Done => break,
-                    rusqlite::backup::StepResult::More => {}
-                    _ => std::thread::sleep(std::time::Duration::from_millis(10)),
-                }
-            }
+            run_backup(&rusqlite::backup::Backup::new(conn, &mut dst)?, progress)?;
         }
         let version = version_in(&super::db::Sqlite { conn: dst })?;
         Ok(version)
@@ -222,18 +212,7 @@ impl Store {
         drop(backup);
         let src = rusqlite::Connection::open_with_flags(file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         if let Some(conn) = self.sqlite_mut() {
-            let restore = rusqlite::backup::Backup::new(&src, conn)?;
-            loop {
-                let more = restore.step(256)?;
-                let p = restore.progress();
-                let total = u64::try_from(p.pagecount).unwrap_or(0);
-                progress("pages", total.saturating_sub(u64::try_from(p.remaining).unwrap_or(0)), total);
-                match more {
-                    rusqlite::backup::StepResult::Done => break,
-                    rusqlite::backup::StepResult::More => {}
-                    _ => std::thread::sleep(std::time::Duration::from_millis(10)),
-                }
-            }
+            run_backup(&rusqlite::backup::Backup::new(&src, conn)?, progress)?;
         }
         super::schema::migrate(self.db())?;
         let version = self.rekey(before.max(from), "store.restore", json!({"file": file.display().to_string(), "backup_version": from}))?;

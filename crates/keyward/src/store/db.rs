@@ -175,6 +175,27 @@ pub trait Db: Send {
     }
 }
 
+/// Inserts `rows` (each as wide as `columns`) into `table` with multi-row `INSERT`s of at most
+/// `per_statement` rows (and 30,000 parameters, under both engines' limits): few round trips
+/// to a networked store.
+pub fn insert_many(db: &dyn Db, table: &str, columns: &str, rows: &[Vec<Value>], per_statement: usize) -> Result<()> {
+    let width = columns.split(',').count();
+    for chunk in rows.chunks(per_statement.min(30_000 / width).max(1)) {
+        let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
+        let mut params = Vec::with_capacity(chunk.len() * width);
+        for (i, row) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let marks: Vec<String> = (1..=width).map(|j| format!("?{}", i * width + j)).collect();
+            sql.push_str(&format!("({})", marks.join(", ")));
+            params.extend(row.iter().cloned());
+        }
+        db.execute(&sql, &params)?;
+    }
+    Ok(())
+}
+
 /// An open transaction: rolled back when dropped uncommitted. Derefs to its [`Db`].
 pub struct Tx<'a> {
     db: &'a (dyn Db + 'static),

@@ -1,7 +1,7 @@
 //! Keys: create, import (one or a batch), list, show, edit, revoke, rotate.
 
 use super::agents::changes;
-use super::db::{p, Db};
+use super::db::{insert_many, p, Db, Value};
 use super::records::{find_agent, find_key, key_rows, live, AgentRow, KEY_COLUMNS};
 use super::scopes::{catalogue_ok, implications, rate_patch};
 use super::{audit, generate_key, now_unix_ceil, random_base62, to_json, Change, Store, DEFAULT_GRACE};
@@ -78,15 +78,17 @@ impl<'a> NewKeyRow<'a> {
     }
 }
 
-const INSERT_KEY: &str = "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, \
-    created_at, expires_at, rotated_from, imported, version, rate_burst, lineage) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
+/// The columns every key insertion writes, in [`insert_key`]'s order.
+const KEY_INSERT_COLUMNS: &str = "id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, \
+    created_at, expires_at, rotated_from, imported, version, rate_burst, lineage";
 
 /// The one way a key row is written.
 pub(crate) fn insert_key(db: &dyn Db, k: &NewKeyRow<'_>) -> Result<()> {
-    db.execute(
-        INSERT_KEY,
-        p![
+    insert_many(
+        db,
+        "keys",
+        KEY_INSERT_COLUMNS,
+        &[p![
             k.id,
             k.agent_id,
             k.name,
@@ -103,9 +105,10 @@ pub(crate) fn insert_key(db: &dyn Db, k: &NewKeyRow<'_>) -> Result<()> {
             k.version,
             k.burst,
             k.lineage.unwrap_or(k.id)
-        ],
-    )?;
-    Ok(())
+        ]
+        .to_vec()],
+        1,
+    )
 }
 
 /// Validates a key request against its agent.
@@ -294,7 +297,7 @@ impl Store {
             let mut found = std::collections::HashSet::new();
             for chunk in rows.chunks(BATCH_ROWS) {
                 let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("?{i}")).collect();
-                let params: Vec<super::db::Value> = chunk.iter().map(|r| r.2.as_str().into()).collect();
+                let params: Vec<Value> = chunk.iter().map(|r| r.2.as_str().into()).collect();
                 for r in tx.query(&format!("SELECT digest FROM keys WHERE digest IN ({})", marks.join(", ")), &params)? {
                     found.insert(r.text(0)?);
                 }
@@ -318,39 +321,30 @@ impl Store {
         let paths_json = to_json(&template.path_prefixes);
         let mut stored = 0;
         for chunk in rows.chunks(BATCH_ROWS) {
-            // One multi-row INSERT per chunk, in INSERT_KEY's columns.
-            let mut sql = String::from(
-                "INSERT INTO keys (id, agent_id, name, display_prefix, last4, digest, scopes, path_prefixes, rate_limit, \
-                 created_at, expires_at, rotated_from, imported, version, rate_burst, lineage) VALUES ",
-            );
-            let mut params: Vec<super::db::Value> = Vec::with_capacity(chunk.len() * 16);
-            for (i, (name, id, digest, prefix, last4)) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                let b = i * 16;
-                let marks: Vec<String> = (1..=16).map(|j| format!("?{}", b + j)).collect();
-                sql.push_str(&format!("({})", marks.join(", ")));
-                params.extend([
-                    id.into(),
-                    (&agent.id).into(),
-                    name.into(),
-                    prefix.into(),
-                    last4.into(),
-                    digest.into(),
-                    scopes_json.clone().into(),
-                    paths_json.clone().into(),
-                    template.rate.clone().into(),
-                    now.into(),
-                    expires_at.into(),
-                    super::db::Value::Null,
-                    true.into(),
-                    version.into(),
-                    template.burst.into(),
-                    id.into(),
-                ]);
-            }
-            tx.execute(&sql, &params)?;
+            let values: Vec<Vec<Value>> = chunk
+                .iter()
+                .map(|(name, id, digest, prefix, last4)| {
+                    vec![
+                        id.into(),
+                        (&agent.id).into(),
+                        name.into(),
+                        prefix.into(),
+                        last4.into(),
+                        digest.into(),
+                        scopes_json.clone().into(),
+                        paths_json.clone().into(),
+                        template.rate.clone().into(),
+                        now.into(),
+                        expires_at.into(),
+                        Value::Null,
+                        true.into(),
+                        version.into(),
+                        template.burst.into(),
+                        id.into(),
+                    ]
+                })
+                .collect();
+            insert_many(&*tx, "keys", KEY_INSERT_COLUMNS, &values, BATCH_ROWS)?;
             stored += chunk.len();
             progress(stored);
         }
