@@ -764,13 +764,6 @@ fn rotate_admin_token(location: &store::Location, flag: &str) -> anyhow::Result<
     Ok(())
 }
 
-fn location_engine(location: &store::Location) -> &'static str {
-    match location {
-        store::Location::Postgres(_) => "postgres",
-        _ => "sqlite",
-    }
-}
-
 /// `serve --replica`'s default: the host name, else "keyward".
 fn default_replica() -> String {
     let file = std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string());
@@ -855,11 +848,12 @@ fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>
         Ok(_) => anyhow::bail!("KEYWARD_FEED_TOKEN must be at least 16 characters"),
         Err(_) => None,
     };
+    let engine = store.engine().name();
     let mut state = api::AppState::new(store, token_digest, feed_token_digest)?;
     // `admin-token rotate` writes a new digest to the file; the watcher picks it up.
     state.token_from_store = !from_env;
     state.replica = replica;
-    state.engine = location_engine(location);
+    state.engine = engine;
     let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let postgres = match location {
