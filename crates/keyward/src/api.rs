@@ -1,7 +1,7 @@
 //! The admin HTTP API: JSON in and out, the same operations as the CLI, behind an admin token.
 
 use crate::error::{Error, Result};
-use crate::model::{AgentUpdate, Applied, DisableAgent, ImportKey, Imply, KeyUpdate, NewAgent, NewKey, NewScope, RotateKey};
+use crate::model::{Actor, AgentUpdate, Applied, DisableAgent, ImportKey, Imply, KeyUpdate, NewAdmin, NewAgent, NewKey, NewScope, Permission, RotateKey};
 use crate::store::Store;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -46,6 +46,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/audit"),
     ("GET", "/v1/snapshot"),
     ("GET", "/v1/usage"),
+    ("GET", "/v1/admins"),
+    ("POST", "/v1/admins"),
+    ("POST", "/v1/admins/{name}/disable"),
+    ("POST", "/v1/admins/{name}/enable"),
+    ("POST", "/v1/admins/{name}/token"),
     ("GET", "/v1/feed"),
     ("POST", "/v1/feed/usage"),
 ];
@@ -80,6 +85,10 @@ pub struct AppState {
     /// This process's name among the replicas (`--replica`).
     pub replica: String,
     pub metrics: crate::metrics::Metrics,
+    /// The console's notices and once-shown secrets, per session, in memory only.
+    pub console: crate::console::ConsoleState,
+    /// Mark console cookies `Secure` (served over TLS, or `--console-secure` behind a proxy).
+    pub console_secure: bool,
 }
 
 /// Wrong tokens tolerated from one client address per window; then 429 until the window ends.
@@ -134,7 +143,7 @@ impl AuthGuard {
 }
 
 /// The client's address (`ConnectInfo`), or `0.0.0.0` when the router runs without one (tests).
-fn client_ip(req: &Request) -> IpAddr {
+pub(crate) fn client_ip(req: &Request) -> IpAddr {
     req.extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
@@ -153,6 +162,8 @@ impl AppState {
             engine: "sqlite",
             replica: "keyward".into(),
             metrics: crate::metrics::Metrics::default(),
+            console: crate::console::ConsoleState::default(),
+            console_secure: false,
         })
     }
 
@@ -287,7 +298,12 @@ pub fn router_for(state: Arc<AppState>, role: Role) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/usage", get(usage))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_token));
+        .route("/v1/admins", get(list_admins).post(create_admin))
+        .route("/v1/admins/{name}/disable", post(disable_admin))
+        .route("/v1/admins/{name}/enable", post(enable_admin))
+        .route("/v1/admins/{name}/token", post(admin_token))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_admin))
+        .merge(crate::console::router(Arc::clone(&state)));
     let feed = Router::new()
         .route("/v1/feed", get(feed))
         // A usage report names up to 2,000 keys (the filter batches them): about 120 KiB.
@@ -350,7 +366,12 @@ async fn log_request(req: Request, next: Next) -> Response {
 
 /// Constant-time comparison of two digests.
 fn digests_equal(a: &Digest, b: &Digest) -> bool {
-    a.0.iter().zip(b.0.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    constant_time_eq(&a.0, &b.0)
+}
+
+/// Whether two byte strings are equal, in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -369,13 +390,102 @@ async fn require_feed_token(State(state): State<Arc<AppState>>, headers: HeaderM
     guarded(&state, &headers, &want, (feed, feed), req, next).await
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let want = match state.token_digest.read() {
-        Ok(d) => *d,
-        Err(_) => return Error::Internal("token lock poisoned".into()).into_response(),
+tokio::task_local! {
+    /// Who the request being served acts for: the audit log names them.
+    static ACTOR: Actor;
+}
+
+/// Runs `fut` acting for `actor`: every store change it makes is audited under their name.
+pub async fn acting_as<F: std::future::Future>(actor: Actor, fut: F) -> F::Output {
+    ACTOR.scope(actor, fut).await
+}
+
+/// What a request needs: reading takes any role; changing the catalogue or the admins takes an
+/// owner; any other change takes an editor.
+pub fn permission(method: &axum::http::Method, path: &str) -> Permission {
+    if matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        Permission::Read
+    } else if path.starts_with("/v1/scopes") || path.starts_with("/v1/admins") {
+        Permission::Own
+    } else {
+        Permission::ManageKeys
+    }
+}
+
+impl AppState {
+    /// Who holds the token with this digest: the bootstrap owner, an enabled admin, or nobody.
+    pub async fn actor_for(self: &Arc<Self>, digest: Digest) -> Result<Option<Actor>> {
+        let bootstrap = match self.token_digest.read() {
+            Ok(d) => *d,
+            Err(_) => return Err(Error::Internal("token lock poisoned".into())),
+        };
+        if digests_equal(&digest, &bootstrap) {
+            return Ok(Some(Actor::bootstrap()));
+        }
+        with_store(self, "admin_by_token", move |s| s.admin_by_token(&digest)).await
+    }
+
+    /// Refuses an address blocked for too many failures; `Some(retry after)` if it is.
+    pub fn blocked(&self, ip: IpAddr) -> Option<u64> {
+        self.guard.blocked(ip, std::time::Instant::now())
+    }
+
+    /// Counts a wrong or missing credential from `ip`, across replicas on PostgreSQL.
+    pub async fn failed_attempt(self: &Arc<Self>, ip: IpAddr) {
+        let now = std::time::Instant::now();
+        if self.guard.failed(ip, now) {
+            self.metrics.lockout();
+        }
+        if self.engine == "postgres" {
+            // Replicas count together: an address gets its ten tries from all of them, not
+            // ten from each. The failure that reaches the limit blocks it everywhere.
+            let address = ip.to_string();
+            let counted = with_store(self, "guard.failure", move |s| {
+                s.auth_failure(&address, AUTH_WINDOW.as_secs() as i64, u64::from(AUTH_FAILURES_ALLOWED))
+            })
+            .await;
+            match counted {
+                Ok((count, until)) if count >= u64::from(AUTH_FAILURES_ALLOWED) => {
+                    let left = u64::try_from(until - crate::store::now_unix()).unwrap_or(0);
+                    self.guard.block(ip, left, now);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "counting a failed token attempt in the store"),
+            }
+        }
+        tracing::warn!(client = %ip, "request with a wrong or missing token");
+    }
+}
+
+/// The admin API's gate: the bootstrap token or an admin's personal token, whose role must
+/// allow the request. Guessing is limited per client address.
+async fn require_admin(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let ip = client_ip(&req);
+    if let Some(retry_after_secs) = state.blocked(ip) {
+        return Error::TooManyAttempts { retry_after_secs }.into_response();
+    }
+    let token = bearer(&headers);
+    let actor = match token {
+        Some(t) => match state.actor_for(Digest::of(t.as_bytes())).await {
+            Ok(a) => a,
+            Err(e) => return e.into_response(),
+        },
+        None => None,
     };
-    let messages = ("send the admin token as 'Authorization: Bearer <token>'", "the admin token is not valid");
-    guarded(&state, &headers, &want, messages, req, next).await
+    let Some(actor) = actor else {
+        state.failed_attempt(ip).await;
+        let message = if token.is_some() {
+            "the admin token is not valid"
+        } else {
+            "send the admin token (or your personal admin token) as 'Authorization: Bearer <token>'"
+        };
+        return Error::Unauthorized(message.into()).into_response();
+    };
+    let need = permission(req.method(), req.uri().path());
+    if !actor.role.allows(need) {
+        return Error::Forbidden(actor.role.refusal(need)).into_response();
+    }
+    acting_as(actor, next.run(req)).await
 }
 
 /// Compares the bearer token with `want` (as digests, in constant time), unless this client
@@ -383,34 +493,13 @@ async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, r
 /// `messages`: what to say when the token is missing, and when it is wrong.
 async fn guarded(state: &Arc<AppState>, headers: &HeaderMap, want: &Digest, messages: (&str, &str), req: Request, next: Next) -> Response {
     let ip = client_ip(&req);
-    let now = std::time::Instant::now();
-    if let Some(retry_after_secs) = state.guard.blocked(ip, now) {
+    if let Some(retry_after_secs) = state.blocked(ip) {
         return Error::TooManyAttempts { retry_after_secs }.into_response();
     }
     match bearer(headers) {
         Some(token) if digests_equal(&Digest::of(token.as_bytes()), want) => next.run(req).await,
         found => {
-            if state.guard.failed(ip, now) {
-                state.metrics.lockout();
-            }
-            if state.engine == "postgres" {
-                // Replicas count together: an address gets its ten tries from all of them, not
-                // ten from each. The failure that reaches the limit blocks it everywhere.
-                let address = ip.to_string();
-                let counted = with_store(state, "guard.failure", move |s| {
-                    s.auth_failure(&address, AUTH_WINDOW.as_secs() as i64, u64::from(AUTH_FAILURES_ALLOWED))
-                })
-                .await;
-                match counted {
-                    Ok((count, until)) if count >= u64::from(AUTH_FAILURES_ALLOWED) => {
-                        let left = u64::try_from(until - crate::store::now_unix()).unwrap_or(0);
-                        state.guard.block(ip, left, now);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "counting a failed token attempt in the store"),
-                }
-            }
-            tracing::warn!(client = %ip, "request with a wrong or missing token");
+            state.failed_attempt(ip).await;
             let message = if found.is_some() { messages.1 } else { messages.0 };
             Error::Unauthorized(message.into()).into_response()
         }
@@ -419,15 +508,19 @@ async fn guarded(state: &Arc<AppState>, headers: &HeaderMap, want: &Digest, mess
 
 /// Runs a store operation off the async runtime, timed in `keyward_store_operation_seconds`
 /// under `name`.
-async fn with_store<T: Send + 'static>(
+pub async fn with_store<T: Send + 'static>(
     state: &Arc<AppState>,
     name: &'static str,
     op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let state = Arc::clone(state);
+    let actor = ACTOR.try_with(|a| a.name.clone()).ok();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
         let mut store = state.lock_store();
+        // Work not done for an admin (the feed moving the version past an Envoy's) is the
+        // server's own, audited as `api` as before admins existed.
+        store.actor = actor.unwrap_or_else(|| Actor::bootstrap().name);
         let out = op(&mut store);
         drop(store);
         state.metrics.store_op(name, started.elapsed());
@@ -457,8 +550,30 @@ fn wait_param(q: std::result::Result<Query<WaitQuery>, QueryRejection>) -> Resul
 type WaitQ = std::result::Result<Query<WaitQuery>, QueryRejection>;
 
 /// Runs a changing store operation, wakes the feed at once (rather than at the watcher's next
-/// look), then waits until every connected Envoy has applied it (unless `wait` is false), and
-/// answers the result with an `applied` object.
+/// look), then waits until every connected Envoy has applied it (unless `wait` is false).
+/// Answers the operation's result, and how far the change reached if it changed anything.
+pub async fn change<T: Send + 'static>(
+    state: &Arc<AppState>,
+    name: &'static str,
+    wait: bool,
+    op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
+) -> Result<(T, Option<Applied>)> {
+    let (out, version) = with_store(state, name, move |s| {
+        s.last_change = None;
+        let out = op(s)?;
+        Ok((out, s.last_change.take()))
+    })
+    .await?;
+    let Some(version) = version else {
+        return Ok((out, None));
+    };
+    state.metrics.change();
+    let s = Arc::clone(state);
+    let _ = tokio::task::spawn_blocking(move || s.refresh_version()).await;
+    Ok((out, Some(wait_applied(state, version, wait).await?)))
+}
+
+/// [`change`], answered as JSON with an `applied` object.
 async fn mutate<T: Serialize + Send + 'static>(
     state: &Arc<AppState>,
     name: &'static str,
@@ -466,20 +581,9 @@ async fn mutate<T: Serialize + Send + 'static>(
     status: StatusCode,
     op: impl FnOnce(&mut Store) -> Result<T> + Send + 'static,
 ) -> Result<Response> {
-    let (out, version) = with_store(state, name, move |s| {
-        s.last_change = None;
-        let out = op(s)?;
-        Ok((out, s.last_change.take()))
-    })
-    .await?;
-    if version.is_some() {
-        state.metrics.change();
-    }
-    let s = Arc::clone(state);
-    let _ = tokio::task::spawn_blocking(move || s.refresh_version()).await;
+    let (out, applied) = change(state, name, wait, op).await?;
     let mut value = serde_json::to_value(out).map_err(|e| Error::Internal(e.to_string()))?;
-    if let (Some(version), Some(obj)) = (version, value.as_object_mut()) {
-        let applied = wait_applied(state, version, wait).await?;
+    if let (Some(applied), Some(obj)) = (applied, value.as_object_mut()) {
         obj.insert("applied".into(), serde_json::to_value(applied).map_err(|e| Error::Internal(e.to_string()))?);
     }
     Ok(ok(status, value))
@@ -735,14 +839,39 @@ async fn feed_usage(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
 #[derive(Debug, Deserialize)]
 struct AuditQuery {
     limit: Option<u32>,
+    actor: Option<String>,
+    agent: Option<String>,
+    action: Option<String>,
 }
 
 async fn audit(State(state): State<Arc<AppState>>, q: std::result::Result<Query<AuditQuery>, QueryRejection>) -> Result<Response> {
     let q = query(q, "limit")?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    Ok(ok(StatusCode::OK, with_store(&state, "audit", move |s| s.audit(limit)).await?))
+    let filter = crate::model::AuditFilter { actor: q.actor, agent: q.agent, action: q.action };
+    Ok(ok(StatusCode::OK, with_store(&state, "audit", move |s| s.audit_filtered(limit, &filter)).await?))
 }
 
 async fn snapshot(State(state): State<Arc<AppState>>) -> Result<Response> {
     Ok(ok(StatusCode::OK, with_store(&state, "snapshot", |s| s.snapshot()).await?))
+}
+
+async fn list_admins(State(state): State<Arc<AppState>>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, "list_admins", |s| s.list_admins()).await?))
+}
+
+async fn create_admin(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let req: NewAdmin = parse(body)?;
+    Ok(ok(StatusCode::CREATED, with_store(&state, "create_admin", move |s| s.create_admin(&req)).await?))
+}
+
+async fn disable_admin(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, "disable_admin", move |s| s.set_admin_enabled(&name, false)).await?))
+}
+
+async fn enable_admin(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, "enable_admin", move |s| s.set_admin_enabled(&name, true)).await?))
+}
+
+async fn admin_token(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
+    Ok(ok(StatusCode::OK, with_store(&state, "admin_token", move |s| s.new_admin_token(&name)).await?))
 }

@@ -65,6 +65,10 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert
     #[arg(long, env = "KEYWARD_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Mark console cookies Secure even without --tls-cert (TLS ends at a proxy in front);
+    /// with --tls-cert they always are
+    #[arg(long, env = "KEYWARD_CONSOLE_SECURE")]
+    console_secure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -854,6 +858,7 @@ fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>
     state.token_from_store = !from_env;
     state.replica = replica;
     state.engine = engine;
+    state.console_secure = tls.is_some() || args.console_secure;
     let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let postgres = match location {

@@ -16,6 +16,9 @@ pub enum Error {
     Conflict { field: &'static str, message: String },
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// The admin is known, and its role does not allow this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("request body larger than {0} bytes")]
     TooLarge(usize),
     /// Too many failed token attempts from one client address.
@@ -104,6 +107,7 @@ impl Error {
             Error::NotFound { .. } | Error::RemoteNotFound { .. } => "NOT_FOUND",
             Error::Conflict { .. } => "CONFLICT",
             Error::Unauthorized(_) => "UNAUTHORIZED",
+            Error::Forbidden(_) => "FORBIDDEN",
             Error::TooLarge(_) => "PAYLOAD_TOO_LARGE",
             Error::TooManyAttempts { .. } => "TOO_MANY_ATTEMPTS",
             Error::Store(_) | Error::Postgres(_) | Error::Internal(_) => "INTERNAL_ERROR",
@@ -121,6 +125,7 @@ impl Error {
         match self {
             Error::Invalid { .. } => 400,
             Error::Unauthorized(_) => 401,
+            Error::Forbidden(_) => 403,
             Error::NotFound { .. } | Error::RemoteNotFound { .. } => 404,
             Error::Conflict { .. } => 409,
             Error::TooLarge(_) => 413,
@@ -140,12 +145,20 @@ impl Error {
         }
     }
 
+    /// The message, after the field it is about if there is one: what a person reads.
+    pub fn message_with_field(&self) -> String {
+        match self.field() {
+            Some(f) => format!("{f}: {}", self.message()),
+            None => self.message(),
+        }
+    }
+
     /// The message without the field prefix.
     pub fn message(&self) -> String {
         match self {
             Error::Invalid { message, .. } | Error::Conflict { message, .. } | Error::RemoteNotFound { message, .. } => message.clone(),
             Error::NotFound { what, name, .. } => format!("{what} {name:?} not found"),
-            Error::Unauthorized(m) | Error::Internal(m) => m.clone(),
+            Error::Unauthorized(m) | Error::Forbidden(m) | Error::Internal(m) => m.clone(),
             Error::NoRoute(r) => format!("there is no route {r}; the admin API is described in openapi.json"),
             Error::OtherListener { route, listener } => {
                 let flag = if *listener == "feed" { "--feed-listen" } else { "--listen" };
@@ -189,6 +202,7 @@ impl Error {
             Some("CONFLICT") => Error::Conflict { field, message },
             Some("NOT_FOUND") => Error::RemoteNotFound { field, message },
             Some("UNAUTHORIZED") => Error::Unauthorized(message),
+            Some("FORBIDDEN") => Error::Forbidden(message),
             _ => Error::Internal(format!("HTTP {status}: {message}")),
         }
     }
@@ -199,7 +213,7 @@ fn static_field(f: &str) -> &'static str {
     const FIELDS: &[&str] = &[
         "name", "scopes", "rate", "description", "agent", "expires_at", "ttl", "grace", "id", "key", "digest",
         "path_prefixes", "limit", "since", "prefix", "request", "burst", "reason", "add_scopes", "remove_scopes", "implies",
-        "no_expiry", "allow_weak",
+        "no_expiry", "allow_weak", "role",
     ];
     FIELDS.iter().find(|x| **x == f).copied().unwrap_or("request")
 }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod applied;
 pub mod cli;
 pub mod client;
+pub mod console;
 pub mod error;
 pub mod metrics;
 pub mod model;

@@ -795,3 +795,149 @@ mod tests {
         assert_eq!(split_scopes("read:all, write:all read:all"), ["read:all", "write:all"]);
     }
 }
+
+/// What an admin may do. A viewer reads everything and changes nothing; an editor also manages
+/// agents and keys; an owner also manages admins and the scope catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    Viewer,
+    Editor,
+    Owner,
+}
+
+/// The kinds of act a role is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// Read anything: agents, keys, usage, the Envoys, the audit log, the admins.
+    Read,
+    /// Create, edit, rotate, revoke, disable and delete agents and keys.
+    ManageKeys,
+    /// Change the scope catalogue, the admins, and the store itself.
+    Own,
+}
+
+impl AdminRole {
+    pub const ALL: [AdminRole; 3] = [AdminRole::Owner, AdminRole::Editor, AdminRole::Viewer];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Owner => "owner",
+            AdminRole::Editor => "editor",
+            AdminRole::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(field: &'static str, s: &str) -> Result<AdminRole> {
+        AdminRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| invalid(field, format!("{s:?} is not a role; use owner, editor or viewer")))
+    }
+
+    pub fn allows(self, p: Permission) -> bool {
+        match p {
+            Permission::Read => true,
+            Permission::ManageKeys => self >= AdminRole::Editor,
+            Permission::Own => self == AdminRole::Owner,
+        }
+    }
+
+    /// What a refusal says: the role, and the role that would be needed.
+    pub fn refusal(self, p: Permission) -> String {
+        let (needed, what) = match p {
+            Permission::Read => ("viewer", "read"),
+            Permission::ManageKeys => ("editor", "manage agents and keys"),
+            Permission::Own => ("owner", "manage admins, the scope catalogue and the store"),
+        };
+        format!("a {} admin cannot {what}; it takes the {needed} role", self.as_str())
+    }
+}
+
+/// Someone acting through the API or the console: a named admin, or the bootstrap token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// The name the audit log records.
+    pub name: String,
+    pub role: AdminRole,
+}
+
+impl Actor {
+    /// The bootstrap admin token (`keyward serve` prints it; `admin-token rotate` replaces it):
+    /// an owner, named `api` in the audit log as before admins existed.
+    pub fn bootstrap() -> Actor {
+        Actor { name: "api".into(), role: AdminRole::Owner }
+    }
+}
+
+/// Which audit entries to list; every field narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub agent: Option<String>,
+    pub action: Option<String>,
+}
+
+/// `POST /v1/admins`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAdmin {
+    pub name: String,
+    pub role: String,
+}
+
+/// An admin as listed: never a token or its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminView {
+    pub name: String,
+    pub role: AdminRole,
+    pub status: String,
+    pub created_at: String,
+    /// When the current personal token was issued.
+    pub token_issued_at: String,
+    pub disabled_at: Option<String>,
+}
+
+/// An admin with a new personal token, shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminWithToken {
+    #[serde(flatten)]
+    pub admin: AdminView,
+    pub token: String,
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+
+    #[test]
+    fn each_role_allows_exactly_its_permissions() {
+        let table = [
+            (AdminRole::Viewer, [true, false, false]),
+            (AdminRole::Editor, [true, true, false]),
+            (AdminRole::Owner, [true, true, true]),
+        ];
+        for (role, want) in table {
+            let got = [Permission::Read, Permission::ManageKeys, Permission::Own].map(|p| role.allows(p));
+            assert_eq!(got, want, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn roles_parse_by_name_and_name_the_choices_otherwise() {
+        for r in AdminRole::ALL {
+            assert_eq!(AdminRole::parse("role", r.as_str()).ok(), Some(r));
+        }
+        let e = AdminRole::parse("role", "root").err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(e, "role: \"root\" is not a role; use owner, editor or viewer");
+        assert!(AdminRole::parse("role", "Owner").is_err());
+    }
+
+    #[test]
+    fn a_refusal_names_the_role_needed() {
+        assert_eq!(
+            AdminRole::Viewer.refusal(Permission::ManageKeys),
+            "a viewer admin cannot manage agents and keys; it takes the editor role"
+        );
+    }
+}

@@ -35,6 +35,8 @@ const TABLES: &[Table] = &[
     Table { name: "audit", columns: "seq, at, actor, action, target, details, version", page_by: Some("seq") },
     Table { name: "usage", columns: "key_id, hour, count", page_by: None },
     Table { name: "usage_denied", columns: "key_id, hour, code, count", page_by: None },
+    // Console sessions are not copied: whoever was signed in signs in again.
+    Table { name: "admins", columns: "name, role, token_digest, created_at, token_issued_at, disabled_at", page_by: None },
 ];
 
 fn count(db: &dyn Db, table: &str) -> Result<u64> {

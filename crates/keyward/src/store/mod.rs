@@ -8,6 +8,7 @@
 //! acknowledgements, usage, replicas), `records` (rows as read), `schema`, `db` (the engines).
 
 pub mod db;
+mod admins;
 mod agents;
 mod keys;
 mod records;
@@ -26,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use envoys::FEED_PAGE;
 pub use keys::{FILTER_MAX_KEY_LENGTH, WEAK_KEY_LENGTH};
 pub use schema::SCHEMA_VERSION;
+pub use admins::ADMIN_TOKEN_PREFIX;
 
 /// Default display prefix of generated keys.
 pub const DEFAULT_KEY_PREFIX: &str = "kw_live";
@@ -370,10 +372,23 @@ pub(crate) fn to_json(v: &[String]) -> String {
 
 impl Store {
     pub fn audit(&mut self, limit: u32) -> Result<Vec<crate::model::AuditEntry>> {
+        self.audit_filtered(limit, &crate::model::AuditFilter::default())
+    }
+
+    /// The last `limit` entries that match `filter`, oldest first. `agent` matches the entries
+    /// about the agent and about its keys; `action` a whole action (`key.revoke`) or a family
+    /// (`key`).
+    pub fn audit_filtered(&mut self, limit: u32, filter: &crate::model::AuditFilter) -> Result<Vec<crate::model::AuditEntry>> {
+        // Agent names hold no quote or backslash (`name_ok`); `%` cannot occur, `_` can.
+        let like = |field: &str, v: &Option<String>| v.as_ref().map(|v| format!("%\"{field}\":\"{}\"%", v.replace('_', "\\_")));
         let rows = self.db.query(
             "SELECT seq, at, actor, action, target, details, version FROM \
-             (SELECT * FROM audit ORDER BY seq DESC LIMIT ?1) AS recent ORDER BY seq",
-            p![limit],
+             (SELECT * FROM audit \
+              WHERE (CAST(?2 AS TEXT) IS NULL OR actor = ?2) \
+                AND (CAST(?3 AS TEXT) IS NULL OR action = ?3 OR action LIKE ?3 || '.%') \
+                AND (CAST(?4 AS TEXT) IS NULL OR details LIKE ?4 ESCAPE '\\' OR (action LIKE 'agent.%' AND details LIKE ?5 ESCAPE '\\')) \
+              ORDER BY seq DESC LIMIT ?1) AS recent ORDER BY seq",
+            p![limit, &filter.actor, &filter.action, like("agent", &filter.agent), like("name", &filter.agent)],
         )?;
         rows.iter()
             .map(|r| {

@@ -138,6 +138,23 @@ CREATE TABLE auth_failures (
     window_start INTEGER NOT NULL,
     count INTEGER NOT NULL
 ) STRICT;
+"#,
+// 8: admins with personal tokens (digests only), and console sessions (digests only).
+r#"
+CREATE TABLE admins (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    token_digest TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    token_issued_at INTEGER NOT NULL,
+    disabled_at INTEGER
+) STRICT;
+CREATE TABLE sessions (
+    digest TEXT PRIMARY KEY,
+    token_digest TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+) STRICT;
 "#];
 
 
@@ -256,6 +273,23 @@ CREATE TABLE auth_failures (
     address TEXT PRIMARY KEY,
     window_start BIGINT NOT NULL,
     count BIGINT NOT NULL
+);
+"#,
+// 3 (SQLite's 8): admins with personal tokens, and console sessions (digests only).
+r#"
+CREATE TABLE admins (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    token_digest TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    token_issued_at BIGINT NOT NULL,
+    disabled_at BIGINT
+);
+CREATE TABLE sessions (
+    digest TEXT PRIMARY KEY,
+    token_digest TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_seen BIGINT NOT NULL
 );
 "#];
 
