@@ -875,3 +875,28 @@ async fn enable_admin(State(state): State<Arc<AppState>>, Path(name): Path<Strin
 async fn admin_token(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response> {
     Ok(ok(StatusCode::OK, with_store(&state, "admin_token", move |s| s.new_admin_token(&name)).await?))
 }
+
+#[cfg(test)]
+mod permission_tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn reads_need_any_role_catalogue_and_admins_an_owner_the_rest_an_editor() {
+        let table = [
+            (Method::GET, "/v1/agents", Permission::Read),
+            (Method::GET, "/v1/admins", Permission::Read),
+            (Method::GET, "/v1/audit", Permission::Read),
+            (Method::POST, "/v1/agents", Permission::ManageKeys),
+            (Method::PATCH, "/v1/keys/key_1", Permission::ManageKeys),
+            (Method::DELETE, "/v1/agents/a", Permission::ManageKeys),
+            (Method::POST, "/v1/keys/import", Permission::ManageKeys),
+            (Method::POST, "/v1/scopes", Permission::Own),
+            (Method::DELETE, "/v1/scopes/x", Permission::Own),
+            (Method::POST, "/v1/admins/bob/disable", Permission::Own),
+        ];
+        for (method, path, want) in table {
+            assert_eq!(permission(&method, path), want, "{method} {path}");
+        }
+    }
+}

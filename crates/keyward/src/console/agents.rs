@@ -339,13 +339,24 @@ async fn detail(state: &Arc<AppState>, name: String) -> Result<AgentDetail> {
     with_store(state, "console.agent", move |s| s.show_agent(&name)).await
 }
 
-async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<String>) -> Response {
+#[derive(Debug, Default, Deserialize)]
+struct PageQuery {
+    page: Option<usize>,
+}
+
+/// Keys per page of an agent's table.
+const KEYS_PAGE: usize = 100;
+
+async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<String>, q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>) -> Response {
     let d = match detail(&state, name).await {
         Ok(d) => d,
         Err(e) => return problem(&state, &session, &e),
     };
     let edit = may(&session, Permission::ManageKeys);
     let url = agent_url(&d.agent.name);
+    let pages = d.keys.len().div_ceil(KEYS_PAGE).max(1);
+    let page = q.ok().and_then(|q| q.0.page).unwrap_or(1).clamp(1, pages);
+    let keys: Vec<&KeyView> = d.keys.iter().skip((page - 1) * KEYS_PAGE).take(KEYS_PAGE).collect();
     let inner = html! {
         div.titlebar {
             h2 { "Keys" }
@@ -370,7 +381,7 @@ async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<St
                         }
                     }
                     tbody {
-                        @for k in &d.keys {
+                        @for k in &keys {
                             tr {
                                 @if edit {
                                     td { input type="checkbox" name="key" value=(k.id) aria-label=(format!("Select key {}", k.name)) disabled[k.status == "revoked"]; }
@@ -401,6 +412,13 @@ async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<St
             }
             @if edit && !d.keys.is_empty() {
                 div.actions { button.danger type="submit" { "Revoke selected…" } }
+            }
+        }
+        @if pages > 1 {
+            nav.pager aria-label="Pages of keys" {
+                @if page > 1 { a href=(format!("{url}?page={}", page - 1)) rel="prev" { "← Previous" } }
+                span { "Keys " ((page - 1) * KEYS_PAGE + 1) "–" ((page - 1) * KEYS_PAGE + keys.len()) " of " (d.keys.len()) }
+                @if page < pages { a href=(format!("{url}?page={}", page + 1)) rel="next" { "Next →" } }
             }
         }
     };

@@ -345,3 +345,48 @@ async fn shown(State(state): State<Arc<AppState>>, axum::Extension(session): axu
     let body = layout::shown(shown.as_ref());
     render(&state, &session, "New key", layout::Nav::Agents, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_console_path_needs_its_permission() {
+        let table = [
+            (Method::GET, "/console/agents", Permission::Read),
+            (Method::GET, "/console/admins", Permission::Read),
+            (Method::POST, "/console/signout", Permission::Read),
+            (Method::POST, "/console/agents", Permission::ManageKeys),
+            (Method::POST, "/console/keys/key_1/revoke", Permission::ManageKeys),
+            (Method::POST, "/console/agents/a/capabilities", Permission::ManageKeys),
+            (Method::POST, "/console/admins", Permission::Own),
+            (Method::POST, "/console/admins/bob/token", Permission::Own),
+        ];
+        for (method, path, want) in table {
+            assert_eq!(permission(&method, path), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others_and_an_empty_one_is_none() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; keyward_session=abc; b=2"));
+        assert_eq!(cookie_value(&h).as_deref(), Some("abc"));
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("keyward_session="));
+        assert_eq!(cookie_value(&h), None);
+        assert_eq!(cookie_value(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_form_needs_its_sessions_csrf_token() {
+        let session = Session { actor: Actor::bootstrap(), id: Digest::of(b"s"), csrf: csrf_of("cookie-1") };
+        let ok = Bytes::from(format!("csrf={}&name=a&scopes=x&scopes=y", session.csrf));
+        let form = Form::parse(&session, &ok).ok();
+        assert_eq!(form.as_ref().and_then(|f| f.get("name")).as_deref(), Some("a"));
+        assert_eq!(form.map(|f| f.all("scopes")), Some(vec!["x".to_string(), "y".to_string()]));
+        let other = format!("csrf={}&name=a", csrf_of("cookie-2"));
+        assert!(Form::parse(&session, &Bytes::from(other)).is_err());
+        assert!(Form::parse(&session, &Bytes::from_static(b"name=a")).is_err());
+    }
+}

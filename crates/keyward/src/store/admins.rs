@@ -115,6 +115,8 @@ impl Store {
     /// the digest of the session id the browser holds.
     pub fn create_session(&mut self, session: &Digest, token: &Digest) -> Result<()> {
         let now = self.now();
+        // Sessions long over are swept here, at a sign-in, rather than on every page view.
+        self.db().execute("DELETE FROM sessions WHERE last_seen < ?1 OR created_at < ?2", p![now - 86_400, now - 86_400])?;
         self.db().execute(
             "INSERT INTO sessions (digest, token_digest, created_at, last_seen) VALUES (?1, ?2, ?3, ?3)",
             p![session.to_hex(), token.to_hex(), now],
@@ -123,14 +125,17 @@ impl Store {
     }
 
     /// The token digest a live session was signed in with, if it has been used within
-    /// `idle_secs` and is younger than `max_secs`; marks it used. Expired sessions are removed.
+    /// `idle_secs` and is younger than `max_secs`; marks it used. An expired one is removed.
     pub fn session_token(&mut self, session: &Digest, idle_secs: i64, max_secs: i64) -> Result<Option<Digest>> {
         let now = self.now();
         let db = self.db();
-        db.execute("DELETE FROM sessions WHERE last_seen < ?1 OR created_at < ?2", p![now - idle_secs, now - max_secs])?;
-        let Some(row) = db.row("SELECT token_digest, last_seen FROM sessions WHERE digest = ?1", p![session.to_hex()])? else {
+        let Some(row) = db.row("SELECT token_digest, last_seen, created_at FROM sessions WHERE digest = ?1", p![session.to_hex()])? else {
             return Ok(None);
         };
+        if row.int(1)? < now - idle_secs || row.int(2)? < now - max_secs {
+            db.execute("DELETE FROM sessions WHERE digest = ?1", p![session.to_hex()])?;
+            return Ok(None);
+        }
         // One write a minute per session at most: a page view is a read.
         if now - row.int(1)? >= 60 {
             db.execute("UPDATE sessions SET last_seen = ?2 WHERE digest = ?1", p![session.to_hex(), now])?;
