@@ -2,7 +2,7 @@
 
 use crate::client::{Admin, Remote};
 use crate::error::{self, Error};
-use crate::model::{self, AgentUpdate, Imply, ImportKey, KeyUpdate, NewAgent, NewKey, NewScope, RotateKey};
+use crate::model::{self, AgentUpdate, AuditFilter, Imply, ImportKey, KeyUpdate, NewAdmin, NewAgent, NewKey, NewScope, RotateKey};
 use crate::store::{self, Store};
 use crate::{api, output};
 use anyhow::Context as _;
@@ -31,7 +31,8 @@ pub struct Cli {
     /// CA certificate (PEM) to trust for --url https://…, besides the system's
     #[arg(long, global = true, env = "KEYWARD_CA_CERT", value_name = "FILE")]
     ca_cert: Option<PathBuf>,
-    /// Admin token for --url (and the token `serve` accepts, if set)
+    /// Admin token for --url: the bootstrap token or a personal one (`keyward admin create`);
+    /// for `serve`, the bootstrap token it accepts, if set
     #[arg(long, global = true, env = "KEYWARD_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Prefix of generated keys, `<prefix>_<random>_<checksum>`
@@ -87,16 +88,31 @@ enum Command {
     /// Move and keep the store: copy between engines, back up and restore SQLite
     #[command(subcommand)]
     Store(StoreCommand),
-    /// The bootstrap admin token of `keyward serve`
+    /// Admins of the admin API and console: each has a role (owner, editor, viewer) and a
+    /// personal token, and the audit log names them
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// The bootstrap admin token of `keyward serve` (an owner, `api` in the audit log); for
+    /// personal tokens, see `keyward admin`
     #[command(subcommand, name = "admin-token")]
     AdminToken(AdminTokenCommand),
     /// Show the snapshot version and each connected Envoy's applied version
     Status,
     /// Show the append-only audit log of changes
     Audit {
-        /// Show the last N entries
+        /// Show the last N entries (that match the filters)
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only changes made by this actor: an admin's name, `api` (the bootstrap token) or
+        /// `cli:USER` (the CLI on the store)
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only changes to this agent and its keys
+        #[arg(long, value_name = "NAME")]
+        agent: Option<String>,
+        /// Only this action (e.g. key.revoke), or a family of them (e.g. key)
+        #[arg(long)]
+        action: Option<String>,
     },
     /// Print the snapshot the filter enforces (digests only), e.g. for a static `snapshot` config
     Snapshot,
@@ -383,6 +399,36 @@ enum ScopeCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create an admin and its personal token (printed once)
+    Create {
+        /// The admin's name, unique; the audit log records it
+        name: String,
+        /// owner: everything, including admins and the scope catalogue; editor: agents and keys;
+        /// viewer: read only
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+    },
+    /// List admins, their roles and status (never their tokens)
+    List,
+    /// Disable an admin: its token and console sessions stop working at once
+    Disable {
+        /// The admin's name
+        name: String,
+    },
+    /// Enable a disabled admin again: its token works again
+    Enable {
+        /// The admin's name
+        name: String,
+    },
+    /// Issue a new personal token for an admin (printed once); the old one stops working
+    Token {
+        /// The admin's name
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AdminTokenCommand {
     /// Replace the admin token `keyward serve` accepts (unless it runs with KEYWARD_ADMIN_TOKEN);
     /// the new token is printed once
@@ -442,7 +488,7 @@ pub fn main() -> std::process::ExitCode {
                     }
                     match error {
                         Error::Invalid { .. } | Error::NotFound { .. } | Error::RemoteNotFound { .. } | Error::Conflict { .. } | Error::Missing(_) => 2,
-                        Error::Unauthorized(_) => 3,
+                        Error::Unauthorized(_) | Error::Forbidden(_) => 3,
                         _ => 1,
                     }
                 }
@@ -508,7 +554,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Only a first write may create the store; anything else on a missing file is an
             // error. A first write that would be refused is tried on an in-memory store first,
             // so that it leaves no folder or empty store behind.
-            let creates = matches!(cli.command, Command::Agent(AgentCommand::Create { .. }) | Command::Scope(ScopeCommand::Add { .. }));
+            let creates = matches!(
+                cli.command,
+                Command::Agent(AgentCommand::Create { .. }) | Command::Scope(ScopeCommand::Add { .. }) | Command::Admin(AdminCommand::Create { .. })
+            );
             let missing = matches!(&location, store::Location::Sqlite(db) if !db.exists());
             let opened = if creates && missing {
                 first_write_probe(&cli.command, &cli.key_prefix)
@@ -532,6 +581,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(KeyCommand::Show { .. } | KeyCommand::Update { .. } | KeyCommand::Revoke { .. } | KeyCommand::Rotate { .. }) => &[("id", "ID")],
         Command::Scope(ScopeCommand::Imply { .. }) => &[("name", "A"), ("implies", "B")],
         Command::Scope(_) => &[("name", "NAME")],
+        Command::Admin(_) => &[("name", "NAME")],
         _ => &[],
     };
     let wrap = |error: Error| CliError { flag: error.field().map_or_else(|| "error".into(), |f| flag_for(f, positional)), error };
@@ -657,7 +707,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out.scope_changed(if remove { "No longer implied by" } else { "Implications of" }, &r)
         }
         Command::Status => out.status(&backend.status().map_err(wrap)?),
-        Command::Audit { limit } => out.audit(&backend.audit(limit).map_err(wrap)?),
+        Command::Audit { limit, actor, agent, action } => out.audit(&backend.audit(limit, &AuditFilter { actor, agent, action }).map_err(wrap)?),
+        // Admins are not part of the snapshot: no Envoy has anything to apply.
+        Command::Admin(AdminCommand::Create { name, role }) => out.admin_token("Created", &backend.create_admin(&NewAdmin { name, role }).map_err(wrap)?),
+        Command::Admin(AdminCommand::List) => out.admins(&backend.list_admins().map_err(wrap)?),
+        Command::Admin(AdminCommand::Disable { name }) => out.admin_changed("Disabled", &backend.set_admin_enabled(&name, false).map_err(wrap)?),
+        Command::Admin(AdminCommand::Enable { name }) => out.admin_changed("Enabled", &backend.set_admin_enabled(&name, true).map_err(wrap)?),
+        Command::Admin(AdminCommand::Token { name }) => out.admin_token("New token", &backend.new_admin_token(&name).map_err(wrap)?),
         Command::Snapshot => out.json_value(&backend.snapshot().map_err(wrap)?),
         Command::Usage { agent, since } => out.usage(&backend.usage(agent.as_deref(), &since).map_err(wrap)?),
     }
@@ -675,6 +731,7 @@ fn first_write_probe(command: &Command, key_prefix: &str) -> Result<(), Error> {
             probe.create_agent(&req).map(|_| ())
         }
         Command::Scope(ScopeCommand::Add { name, description }) => probe.add_scope(&NewScope { name: name.clone(), description: description.clone() }).map(|_| ()),
+        Command::Admin(AdminCommand::Create { name, role }) => probe.create_admin(&NewAdmin { name: name.clone(), role: role.clone() }).map(|_| ()),
         _ => Ok(()),
     }
 }

@@ -30,9 +30,16 @@ pub trait Admin {
     fn revoke_key(&mut self, id: &str) -> Result<KeyView>;
     fn rotate_key(&mut self, id: &str, req: &RotateKey) -> Result<Rotated>;
     fn status(&mut self) -> Result<StatusView>;
-    fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>>;
+    /// The last `limit` audit entries that `filter` lets through, oldest first.
+    fn audit(&mut self, limit: u32, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
     fn snapshot(&mut self) -> Result<RawSnapshot>;
     fn usage(&mut self, agent: Option<&str>, since: &str) -> Result<Vec<UsageRow>>;
+    /// Creates an admin; its personal token is in the answer, and nowhere else.
+    fn create_admin(&mut self, req: &NewAdmin) -> Result<AdminWithToken>;
+    fn list_admins(&mut self) -> Result<Vec<AdminView>>;
+    fn set_admin_enabled(&mut self, name: &str, enabled: bool) -> Result<AdminView>;
+    /// A new personal token for an admin; the old one stops working.
+    fn new_admin_token(&mut self, name: &str) -> Result<AdminWithToken>;
 }
 
 impl Admin for Store {
@@ -99,8 +106,8 @@ impl Admin for Store {
     fn status(&mut self) -> Result<StatusView> {
         Store::status(self)
     }
-    fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>> {
-        Store::audit(self, limit)
+    fn audit(&mut self, limit: u32, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        Store::audit_filtered(self, limit, filter)
     }
     fn snapshot(&mut self) -> Result<RawSnapshot> {
         Store::snapshot(self)
@@ -108,6 +115,18 @@ impl Admin for Store {
     fn usage(&mut self, agent: Option<&str>, since: &str) -> Result<Vec<UsageRow>> {
         let window = parse_duration("since", since)?;
         Store::usage(self, agent, crate::store::now_unix().saturating_sub(window))
+    }
+    fn create_admin(&mut self, req: &NewAdmin) -> Result<AdminWithToken> {
+        Store::create_admin(self, req)
+    }
+    fn list_admins(&mut self) -> Result<Vec<AdminView>> {
+        Store::list_admins(self)
+    }
+    fn set_admin_enabled(&mut self, name: &str, enabled: bool) -> Result<AdminView> {
+        Store::set_admin_enabled(self, name, enabled)
+    }
+    fn new_admin_token(&mut self, name: &str) -> Result<AdminWithToken> {
+        Store::new_admin_token(self, name)
     }
 }
 
@@ -253,8 +272,14 @@ impl Admin for Remote {
     fn status(&mut self) -> Result<StatusView> {
         self.get("/v1/status")
     }
-    fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>> {
-        self.get(&format!("/v1/audit?limit={limit}"))
+    fn audit(&mut self, limit: u32, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        let mut path = format!("/v1/audit?limit={limit}");
+        for (param, value) in [("actor", &filter.actor), ("agent", &filter.agent), ("action", &filter.action)] {
+            if let Some(v) = value {
+                path.push_str(&format!("&{param}={}", segment(v)));
+            }
+        }
+        self.get(&path)
     }
     fn snapshot(&mut self) -> Result<RawSnapshot> {
         self.get("/v1/snapshot")
@@ -265,5 +290,18 @@ impl Admin for Remote {
             path.push_str(&format!("&agent={}", segment(a)));
         }
         self.get(&path)
+    }
+    fn create_admin(&mut self, req: &NewAdmin) -> Result<AdminWithToken> {
+        self.call("POST", "/v1/admins", Some(req))
+    }
+    fn list_admins(&mut self) -> Result<Vec<AdminView>> {
+        self.get("/v1/admins")
+    }
+    fn set_admin_enabled(&mut self, name: &str, enabled: bool) -> Result<AdminView> {
+        let action = if enabled { "enable" } else { "disable" };
+        self.call("POST", &format!("/v1/admins/{}/{action}", segment(name)), None::<&()>)
+    }
+    fn new_admin_token(&mut self, name: &str) -> Result<AdminWithToken> {
+        self.call("POST", &format!("/v1/admins/{}/token", segment(name)), None::<&()>)
     }
 }

@@ -41,6 +41,7 @@ fn or_dash(v: &Option<String>) -> String {
 }
 
 const SHOWN_ONCE: &str = "This key is shown once. Store it now: only its SHA-256 digest is kept, so it cannot be recovered.";
+const TOKEN_SHOWN_ONCE: &str = "This token is shown once. Store it now: only its SHA-256 digest is kept, so it cannot be recovered.";
 
 impl Output {
     pub fn json_value(&self, v: &impl Serialize) {
@@ -299,6 +300,44 @@ impl Output {
             table_rows.push(vec![id, "(total)".into(), String::new(), String::new(), n.to_string(), denied(&d)]);
         }
         table(&["KEY ID", "NAME", "AGENT", "HOUR", "ALLOWED", "DENIED"], &table_rows);
+    }
+
+    /// `admin create` and `admin token`: the personal token, once, and where it works.
+    pub fn admin_token(&self, what: &str, a: &AdminWithToken) {
+        if self.json {
+            return self.json_value(a);
+        }
+        let role = a.admin.role.as_str();
+        match what {
+            "Created" => println!("Created admin {} ({role}).", a.admin.name),
+            _ => println!("New token for admin {} ({role}): the old one, and the console sessions it signed in, no longer work.", a.admin.name),
+        }
+        println!("\n  {}\n\n{TOKEN_SHOWN_ONCE}", a.token);
+        println!("Use it as the admin token: `keyward --url URL --token TOKEN …` (or KEYWARD_ADMIN_TOKEN),");
+        println!("`Authorization: Bearer TOKEN` on the admin API, or sign in to the console at /console.");
+        println!("The audit log names {} for what it changes.", a.admin.name);
+    }
+
+    pub fn admin_changed(&self, what: &str, a: &AdminView) {
+        if self.json {
+            return self.json_value(a);
+        }
+        match a.disabled_at {
+            Some(_) => println!("{what} admin {} ({}): its token and console sessions no longer work.", a.name, a.role.as_str()),
+            None => println!("{what} admin {} ({}): its token works again.", a.name, a.role.as_str()),
+        }
+    }
+
+    pub fn admins(&self, admins: &[AdminView]) {
+        if self.json {
+            return self.json_value(&admins);
+        }
+        let rows: Vec<Vec<String>> = admins
+            .iter()
+            .map(|a| vec![a.name.clone(), a.role.as_str().into(), a.status.clone(), a.created_at.clone(), a.token_issued_at.clone(), or_dash(&a.disabled_at)])
+            .collect();
+        table(&["NAME", "ROLE", "STATUS", "CREATED", "TOKEN ISSUED", "DISABLED"], &rows);
+        println!("\nThe bootstrap admin token (`keyward admin-token rotate`) is an owner too, named `api` in the audit log.");
     }
 
     pub fn audit(&self, entries: &[AuditEntry]) {
