@@ -54,3 +54,55 @@ async fn every_documented_route_is_routed() {
         assert!(!unrouted, "{method} {uri}: {status} {body}");
     }
 }
+
+/// Reads take any role; each change documents the role it needs and its 403 FORBIDDEN, as the
+/// server's gate (`api::permission`) decides them.
+#[test]
+fn every_change_documents_the_role_it_needs() {
+    use keyward_control::model::{AdminRole, Permission};
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    for (method, path) in ROUTES.iter().filter(|(_, p)| p.starts_with("/v1/") && !p.starts_with("/v1/feed")) {
+        let op = &doc["paths"][path][method.to_lowercase()];
+        let needs = keyward_control::api::permission(&method.parse().unwrap(), path);
+        let forbidden = op["responses"].get("403").is_some();
+        assert_eq!(forbidden, needs != Permission::Read, "{method} {path}: 403 documented: {forbidden}");
+        if needs != Permission::Read {
+            let role = [AdminRole::Viewer, AdminRole::Editor, AdminRole::Owner].into_iter().find(|r| r.allows(needs)).unwrap();
+            let description = op["description"].as_str().unwrap_or_default();
+            assert!(description.contains(&format!("Needs the {} role", role.as_str())), "{method} {path}: {description}");
+        }
+    }
+    let security = doc["components"]["securitySchemes"]["adminToken"]["description"].as_str().unwrap();
+    assert!(security.contains("personal admin token") && security.contains("kwadm_"), "{security}");
+}
+
+/// Every error code the admin API answers is in the documented enum.
+#[test]
+fn the_documented_error_codes_include_every_code_answered() {
+    use keyward_control::error::Error;
+    let doc: serde_json::Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    let codes: BTreeSet<&str> = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let errors = [
+        Error::Invalid { field: "name", message: String::new() },
+        Error::NotFound { field: "name", what: "admin", name: String::new() },
+        Error::Conflict { field: "name", message: String::new() },
+        Error::Unauthorized(String::new()),
+        Error::Forbidden(String::new()),
+        Error::TooLarge(1),
+        Error::TooManyAttempts { retry_after_secs: 1 },
+        Error::Internal(String::new()),
+        Error::NoRoute(String::new()),
+        Error::MethodNotAllowed(String::new()),
+    ];
+    for e in errors {
+        assert!(codes.contains(e.code()), "{} ({}) is not documented", e.code(), e.status());
+    }
+    for store_fault in ["STORE_BUSY", "STORE_FULL"] {
+        assert!(codes.contains(store_fault), "{store_fault}");
+    }
+}
