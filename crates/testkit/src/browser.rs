@@ -339,6 +339,22 @@ impl Browser {
         self.run(&format!("resizing the window to {width}×{height}"), self.client().set_window_size(width, height));
     }
 
+    /// Resizes the window so that the page's viewport (`innerWidth`×`innerHeight`, what a
+    /// screenshot shows) is `width`×`height`. Headless Chromium's window is taller than its
+    /// viewport (by 143 px with Chromium 156), so [`Browser::set_window_size`] alone is not.
+    pub fn set_viewport_size(&self, width: u32, height: u32) {
+        self.set_window_size(width, height);
+        let inner = self.execute("return [window.innerWidth, window.innerHeight]", vec![]);
+        let measured = |i: usize| inner[i].as_u64().and_then(|v| u32::try_from(v).ok());
+        let (Some(inner_width), Some(inner_height)) = (measured(0), measured(1)) else {
+            panic!("browser: cannot read the viewport's size: {inner}");
+        };
+        let grow = |want: u32, got: u32| (want + want).saturating_sub(got);
+        if (inner_width, inner_height) != (width, height) {
+            self.set_window_size(grow(width, inner_width), grow(height, inner_height));
+        }
+    }
+
     /// Writes a PNG of the viewport to `path` (creating its directory).
     pub fn screenshot(&self, path: &Path) {
         let png = self.run("taking a screenshot", self.client().screenshot());

@@ -186,7 +186,7 @@ fn the_form_is_reached_and_submitted_with_the_keyboard_alone() {
 }
 
 #[test]
-fn a_screenshot_is_a_png_of_the_viewport() {
+fn a_screenshot_is_a_png_of_the_viewport_and_follows_its_size() {
     let site = Site::start();
     let browser = Browser::start();
     browser.goto(&site.url("/form"));
@@ -200,11 +200,17 @@ fn a_screenshot_is_a_png_of_the_viewport() {
     };
     let first = dir.path().join("sub/form.png");
     browser.screenshot(&first);
-    assert_eq!(size(&first).0, keyward_testkit::browser::WINDOW_SIZE.0);
+    let (width, height) = size(&first);
+    assert_eq!(width, keyward_testkit::browser::WINDOW_SIZE.0);
+    assert!(height > 0 && height <= keyward_testkit::browser::WINDOW_SIZE.1, "{width}×{height}");
     browser.set_window_size(480, 800);
     let narrow = dir.path().join("narrow.png");
     browser.screenshot(&narrow);
     assert_eq!(size(&narrow).0, 480);
+    browser.set_viewport_size(390, 844);
+    let phone = dir.path().join("phone.png");
+    browser.screenshot(&phone);
+    assert_eq!(size(&phone), (390, 844));
     let saved = browser.save_screenshot("testkit-browser-form");
     assert!(saved.starts_with(keyward_testkit::browser::screenshots_dir()) && saved.is_file(), "{}", saved.display());
 }
