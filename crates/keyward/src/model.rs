@@ -848,9 +848,9 @@ impl AdminRole {
         let (needed, what) = match p {
             Permission::Read => ("viewer", "read"),
             Permission::ManageKeys => ("editor", "manage agents and keys"),
-            Permission::Own => ("owner", "manage admins, the scope catalogue and the store"),
+            Permission::Own => ("owner", "manage admins and the scope catalogue"),
         };
-        format!("a {} admin cannot {what}; it takes the {needed} role", self.as_str())
+        format!("the {} role cannot {what}; it takes the {needed} role", self.as_str())
     }
 }
 
@@ -937,7 +937,7 @@ mod role_tests {
     fn a_refusal_names_the_role_needed() {
         assert_eq!(
             AdminRole::Viewer.refusal(Permission::ManageKeys),
-            "a viewer admin cannot manage agents and keys; it takes the editor role"
+            "the viewer role cannot manage agents and keys; it takes the editor role"
         );
     }
 }

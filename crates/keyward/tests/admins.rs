@@ -132,7 +132,7 @@ fn every_change_needs_its_role_and_a_refusal_changes_nothing() {
             if rank(role) < rank(need) {
                 assert_eq!((status, body["error"]["code"].as_str()), (403, Some("FORBIDDEN")), "{role} {method} {path}: {body}");
                 let message = body["error"]["message"].as_str().unwrap();
-                assert!(message.contains(&format!("{role} admin cannot")) && message.contains(&format!("the {need} role")), "{message}");
+                assert!(message.contains(&format!("the {role} role cannot")) && message.contains(&format!("the {need} role")), "{message}");
             } else {
                 assert!(![401, 403, 404, 405].contains(&status) || body["error"]["code"] == "NOT_FOUND" && !body["error"]["message"].as_str().unwrap().starts_with("there is no route"), "{role} {method} {path}: {status} {body}");
             }
@@ -179,7 +179,7 @@ fn roles_are_enforced_and_the_audit_log_names_the_admin(stack: Stack) {
         let out = stack.remote(&vera, args);
         assert_eq!(out.code, 3, "{args:?}: {}", out.stderr);
         assert!(out.stdout.is_empty(), "{args:?}: {}", out.stdout);
-        assert!(out.stderr.starts_with("error: ") && out.stderr.contains("viewer admin cannot"), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.starts_with("error: ") && out.stderr.contains("the viewer role cannot"), "{args:?}: {}", out.stderr);
     }
     for args in [&["agent", "list"][..], &["key", "list"], &["agent", "show", "crm"], &["scope", "list"], &["status"], &["audit"], &["admin", "list"], &["usage"], &["snapshot"]] {
         stack.remote(&vera, args).ok();
@@ -193,7 +193,7 @@ fn roles_are_enforced_and_the_audit_log_names_the_admin(stack: Stack) {
     for args in [&["scope", "add", "billing:read"][..], &["scope", "imply", "admin", "read:all"], &["admin", "create", "mallory", "--role", "viewer"]] {
         let out = stack.remote(&eddie, args);
         assert_eq!(out.code, 3, "{args:?}: {}", out.stderr);
-        assert!(out.stderr.contains("editor admin cannot"), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains("the editor role cannot"), "{args:?}: {}", out.stderr);
         assert!(out.stderr.contains("it takes the owner role"), "{}", out.stderr);
     }
     let (status, body) = stack.call("POST", "/v1/scopes", &eddie, Some(json!({"name": "billing:read"})));

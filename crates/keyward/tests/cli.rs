@@ -273,7 +273,7 @@ fn readme_cli_reference_matches_help() {
     for c in &top {
         assert!(readme.contains(&format!("keyward {c}")), "README.md lacks `keyward {c}`");
     }
-    for group in ["agent", "key", "scope", "admin-token"] {
+    for group in ["agent", "key", "scope", "admin", "admin-token", "store"] {
         for c in subcommands(&[group]) {
             assert!(readme.contains(&format!("keyward {group} {c}")), "README.md lacks `keyward {group} {c}`");
         }
@@ -283,7 +283,7 @@ fn readme_cli_reference_matches_help() {
     for line in section.lines().filter(|l| l.starts_with("| `keyward ")) {
         let words: Vec<&str> = line.trim_start_matches("| `keyward ").split(['`', ' ']).collect();
         assert!(top.iter().any(|c| c == words[0]), "README documents unknown `keyward {}`", words[0]);
-        if ["agent", "key", "scope", "admin-token"].contains(&words[0]) {
+        if ["agent", "key", "scope", "admin", "admin-token", "store"].contains(&words[0]) {
             assert!(subcommands(&[words[0]]).iter().any(|c| c == words[1]), "README documents unknown `keyward {} {}`", words[0], words[1]);
         }
     }

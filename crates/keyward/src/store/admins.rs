@@ -66,10 +66,15 @@ impl Store {
     pub fn set_admin_enabled(&mut self, name: &str, enabled: bool) -> Result<AdminView> {
         let now = self.now();
         let tx = Tx::write(self.db())?;
-        let disabled_at = if enabled { None } else { Some(now) };
-        if tx.execute("UPDATE admins SET disabled_at = ?2 WHERE name = ?1", p![name, disabled_at])? == 0 {
+        let Some(row) = tx.row("SELECT disabled_at FROM admins WHERE name = ?1", p![name])? else {
             return Err(not_found(name));
+        };
+        // Already so: nothing changes, and nothing is audited.
+        if row.opt_int(0)?.is_none() == enabled {
+            return admin_view(&tx.one(&format!("SELECT {ADMIN_COLUMNS} FROM admins WHERE name = ?1"), p![name])?);
         }
+        let disabled_at = if enabled { None } else { Some(now) };
+        tx.execute("UPDATE admins SET disabled_at = ?2 WHERE name = ?1", p![name, disabled_at])?;
         if !enabled {
             tx.execute("DELETE FROM sessions WHERE token_digest = (SELECT token_digest FROM admins WHERE name = ?1)", p![name])?;
         }

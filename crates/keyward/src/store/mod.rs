@@ -380,15 +380,17 @@ impl Store {
     /// (`key`).
     pub fn audit_filtered(&mut self, limit: u32, filter: &crate::model::AuditFilter) -> Result<Vec<crate::model::AuditEntry>> {
         // Agent names hold no quote or backslash (`name_ok`); `%` cannot occur, `_` can.
+        // `key` means `key.*`; `%`, `_` and `\` in it are themselves.
+        let family = filter.action.as_ref().map(|a| format!("{}.%", a.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
         let like = |field: &str, v: &Option<String>| v.as_ref().map(|v| format!("%\"{field}\":\"{}\"%", v.replace('_', "\\_")));
         let rows = self.db.query(
             "SELECT seq, at, actor, action, target, details, version FROM \
              (SELECT * FROM audit \
               WHERE (CAST(?2 AS TEXT) IS NULL OR actor = ?2) \
-                AND (CAST(?3 AS TEXT) IS NULL OR action = ?3 OR action LIKE ?3 || '.%') \
+                AND (CAST(?3 AS TEXT) IS NULL OR action = ?3 OR action LIKE ?6 ESCAPE '\\') \
                 AND (CAST(?4 AS TEXT) IS NULL OR details LIKE ?4 ESCAPE '\\' OR (action LIKE 'agent.%' AND details LIKE ?5 ESCAPE '\\')) \
               ORDER BY seq DESC LIMIT ?1) AS recent ORDER BY seq",
-            p![limit, &filter.actor, &filter.action, like("agent", &filter.agent), like("name", &filter.agent)],
+            p![limit, &filter.actor, &filter.action, like("agent", &filter.agent), like("name", &filter.agent), family],
         )?;
         rows.iter()
             .map(|r| {
