@@ -485,6 +485,37 @@ fn an_agent_created_in_the_console_gets_a_key_shown_once_on_a_no_store_page_that
 }
 
 #[test]
+fn going_back_to_a_shown_key_does_not_show_it_again() {
+    let c = Console::without_envoy();
+    c.sign_in(ADMIN_TOKEN);
+    c.goto("/console/agents/new");
+    c.browser.fill("#name", "backtrack");
+    c.browser.click("input[name=scopes][value='read:all']");
+    c.submit("form[action='/console/agents'][method=post]");
+    let secret = c.shown_secret();
+    // Done, then the browser's Back button. The page is `no-store`, but Chromium keeps such
+    // pages in its back/forward cache and restores them, key and all, unless the page opts out.
+    c.click_to("a.button[href='/console/agents/backtrack']");
+    c.browser.block_on(c.browser.client().back()).unwrap();
+    // The page may reload itself when it is restored: give that time.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let client = c.browser.client();
+        let url = c.browser.block_on(client.current_url()).map(|u| u.path().to_string()).unwrap_or_default();
+        let h1 = c.browser.block_on(client.execute("const h = document.querySelector('h1'); return h ? h.textContent : '';", vec![])).unwrap_or_default();
+        if url == "/console/shown" && h1 == "Nothing to show" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Back shows the new key again ({url}, h1 {h1}): the back/forward cache restored the no-store page with the key"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!c.browser.page_source().contains(&secret), "the page Back reached still holds the key");
+}
+
+#[test]
 fn key_changes_in_the_console_reach_envoy_within_a_second() {
     let c = Console::start();
     let created = c.api_ok(ADMIN_TOKEN, "POST", "/v1/agents", &json!({"name": "shop", "scopes": ["read:all", "write:all"], "description": "Storefront checkout"}));
