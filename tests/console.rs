@@ -302,7 +302,9 @@ impl Console {
         found.extend(all.iter().filter(|v| Violation::is_serious(v)).map(|v| format!("  - {page} ({}): {v}", self.browser.current_url())));
     }
 
-    /// A PNG of the page into the repository's `docs/console/NAME.png`: a desktop window grown
+    /// A PNG of the page into `target/screenshots/console/NAME.png`, or, with
+    /// `KEYWARD_UPDATE_SCREENSHOTS=1`, the repository's `docs/console/NAME.png` that the README
+    /// shows (so a test run leaves the tree as it was): a desktop window grown
     /// to the page's height (up to [`SHOT_MAX_HEIGHT`]), so a form's buttons or a table's last
     /// rows are in the picture, then back to its size.
     fn screenshot(&self, name: &str) {
@@ -325,7 +327,12 @@ impl Console {
 const SHOT_MAX_HEIGHT: u32 = 1300;
 
 fn docs_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/console")
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if std::env::var("KEYWARD_UPDATE_SCREENSHOTS").is_ok_and(|v| v == "1") {
+        root.join("docs/console")
+    } else {
+        root.join("target/screenshots/console")
+    }
 }
 
 /// `application/x-www-form-urlencoded` for one name or value.
@@ -675,6 +682,11 @@ fn viewers_and_forms_without_a_csrf_token_change_nothing() {
     }
     c.goto("/console/admins");
     assert_eq!((c.status(), c.h1()), (403, "Not allowed".to_string()), "a viewer on the admins page");
+    // The change forms are refused by URL too, not only left out of the links.
+    for page in ["/console/agents/new".to_string(), "/console/agents/billing/keys/new".to_string(), format!("/console/keys/{key_id}/edit"), format!("/console/keys/{key_id}/rotate"), format!("/console/keys/{key_id}/revoke")] {
+        c.goto(&page);
+        assert_eq!((c.status(), c.h1()), (403, "Not allowed".to_string()), "a viewer on {page}");
+    }
 
     // …and the server refuses a forged form from the viewer's session, CSRF token and all.
     c.goto("/console/agents");

@@ -45,7 +45,7 @@ async fn envoys(State(state): St, Extension(session): Ses) -> Response {
             dt { "Store" } dd { (s.engine) }
             dt { "Agents" } dd { (s.agents) }
             dt { "Active keys" } dd { (s.active_keys) }
-            dt { "Control plane" } dd { @if s.replicas.is_empty() { "this replica" } @else { (s.replicas.len()) " replicas" } }
+            dt { "Control plane" } dd { @if s.replicas.len() <= 1 { "1 replica" } @else { (s.replicas.len()) " replicas" } }
         }
         p.muted { "Each Envoy fetches the snapshot from keyward and says which version it has applied. A change is live on an Envoy once its applied version reaches the change's." }
         div.scroll {
@@ -138,7 +138,7 @@ async fn audit(State(state): St, Extension(session): Ses, q: Result<Query<AuditQ
                             td { (e.actor) }
                             td { code { (e.action) } }
                             td { code { (e.target) } }
-                            td.details { (e.details.to_string()) }
+                            td.details { (details(&e.details)) }
                             td.num { (e.version) }
                         }
                     }
@@ -148,6 +148,21 @@ async fn audit(State(state): St, Extension(session): Ses, q: Result<Query<AuditQ
         }
     };
     render(&state, &session, "Audit log", Nav::Audit, body)
+}
+
+/// An audit entry's details as `name: value` lines (values as compact JSON; nulls left out).
+fn details(d: &serde_json::Value) -> maud::Markup {
+    match d.as_object() {
+        Some(map) if map.values().any(|v| !v.is_null()) => html! {
+            dl.details {
+                @for (k, v) in map.iter().filter(|(_, v)| !v.is_null()) {
+                    dt { (k) } dd { (v.as_str().map_or_else(|| v.to_string(), str::to_string)) }
+                }
+            }
+        },
+        Some(_) => html! { span.muted { "—" } },
+        None => html! { (d.to_string()) },
+    }
 }
 
 async fn admins(State(state): St, Extension(session): Ses) -> Response {

@@ -161,7 +161,7 @@ async fn home(State(state): St, Extension(session): Ses, q: Result<Query<HomeQue
                 tbody {
                     @for a in shown {
                         tr {
-                            td { a href=(agent_url(&a.name)) { (a.name) } }
+                            td.nowrap { a href=(agent_url(&a.name)) { (a.name) } }
                             td { (a.description) }
                             td { (scopes_list(&a.scopes)) }
                             td { (badge(if a.enabled { "on" } else { "off" })) }
@@ -255,6 +255,9 @@ fn agent_form(session: &Session, catalogue: &[ScopeView], values: &Form, error: 
 }
 
 async fn new_agent(State(state): St, Extension(session): Ses) -> Response {
+    if !may(&session, Permission::ManageKeys) {
+        return super::refused(&session, &session.actor.role.refusal(Permission::ManageKeys));
+    }
     match catalogue(&state).await {
         Ok(c) => render(&state, &session, "Create agent", Nav::Agents, agent_form(&session, &c, &Form(Vec::new()), None)),
         Err(e) => problem(&state, &session, &e),
@@ -356,7 +359,17 @@ async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<St
     let url = agent_url(&d.agent.name);
     let pages = d.keys.len().div_ceil(KEYS_PAGE).max(1);
     let page = q.ok().and_then(|q| q.0.page).unwrap_or(1).clamp(1, pages);
-    let keys: Vec<&KeyView> = d.keys.iter().skip((page - 1) * KEYS_PAGE).take(KEYS_PAGE).collect();
+    // Usable keys first, newest first within each status.
+    let rank = |status: &str| match status {
+        "active" => 0,
+        "expiring" => 1,
+        "expired" => 2,
+        _ => 3,
+    };
+    let mut sorted: Vec<&KeyView> = d.keys.iter().collect();
+    sorted.sort_by(|a, b| rank(&a.status).cmp(&rank(&b.status)).then_with(|| b.created_at.cmp(&a.created_at)).then_with(|| a.id.cmp(&b.id)));
+    let masked: BTreeMap<&str, &str> = d.keys.iter().map(|k| (k.id.as_str(), k.masked.as_str())).collect();
+    let keys: Vec<&KeyView> = sorted.into_iter().skip((page - 1) * KEYS_PAGE).take(KEYS_PAGE).collect();
     let inner = html! {
         div.titlebar {
             h2 { "Keys" }
@@ -386,8 +399,16 @@ async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<St
                                 @if edit {
                                     td { input type="checkbox" name="key" value=(k.id) aria-label=(format!("Select key {}", k.name)) disabled[k.status == "revoked"]; }
                                 }
-                                td { (k.name) }
-                                td { code { (k.masked) } }
+                                td {
+                                    (k.name)
+                                    @if let Some(to) = k.rotated_to.as_deref() {
+                                        span.sub { "rotated; replaced by " code.nowrap { (masked.get(to).copied().unwrap_or(to)) } }
+                                    }
+                                    @if let Some(from) = k.rotated_from.as_deref() {
+                                        span.sub { "replaces " code.nowrap { (masked.get(from).copied().unwrap_or(from)) } }
+                                    }
+                                }
+                                td { code.nowrap { (k.masked) } }
                                 td { (scopes_list(&k.scopes)) }
                                 td { (when(Some(&k.created_at))) }
                                 td { (when(k.expires_at.as_deref())) }
@@ -432,7 +453,6 @@ async fn capabilities_tab(State(state): St, Extension(session): Ses, Path(name):
     };
     let url = agent_url(&d.agent.name);
     let inner = html! {
-        h2 { "Capabilities" }
         p.muted { "Toggle what this agent's keys may do. A key that names its own scopes keeps only those the agent still has; the change reaches every Envoy at once." }
         @if may(&session, Permission::ManageKeys) {
             form.card method="post" action=(format!("{url}/capabilities")) {
@@ -483,6 +503,7 @@ async fn usage_tab(State(state): St, Extension(session): Ses, Path(name): Path<S
     let series = super::chart::hourly(&rows, since, hours);
     let url = agent_url(&d.agent.name);
     // Per key, over the range: allowed, and refused by code.
+    let masked: BTreeMap<&str, &str> = d.keys.iter().map(|k| (k.id.as_str(), k.masked.as_str())).collect();
     let mut per_key: BTreeMap<(String, String), (u64, BTreeMap<String, u64>)> = BTreeMap::new();
     for r in &rows {
         let e = per_key.entry((r.key_name.clone(), r.key_id.clone())).or_default();
@@ -492,7 +513,6 @@ async fn usage_tab(State(state): St, Extension(session): Ses, Path(name): Path<S
         }
     }
     let inner = html! {
-        h2 { "Usage" }
         form.filters method="get" action=(format!("{url}/usage")) {
             div.field {
                 label for="range" { "Range" }
@@ -513,7 +533,7 @@ async fn usage_tab(State(state): St, Extension(session): Ses, Path(name): Path<S
             button.secondary type="submit" { "Show" }
         }
         figure.chart {
-            (super::chart::svg(&series, if week { "Requests per hour, last 7 days" } else { "Requests per hour, last 24 hours" }))
+            (super::chart::svg(&series, if week { "Requests per hour (UTC), last 7 days" } else { "Requests per hour (UTC), last 24 hours" }))
             figcaption {
                 span.legend.allowed { "Allowed" } " "
                 span.legend.denied { "Refused" }
@@ -525,9 +545,9 @@ async fn usage_tab(State(state): St, Extension(session): Ses, Path(name): Path<S
             table {
                 thead { tr { th scope="col" { "Key" } th scope="col" class="num" { "Allowed" } th scope="col" { "Refused, by code" } } }
                 tbody {
-                    @for ((kname, _), (allowed, denied)) in &per_key {
+                    @for ((kname, kid), (allowed, denied)) in &per_key {
                         tr {
-                            td { (kname) }
+                            td { (kname) " " code.nowrap { (masked.get(kid.as_str()).copied().unwrap_or("")) } }
                             td.num { (allowed) }
                             td {
                                 @if denied.is_empty() { span.muted { "none" } }
@@ -703,6 +723,9 @@ fn paths(form: &Form) -> Vec<String> {
 }
 
 async fn new_key(State(state): St, Extension(session): Ses, Path(name): Path<String>) -> Response {
+    if !may(&session, Permission::ManageKeys) {
+        return super::refused(&session, &session.actor.role.refusal(Permission::ManageKeys));
+    }
     let (d, c) = match (detail(&state, name).await, catalogue(&state).await) {
         (Ok(d), Ok(c)) => (d, c),
         (Err(e), _) | (_, Err(e)) => return problem(&state, &session, &e),
@@ -781,6 +804,9 @@ async fn key(state: &Arc<AppState>, id: String) -> Result<KeyView> {
 }
 
 async fn edit_key(State(state): St, Extension(session): Ses, Path(id): Path<String>) -> Response {
+    if !may(&session, Permission::ManageKeys) {
+        return super::refused(&session, &session.actor.role.refusal(Permission::ManageKeys));
+    }
     let k = match key(&state, id).await {
         Ok(k) => k,
         Err(e) => return problem(&state, &session, &e),
@@ -845,6 +871,9 @@ async fn save_key(State(state): St, Extension(session): Ses, Path(id): Path<Stri
 }
 
 async fn rotate_page(State(state): St, Extension(session): Ses, Path(id): Path<String>) -> Response {
+    if !may(&session, Permission::ManageKeys) {
+        return super::refused(&session, &session.actor.role.refusal(Permission::ManageKeys));
+    }
     let k = match key(&state, id).await {
         Ok(k) => k,
         Err(e) => return problem(&state, &session, &e),
@@ -903,6 +932,9 @@ async fn rotate(State(state): St, Extension(session): Ses, Path(id): Path<String
 }
 
 async fn revoke_page(State(state): St, Extension(session): Ses, Path(id): Path<String>) -> Response {
+    if !may(&session, Permission::ManageKeys) {
+        return super::refused(&session, &session.actor.role.refusal(Permission::ManageKeys));
+    }
     let k = match key(&state, id).await {
         Ok(k) => k,
         Err(e) => return problem(&state, &session, &e),

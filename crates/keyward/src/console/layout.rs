@@ -92,9 +92,11 @@ pub fn signin(error: Option<&str>) -> Markup {
                 p.notice.bad role="alert" { (e) }
             }
             form method="post" action="/console/signin" {
-                label for="token" { "Admin token" }
-                input id="token" name="token" type="password" autocomplete="off" required autofocus;
-                button.primary type="submit" { "Sign in" }
+                div.field {
+                    label for="token" { "Admin token" }
+                    input id="token" name="token" type="password" autocomplete="off" required autofocus;
+                }
+                div.actions { button.primary type="submit" { "Sign in" } }
             }
         }
     };

@@ -24,3 +24,13 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 });
+
+// A key is shown once. Chromium keeps even no-store pages in its back/forward cache, so Back
+// would bring the key back: forget it when leaving, and reload (finding it gone) if restored.
+window.addEventListener("pagehide", () => {
+  const secret = document.getElementById("secret");
+  if (secret) { secret.value = ""; secret.removeAttribute("value"); }
+});
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted && document.getElementById("secret")) location.reload();
+});
