@@ -299,6 +299,62 @@ pub struct KeyUsage {
     pub denied: std::collections::BTreeMap<String, u64>,
 }
 
+/// `POST /v1/feed/rates`: what one Envoy's rate-limit buckets admitted since its last report
+/// (only buckets that moved, or are still live in their window), every `rate_sync_ms`; and at
+/// least once a second with no buckets, to learn its share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateReport {
+    pub envoy: String,
+    #[serde(default)]
+    pub buckets: Vec<BucketReport>,
+}
+
+/// Most buckets in one [`RateReport`]: about 100 bytes each, so a report stays well under the
+/// feed's 1 MiB body limit.
+pub const RATE_REPORT_MAX_BUCKETS: usize = 2_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketReport {
+    /// The bucket's name as the snapshot gives it (`k:<lineage>`, `a:<agent>`).
+    pub bucket: String,
+    /// The limit: `count` requests per `period_secs`.
+    pub count: u32,
+    pub period_secs: u32,
+    /// Requests this Envoy admitted in the bucket since its last report (0: still watching).
+    pub admitted: u64,
+}
+
+/// The answer to a [`RateReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateAnswer {
+    /// `global`: the counts below are the fleet's, from the rate store; `split`: no rate store
+    /// (or it is unreachable), each Envoy enforces its share of every limit.
+    pub mode: RateMode,
+    /// Envoys connected to the control plane now, this one included (at least 1): the share
+    /// of a limit in split mode is `count / envoys`, at least 1.
+    pub envoys: u32,
+    /// In global mode, per reported bucket: the requests the *other* Envoys admitted in the
+    /// bucket's current window.
+    #[serde(default)]
+    pub buckets: Vec<BucketAnswer>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateMode {
+    #[default]
+    Split,
+    Global,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketAnswer {
+    pub bucket: String,
+    pub others: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
