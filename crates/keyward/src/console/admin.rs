@@ -7,7 +7,7 @@ use crate::api::{with_store, AppState};
 use crate::model::*;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use maud::html;
@@ -245,7 +245,8 @@ async fn admins(State(state): St, Extension(session): Ses) -> Response {
 }
 
 fn show_token(state: &AppState, session: &Session, made: AdminWithToken, what: String) -> Response {
-    state.console.show(
+    super::show_once(
+        state,
         session,
         Shown {
             secret: made.token,
@@ -254,8 +255,7 @@ fn show_token(state: &AppState, session: &Session, made: AdminWithToken, what: S
             back: "/console/admins".into(),
             note: Some("Give it to them over a channel you trust; they sign in with it, and may use it with the API and the CLI's --url.".into()),
         },
-    );
-    Redirect::to("/console/shown").into_response()
+    )
 }
 
 async fn create_admin(State(state): St, Extension(session): Ses, body: Bytes) -> Response {

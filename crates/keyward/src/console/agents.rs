@@ -280,7 +280,8 @@ async fn create(State(state): St, Extension(session): Ses, body: Bytes) -> Respo
         Ok((created, applied)) => {
             let back = agent_url(&created.agent.name);
             let reach = applied.as_ref().map(|a| crate::applied::summary(a).1);
-            state.console.show(
+            super::show_once(
+                &state,
                 &session,
                 Shown {
                     secret: created.secret,
@@ -289,8 +290,7 @@ async fn create(State(state): St, Extension(session): Ses, body: Bytes) -> Respo
                     back,
                     note: reach,
                 },
-            );
-            Redirect::to("/console/shown").into_response()
+            )
         }
         Err(e) => {
             let c = catalogue(&state).await.unwrap_or_default();
@@ -416,9 +416,12 @@ async fn keys_tab(State(state): St, Extension(session): Ses, Path(name): Path<St
                                 td { (badge(&k.status)) }
                                 @if edit {
                                     td.actions {
-                                        @if k.status != "revoked" {
+                                        // An expired key, or the old key of a rotation, stays as it ended.
+                                        @if matches!(k.status.as_str(), "active" | "expiring") && k.rotated_to.is_none() {
                                             a href=(format!("/console/keys/{}/edit", seg(&k.id))) { "Edit" }
                                             a href=(format!("/console/keys/{}/rotate", seg(&k.id))) { "Rotate" }
+                                        }
+                                        @if k.status != "revoked" {
                                             a.dangerlink href=(format!("/console/keys/{}/revoke", seg(&k.id))) { "Revoke" }
                                         }
                                     }
@@ -679,26 +682,39 @@ async fn delete(State(state): St, Extension(session): Ses, Path(name): Path<Stri
     }
 }
 
-/// The key form's expiry, rate and path fields, shared by generate and edit.
+/// The key form's expiry, rate and path fields, shared by generate and edit. Expiry is one
+/// choice (a radio group), so the form never sends two of them; the store judges the one sent.
 fn key_fields(k: Option<&KeyView>) -> Markup {
+    let editing = k.is_some();
     html! {
         fieldset {
             legend { "Expiry" }
-            div.field {
-                label for="expires_on" { "Expires on (UTC date)" }
-                input id="expires_on" name="expires_on" type="date" value=[k.and_then(|k| k.expires_at.as_deref()).map(|t| t.get(..10).unwrap_or(t))];
-            }
-            div.field {
-                label for="ttl" { "Or expires after" }
-                input id="ttl" name="ttl" placeholder="e.g. 90d, 24h" autocomplete="off";
-            }
-            @if k.is_some() {
+            @if let Some(k) = k {
+                p.hint { "Now: " @if let Some(t) = &k.expires_at { "expires " (when(Some(t))) } @else { "never expires" } }
                 div.check {
-                    input id="no_expiry" name="no_expiry" type="checkbox" value="true";
-                    label for="no_expiry" { "Never expires" }
+                    input id="expiry-keep" name="expiry" type="radio" value="keep" checked;
+                    label for="expiry-keep" { "Keep it" }
                 }
-            } @else {
-                p.hint { "Leave both empty for a key that does not expire." }
+            }
+            div.check {
+                input id="expiry-never" name="expiry" type="radio" value="never" checked[!editing];
+                label for="expiry-never" { "Never expires" }
+            }
+            div.check {
+                input id="expiry-date" name="expiry" type="radio" value="date";
+                label for="expiry-date" { "Expires at the end of a day (UTC)" }
+            }
+            div.field.indent {
+                label for="expires_on" { "Date" }
+                input id="expires_on" name="expires_on" type="date";
+            }
+            div.check {
+                input id="expiry-ttl" name="expiry" type="radio" value="ttl";
+                label for="expiry-ttl" { "Expires after a duration" }
+            }
+            div.field.indent {
+                label for="ttl" { "Duration" }
+                input id="ttl" name="ttl" placeholder="e.g. 90d, 24h" autocomplete="off";
             }
         }
         div.field {
@@ -713,9 +729,34 @@ fn key_fields(k: Option<&KeyView>) -> Markup {
     }
 }
 
-/// `expires_on` (a date) as the end of that day, UTC.
-fn expires_on(form: &Form) -> Option<String> {
-    form.get("expires_on").map(|d| format!("{d}T23:59:59Z"))
+/// The expiry the form chose: `(expires_at, ttl)` as `KeyUpdate` takes them; `None` keeps it.
+/// A chosen date is the end of that day, UTC.
+fn chosen_expiry(form: &Form) -> (Option<Option<String>>, Option<String>) {
+    match form.get("expiry").as_deref() {
+        Some("never") => (Some(None), None),
+        Some("date") => (Some(Some(format!("{}T23:59:59Z", form.get("expires_on").unwrap_or_default()))), None),
+        Some("ttl") => (None, Some(form.get("ttl").unwrap_or_default())),
+        _ => (None, None),
+    }
+}
+
+/// The key's scopes: every scope it may narrow to, with a choice between the agent's (all of
+/// them, following the agent) and only those ticked.
+fn key_scopes(catalogue: &[ScopeView], allowed: &[String], own: Option<&[String]>) -> Markup {
+    html! {
+        fieldset {
+            legend { "Scopes" }
+            div.check {
+                input id="scopes-inherit" name="scope_mode" type="radio" value="inherit" checked[own.is_none()];
+                label for="scopes-inherit" { "The agent's scopes (and any it gains later)" }
+            }
+            div.check {
+                input id="scopes-only" name="scope_mode" type="radio" value="only" checked[own.is_some()];
+                label for="scopes-only" { "Only the scopes turned on below" }
+            }
+            (scope_toggles(catalogue, own.unwrap_or(&[]), Some(allowed)))
+        }
+    }
 }
 
 fn paths(form: &Form) -> Vec<String> {
@@ -741,8 +782,7 @@ async fn new_key(State(state): St, Extension(session): Ses, Path(name): Path<Str
                 label for="name" { "Name" }
                 input id="name" name="name" required maxlength="64" autocomplete="off" placeholder="e.g. Staging";
             }
-            p.hint { "Scopes: leave all off to give the key every scope of the agent; turn some on to narrow it." }
-            (scope_toggles(&c, &[], Some(&agent_scopes)))
+            (key_scopes(&c, &agent_scopes, None))
             (key_fields(None))
             div.actions {
                 button.primary type="submit" { "Generate" }
@@ -770,20 +810,22 @@ async fn generate(State(state): St, Extension(session): Ses, Path(name): Path<St
         Err(r) => return *r,
     };
     let url = agent_url(&name);
-    let scopes = form.all("scopes");
+    let scopes = (form.get("scope_mode").as_deref() == Some("only")).then(|| form.all("scopes"));
+    let (expires_at, ttl) = chosen_expiry(&form);
     let req = NewKey {
         agent: name.clone(),
         name: form.get("name"),
-        scopes: (!scopes.is_empty()).then_some(scopes),
-        expires_at: expires_on(&form),
-        ttl: form.get("ttl"),
+        scopes,
+        expires_at: expires_at.flatten(),
+        ttl,
         rate: form.get("rate"),
         burst: None,
         path_prefixes: paths(&form),
     };
     match change(&state, "create_key", true, move |s| s.create_key(&req)).await {
         Ok((created, applied)) => {
-            state.console.show(
+            super::show_once(
+                &state,
                 &session,
                 Shown {
                     secret: created.secret,
@@ -792,8 +834,7 @@ async fn generate(State(state): St, Extension(session): Ses, Path(name): Path<St
                     back: url,
                     note: applied.as_ref().map(|a| crate::applied::summary(a).1),
                 },
-            );
-            Redirect::to("/console/shown").into_response()
+            )
         }
         Err(e) => failed(&state, &session, &e, &format!("{url}/keys/new")),
     }
@@ -816,7 +857,12 @@ async fn edit_key(State(state): St, Extension(session): Ses, Path(id): Path<Stri
         (Err(e), _) | (_, Err(e)) => return problem(&state, &session, &e),
     };
     let url = agent_url(&k.agent);
-    let own = k.own_scopes.clone().unwrap_or_default();
+    // What it may narrow to, and whatever it names itself (a scope its agent has since lost
+    // included: leaving it unticked is then a choice the admin sees).
+    let mut allowed = expand_scopes(&c, &d.agent.scopes);
+    allowed.extend(k.own_scopes.iter().flatten().cloned());
+    allowed.sort();
+    allowed.dedup();
     let body = html! {
         p.crumbs { a href="/console/agents" { "API keys" } " / " a href=(url) { (k.agent) } " / " (k.name) }
         h1 { "Edit key " code { (k.masked) } }
@@ -826,8 +872,7 @@ async fn edit_key(State(state): St, Extension(session): Ses, Path(id): Path<Stri
                 label for="name" { "Name" }
                 input id="name" name="name" required maxlength="64" value=(k.name) autocomplete="off";
             }
-            p.hint { "Scopes: all off gives the key every scope of the agent." }
-            (scope_toggles(&c, &own, Some(&expand_scopes(&c, &d.agent.scopes))))
+            (key_scopes(&c, &allowed, k.own_scopes.as_deref()))
             (key_fields(Some(&k)))
             div.actions {
                 button.primary type="submit" { "Save key" }
@@ -848,22 +893,18 @@ async fn save_key(State(state): St, Extension(session): Ses, Path(id): Path<Stri
         Err(e) => return problem(&state, &session, &e),
     };
     let back = agent_url(&k.agent);
-    let scopes = form.all("scopes");
-    let no_expiry = form.get("no_expiry").is_some();
-    let (expires_at, ttl) = match (no_expiry, expires_on(&form), form.get("ttl")) {
-        (true, None, None) => (Some(None), None),
-        (_, Some(date), ttl) if k.expires_at.as_deref() != Some(date.as_str()) || ttl.is_some() => (Some(Some(date)), ttl),
-        (_, _, ttl) => (None, ttl),
-    };
-    let upd = KeyUpdate {
-        name: form.get("name"),
-        scopes: Some((!scopes.is_empty()).then_some(scopes)),
-        expires_at,
-        ttl,
-        rate: Some(form.get("rate")),
-        burst: None,
-        path_prefixes: Some(paths(&form)),
-    };
+    // Only what the form changed is sent: an untouched field is not rewritten.
+    let scopes = match form.get("scope_mode").as_deref() {
+        Some("inherit") => Some(None),
+        Some("only") => Some(Some(form.all("scopes"))),
+        _ => None,
+    }
+    .filter(|s| s.as_deref() != k.own_scopes.as_deref());
+    let (expires_at, ttl) = chosen_expiry(&form);
+    let name = form.get("name").filter(|n| *n != k.name);
+    let rate = Some(form.get("rate")).filter(|r| *r != k.rate_limit);
+    let paths = Some(paths(&form)).filter(|p| *p != k.path_prefixes);
+    let upd = KeyUpdate { name, scopes, expires_at, ttl, rate, burst: None, path_prefixes: paths };
     match change(&state, "update_key", true, move |s| s.update_key(&id, &upd)).await {
         Ok((k, applied)) => done(&state, &session, format!("Key \"{}\" saved.", k.name), applied.as_ref(), &back),
         Err(e) => failed(&state, &session, &e, &format!("/console/keys/{}/edit", seg(&k.id))),
@@ -915,7 +956,8 @@ async fn rotate(State(state): St, Extension(session): Ses, Path(id): Path<String
         Ok((r, applied)) => {
             let until = r.old.expires_at.clone().unwrap_or_else(|| "now".into());
             let reach = applied.as_ref().map(|a| crate::applied::summary(a).1).unwrap_or_default();
-            state.console.show(
+            super::show_once(
+                &state,
                 &session,
                 Shown {
                     secret: r.new.secret,
@@ -924,8 +966,7 @@ async fn rotate(State(state): St, Extension(session): Ses, Path(id): Path<String
                     key: Some(r.new.key),
                     note: Some(format!("The old key {} works until {until}. {reach}", r.old.masked)),
                 },
-            );
-            Redirect::to("/console/shown").into_response()
+            )
         }
         Err(e) => failed(&state, &session, &e, &back),
     }
@@ -999,18 +1040,28 @@ async fn bulk_revoke(State(state): St, Extension(session): Ses, Path(name): Path
         );
         return render(&state, &session, "Revoke keys", Nav::Agents, body);
     }
-    // One change per key, through the same operation as one revoke; the last says how far
-    // they all reached.
-    let count = ids.len();
+    // One change per key, through the same operation as one revoke, for this agent's keys not
+    // revoked yet (a second click, or a key revoked meanwhile, is not an error); the last
+    // change says how far they all reached.
+    let d = match detail(&state, name.clone()).await {
+        Ok(d) => d,
+        Err(e) => return problem(&state, &session, &e),
+    };
+    let ids: Vec<String> = d.keys.iter().filter(|k| ids.contains(&k.id) && k.status != "revoked").map(|k| k.id.clone()).collect();
     let result = change(&state, "revoke_key", true, move |s| {
+        let mut revoked = 0;
         for id in &ids {
-            s.revoke_key(id)?;
+            if let Err(e) = s.revoke_key(id) {
+                return Ok((revoked, Some(e)));
+            }
+            revoked += 1;
         }
-        Ok(())
+        Ok((revoked, None))
     })
     .await;
     match result {
-        Ok((_, applied)) => done(&state, &session, format!("{count} keys revoked."), applied.as_ref(), &url),
+        Ok(((n, None), applied)) => done(&state, &session, format!("{n} keys revoked."), applied.as_ref(), &url),
+        Ok(((n, Some(e)), applied)) => done(&state, &session, format!("{n} keys revoked, then: {}.", e.message_with_field()), applied.as_ref(), &url),
         Err(e) => failed(&state, &session, &e, &url),
     }
 }

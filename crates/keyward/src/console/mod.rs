@@ -45,8 +45,9 @@ const SHOW_WITHIN: Duration = Duration::from_secs(300);
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
 
-/// What the console keeps in memory per session: notices for the next page, and a new secret
-/// to show once. Never written anywhere.
+/// What the console keeps in memory per session: notices for the next page, and new secrets
+/// each to show once. Never written anywhere: with several `serve` replicas behind a load
+/// balancer, the console needs session affinity (README, "Console").
 #[derive(Default)]
 pub struct ConsoleState {
     flash: Mutex<HashMap<Digest, Flash>>,
@@ -55,9 +56,14 @@ pub struct ConsoleState {
 #[derive(Default)]
 struct Flash {
     notices: Vec<Notice>,
-    shown: Option<Shown>,
-    at: Option<Instant>,
+    /// By nonce: what to show, and when it was made.
+    shown: HashMap<String, (Shown, Instant)>,
+    touched: Option<Instant>,
 }
+
+/// Notices and unshown secrets a session may pile up (a client that never follows redirects).
+const MAX_NOTICES: usize = 10;
+const MAX_SHOWN: usize = 5;
 
 /// A one-line message on the next page: a change's result, or why it was refused.
 #[derive(Debug, Clone)]
@@ -82,27 +88,60 @@ pub struct Shown {
 impl ConsoleState {
     fn with<T>(&self, session: &Digest, f: impl FnOnce(&mut Flash) -> T) -> T {
         let mut map = self.flash.lock().unwrap_or_else(|p| p.into_inner());
-        // Old entries go: a secret not looked at in time is gone.
-        map.retain(|_, f| f.at.is_some_and(|t| t.elapsed() < SHOW_WITHIN));
+        // A secret not looked at within SHOW_WITHIN of its making is gone; so is a session's
+        // entry once it has nothing left and has not been used for as long.
+        for flash in map.values_mut() {
+            flash.shown.retain(|_, (_, made)| made.elapsed() < SHOW_WITHIN);
+        }
+        map.retain(|_, f| !f.shown.is_empty() || f.touched.is_some_and(|t| t.elapsed() < SHOW_WITHIN));
         let flash = map.entry(*session).or_default();
-        flash.at = Some(Instant::now());
+        flash.touched = Some(Instant::now());
         f(flash)
     }
 
     pub fn notice(&self, session: &Session, ok: bool, text: impl Into<String>) {
-        self.with(&session.id, |f| f.notices.push(Notice { ok, text: text.into() }));
+        self.with(&session.id, |f| {
+            if f.notices.len() >= MAX_NOTICES {
+                f.notices.remove(0);
+            }
+            f.notices.push(Notice { ok, text: text.into() });
+        });
     }
 
-    pub fn show(&self, session: &Session, shown: Shown) {
-        self.with(&session.id, |f| f.shown = Some(shown));
+    /// Keeps `shown` to show once; the page to show it at is `/console/shown/<nonce>`.
+    pub fn show(&self, session: &Session, shown: Shown) -> crate::error::Result<String> {
+        let nonce = crate::store::random_base62(22)?;
+        self.with(&session.id, |f| {
+            if f.shown.len() >= MAX_SHOWN {
+                if let Some(oldest) = f.shown.iter().min_by_key(|(_, (_, made))| *made).map(|(n, _)| n.clone()) {
+                    f.shown.remove(&oldest);
+                }
+            }
+            f.shown.insert(nonce.clone(), (shown, Instant::now()));
+        });
+        Ok(format!("/console/shown/{nonce}"))
     }
 
     fn take_notices(&self, session: &Session) -> Vec<Notice> {
         self.with(&session.id, |f| std::mem::take(&mut f.notices))
     }
 
-    fn take_shown(&self, session: &Session) -> Option<Shown> {
-        self.with(&session.id, |f| f.shown.take())
+    fn take_shown(&self, session: &Session, nonce: &str) -> Option<Shown> {
+        self.with(&session.id, |f| f.shown.remove(nonce).map(|(s, _)| s))
+    }
+
+    /// Sign-out: whatever the session had waiting goes with it.
+    fn forget(&self, session: &Session) {
+        let mut map = self.flash.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&session.id);
+    }
+}
+
+/// Shows a secret once: keeps it, then sends the browser to its page.
+pub fn show_once(state: &AppState, session: &Session, shown: Shown) -> Response {
+    match state.console.show(session, shown) {
+        Ok(url) => Redirect::to(&url).into_response(),
+        Err(e) => error_page(&e),
     }
 }
 
@@ -127,7 +166,8 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     let signed_in = Router::new()
         .route("/console", get(|| async { Redirect::to("/console/agents") }))
         .route("/console/signout", axum::routing::post(signout))
-        .route("/console/shown", get(shown))
+        .route("/console/shown/{nonce}", get(shown))
+        .route("/console/{*rest}", get(not_found))
         .merge(agents::routes())
         .merge(admin::routes())
         .route_layer(axum::middleware::from_fn_with_state(state, require_session));
@@ -136,7 +176,45 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/console/assets/console.css", get(|| async { asset("text/css; charset=utf-8", CSS) }))
         .route("/console/assets/console.js", get(|| async { asset("text/javascript; charset=utf-8", JS) }))
         .merge(signed_in)
+        .layer(axum::middleware::from_fn(same_origin))
         .layer(axum::middleware::from_fn(security_headers))
+}
+
+/// Refuses a console POST that a browser says came from another site (`Sec-Fetch-Site`, else
+/// `Origin` against `Host`): sign-in has no session yet to hold a CSRF token, and no form
+/// should be posted from elsewhere anyway. Clients that send neither (curl) pass; they hold no
+/// victim's cookie.
+async fn same_origin(headers: HeaderMap, req: Request, next: Next) -> Response {
+    if req.method() == Method::POST && !posted_from_here(&headers) {
+        let body = maud::html! {
+            h1 { "Not allowed" }
+            p.notice.bad role="alert" { "This form was posted from another site. Open the console itself and try again." }
+        };
+        return (StatusCode::FORBIDDEN, layout::page("Not allowed", None, layout::Nav::None, &[], body)).into_response();
+    }
+    next.run(req).await
+}
+
+fn posted_from_here(headers: &HeaderMap) -> bool {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        return matches!(site, "same-origin" | "none");
+    }
+    match (text(header::ORIGIN), text(header::HOST)) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, rest)| rest == host),
+        (Some(_), None) => false,
+    }
+}
+
+/// A console page that does not exist: an HTML 404, with the console's headers.
+async fn not_found(State(state): State<Arc<AppState>>, axum::Extension(session): axum::Extension<Session>) -> Response {
+    let body = maud::html! {
+        h1 { "Page not found" }
+        p { "There is no such page in the console." }
+        p { a href="/console/agents" { "Back to API keys" } }
+    };
+    (StatusCode::NOT_FOUND, render(&state, &session, "Not found", layout::Nav::None, body)).into_response()
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -331,6 +409,7 @@ async fn signout(State(state): State<Arc<AppState>>, axum::Extension(session): a
         return *r;
     }
     let id = session.id;
+    state.console.forget(&session);
     if let Err(e) = with_store(&state, "console.signout", move |s| s.end_session(&id)).await {
         return error_page(&e);
     }
@@ -339,9 +418,18 @@ async fn signout(State(state): State<Arc<AppState>>, axum::Extension(session): a
     ([(header::SET_COOKIE, cookie)], Redirect::to("/console/signin")).into_response()
 }
 
-/// The one-time page of a new secret. A reload finds nothing: it was shown.
-async fn shown(State(state): State<Arc<AppState>>, axum::Extension(session): axum::Extension<Session>) -> Response {
-    let shown = state.console.take_shown(&session);
+/// The one-time page of a new secret. A reload finds nothing: it was shown. Only a GET shows
+/// it (axum answers HEAD with the GET handler: a HEAD must not use it up).
+async fn shown(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(session): axum::Extension<Session>,
+    method: Method,
+    axum::extract::Path(nonce): axum::extract::Path<String>,
+) -> Response {
+    if method != Method::GET {
+        return StatusCode::OK.into_response();
+    }
+    let shown = state.console.take_shown(&session, &nonce);
     let body = layout::shown(shown.as_ref());
     render(&state, &session, "New key", layout::Nav::Agents, body)
 }
@@ -376,6 +464,30 @@ mod tests {
         h.append(header::COOKIE, HeaderValue::from_static("keyward_session="));
         assert_eq!(cookie_value(&h), None);
         assert_eq!(cookie_value(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_post_from_another_site_is_told_apart() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let table: &[(&[(&str, &str)], bool)] = &[
+            (&[], true),
+            (&[("sec-fetch-site", "same-origin")], true),
+            (&[("sec-fetch-site", "none")], true),
+            (&[("sec-fetch-site", "cross-site"), ("origin", "http://127.0.0.1:7070"), ("host", "127.0.0.1:7070")], false),
+            (&[("sec-fetch-site", "same-site")], false),
+            (&[("origin", "http://127.0.0.1:7070"), ("host", "127.0.0.1:7070")], true),
+            (&[("origin", "https://evil.example"), ("host", "127.0.0.1:7070")], false),
+            (&[("origin", "null"), ("host", "127.0.0.1:7070")], false),
+        ];
+        for (headers, want) in table {
+            assert_eq!(posted_from_here(&h(headers)), *want, "{headers:?}");
+        }
     }
 
     #[test]

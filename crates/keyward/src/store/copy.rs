@@ -233,6 +233,9 @@ impl Store {
         tx.execute("UPDATE meta SET value = ?1 WHERE name = 'snapshot_version'", p![version.to_string()])?;
         tx.execute("UPDATE meta SET value = ?1 WHERE name = 'store_id'", p![&id])?;
         tx.execute("UPDATE keys SET version = ?1", p![version])?;
+        // Whoever was signed in to the console signs in again: a restored store may have
+        // brought back admins or tokens since disabled or replaced.
+        tx.execute("DELETE FROM sessions", &[])?;
         audit(&*tx, now, &self.actor, action, &id, details, version)?;
         super::notify(&*tx, &version.to_string())?;
         tx.commit()?;

@@ -379,10 +379,11 @@ impl Store {
     /// about the agent and about its keys; `action` a whole action (`key.revoke`) or a family
     /// (`key`).
     pub fn audit_filtered(&mut self, limit: u32, filter: &crate::model::AuditFilter) -> Result<Vec<crate::model::AuditEntry>> {
-        // Agent names hold no quote or backslash (`name_ok`); `%` cannot occur, `_` can.
-        // `key` means `key.*`; `%`, `_` and `\` in it are themselves.
-        let family = filter.action.as_ref().map(|a| format!("{}.%", a.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
-        let like = |field: &str, v: &Option<String>| v.as_ref().map(|v| format!("%\"{field}\":\"{}\"%", v.replace('_', "\\_")));
+        // LIKE's wildcards and its escape character stand for themselves in a filter: `key`
+        // means `key.*`, and an agent name is matched as written. (`details` is compact JSON.)
+        let literal = |v: &str| v.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let family = filter.action.as_ref().map(|a| format!("{}.%", literal(a)));
+        let like = |field: &str, v: &Option<String>| v.as_ref().map(|v| format!("%\"{field}\":\"{}\"%", literal(v)));
         let rows = self.db.query(
             "SELECT seq, at, actor, action, target, details, version FROM \
              (SELECT * FROM audit \
