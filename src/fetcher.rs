@@ -6,10 +6,11 @@
 //! bootstrap: whichever VM holds the lease fetches, and if it dies the lease lapses and another
 //! VM takes over within `LEASE_MS`.
 
+use crate::fleet::{Admitted, AdmittedCounts, RateCounts, RateSync, RATES_QUEUE};
 use crate::host::{self, Envoy, Host, HostError};
 use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY, STATE_KEY, USAGE_QUEUE};
 use keyward_core::config::ControlPlane;
-use keyward_core::feed::{parse_page, Epochs, FeedAsk, FeedError, KeyUsage, UsageReport};
+use keyward_core::feed::{parse_page, Epochs, FeedAsk, FeedError, KeyUsage, RateAnswer, RateMode, RateReport, UsageReport};
 use keyward_core::response::CODES;
 use keyward_core::scope::Implications;
 use keyward_core::url::encode_component as encode;
@@ -101,6 +102,12 @@ pub struct FeedMetrics {
     pub version: u32,
     pub usage_reports: u32,
     pub resets: u32,
+    /// Rate-limit reports answered (`keyward.rate_limit.syncs`), failed, fallbacks from global
+    /// counts to this Envoy's share, and buckets found exhausted by the other Envoys.
+    pub rate_syncs: u32,
+    pub rate_sync_failures: u32,
+    pub rate_fallbacks: u32,
+    pub rate_exhausted: u32,
 }
 
 impl FeedMetrics {
@@ -112,6 +119,10 @@ impl FeedMetrics {
             version: host::define_gauge("keyward.feed.applied_version")?,
             usage_reports: host::define_counter("keyward.feed.usage_reports")?,
             resets: host::define_counter("keyward.feed.resets")?,
+            rate_syncs: host::define_counter("keyward.rate_limit.syncs")?,
+            rate_sync_failures: host::define_counter("keyward.rate_limit.sync_failures")?,
+            rate_fallbacks: host::define_counter("keyward.rate_limit.fallbacks")?,
+            rate_exhausted: host::define_counter("keyward.rate_limit.exhausted")?,
         })
     }
 }
@@ -141,6 +152,17 @@ pub struct Fetcher {
     /// The last report left keys behind: send the next batch on the next tick.
     report_more: bool,
     last_lease_ms: u64,
+    /// Fleet rate limits: the leader's reports and answers (see `fleet`).
+    rates: RateSync,
+    rate_call: Option<(u32, RateReport)>,
+    /// A worker's admissions until it hands them to the leader, and whether any is urgent.
+    rates_local: AdmittedCounts,
+    rates_local_urgent: bool,
+    last_rates_flush_ms: u64,
+    rates_consumer: Option<u32>,
+    rates_producer: Option<u32>,
+    /// The last rate report failed (logged once until one succeeds again).
+    rates_failing: bool,
 }
 
 pub fn merge(into: &mut UsageCounts, from: UsageCounts) {
@@ -171,16 +193,24 @@ impl Fetcher {
             last_flush_ms: 0,
             report_more: false,
             last_lease_ms: 0,
+            rates: RateSync::default(),
+            rate_call: None,
+            rates_local: AdmittedCounts::new(),
+            rates_local_urgent: false,
+            last_rates_flush_ms: 0,
+            rates_consumer: None,
+            rates_producer: None,
+            rates_failing: false,
         }
     }
 
-    pub fn on_tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>) {
-        if let Err(e) = self.tick(now_ms, usage) {
+    pub fn on_tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>, rates: &RateCounts) {
+        if let Err(e) = self.tick(now_ms, usage, rates) {
             host::log(LogLevel::Warn, &format!("fetcher tick: {e}"));
         }
     }
 
-    fn tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>) -> Result<(), HostError> {
+    fn tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>, rates: &RateCounts) -> Result<(), HostError> {
         let was_leader = self.leader;
         if now_ms.saturating_sub(self.last_lease_ms) >= LEASE_CHECK_MS {
             self.last_lease_ms = now_ms;
@@ -189,7 +219,25 @@ impl Fetcher {
         if self.leader && !was_leader {
             host::log(LogLevel::Info, &format!("this VM ({}) now fetches the snapshot feed", self.owner));
             self.consumer_queue = Some(host::register_queue(USAGE_QUEUE)?);
+            self.rates_consumer = Some(host::register_queue(RATES_QUEUE)?);
             self.next_poll_ms = now_ms;
+        }
+        // This worker's rate-limit admissions: the leader's go into its next report; another
+        // worker's to the leader, every half sync interval, or at once on an early push.
+        let (admitted, urgent) = rates.take();
+        if self.leader {
+            let local = std::mem::take(&mut self.rates_local);
+            self.rates.add(local, self.rates_local_urgent, now_ms);
+            self.rates_local_urgent = false;
+            self.rates.add(admitted, urgent, now_ms);
+        } else {
+            crate::fleet::merge(&mut self.rates_local, admitted);
+            self.rates_local_urgent |= urgent;
+            let half = u64::from(self.cp.rate_sync_ms / 2);
+            if !self.rates_local.is_empty() && (self.rates_local_urgent || now_ms.saturating_sub(self.last_rates_flush_ms) >= half) {
+                self.last_rates_flush_ms = now_ms;
+                self.enqueue_rates()?;
+            }
         }
         // Gather this worker's usage once a second.
         if now_ms.saturating_sub(self.last_flush_ms) >= 1_000 {
@@ -207,6 +255,9 @@ impl Fetcher {
             if let Err(e) = self.start_poll(now_ms) {
                 self.fail(now_ms, &e.to_string());
             }
+        }
+        if self.rate_call.is_none() && self.rates.due(now_ms, u64::from(self.cp.rate_sync_ms)) {
+            self.start_rate_sync(now_ms)?;
         }
         let due = self.report_more || now_ms.saturating_sub(self.last_report_ms) >= u64::from(self.cp.usage_report_secs) * 1000;
         if due && self.report.is_none() && !self.pending.is_empty() {
@@ -325,6 +376,10 @@ impl Fetcher {
                 }
                 Err(e) => self.fail(now_ms, &e.to_string()),
             }
+        } else if self.rate_call.as_ref().is_some_and(|(t, _)| *t == token) {
+            if let Some((_, sent)) = self.rate_call.take() {
+                self.on_rate_answer(&sent, body_size, now_ms);
+            }
         } else if self.report.as_ref().is_some_and(|(t, _)| *t == token) {
             if let Some((_, sent)) = self.report.take() {
                 match host::http_call_response(0) {
@@ -442,6 +497,18 @@ impl Fetcher {
     }
 
     pub fn on_queue_ready(&mut self, queue: u32) {
+        if Some(queue) == self.rates_consumer {
+            while let Ok(Some(msg)) = host::dequeue(queue) {
+                let text = String::from_utf8_lossy(&msg);
+                let urgent = text.starts_with("U\n");
+                let counts: AdmittedCounts = text.lines().filter_map(Admitted::parse_line).map(|(b, a)| (b.to_string(), a)).collect();
+                // The leader's clock: the tick's is not at hand here, and a bucket's watch only
+                // needs it to the second.
+                let now = host::now_millis().unwrap_or(0);
+                self.rates.add(counts, urgent, now);
+            }
+            return;
+        }
         if Some(queue) != self.consumer_queue {
             return;
         }
@@ -449,6 +516,96 @@ impl Fetcher {
             let text = String::from_utf8_lossy(&msg);
             for (id, counts) in text.lines().filter_map(KeyCounts::parse_line) {
                 self.pending.entry(id.to_string()).or_default().add(&counts);
+            }
+        }
+    }
+
+    /// Hands this worker's rate-limit admissions to the leader (`U` first: an early push).
+    fn enqueue_rates(&mut self) -> Result<(), HostError> {
+        if self.rates_producer.is_none() {
+            let vm_id = host::property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+            self.rates_producer = host::resolve_queue(&vm_id, RATES_QUEUE)?;
+        }
+        let Some(queue) = self.rates_producer else {
+            return Ok(()); // No fetcher yet: keep counting.
+        };
+        let mut msg = String::from(if self.rates_local_urgent { "U\n" } else { "" });
+        for (bucket, a) in &self.rates_local {
+            msg.push_str(&Admitted::line(bucket, a));
+        }
+        match host::enqueue(queue, msg.as_bytes()) {
+            Ok(()) => {
+                self.rates_local.clear();
+                self.rates_local_urgent = false;
+            }
+            Err(_) => self.rates_producer = None,
+        }
+        Ok(())
+    }
+
+    /// Reports the buckets that moved (or a heartbeat) to `POST /v1/feed/rates`.
+    fn start_rate_sync(&mut self, now_ms: u64) -> Result<(), HostError> {
+        let envoy = self.envoy_id(now_ms)?;
+        let report = self.rates.report(envoy, now_ms);
+        let body = serde_json::to_vec(&report).unwrap_or_default();
+        let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
+        let headers = self.headers("POST", "/v1/feed/rates", &auth);
+        // Never longer than a few sync intervals: a slow control plane costs freshness, not requests.
+        let timeout = Duration::from_millis((u64::from(self.cp.rate_sync_ms) * 4).clamp(500, 5_000));
+        match host::dispatch_http_call(&self.cp.cluster, headers, Some(&body), timeout) {
+            Ok(token) => self.rate_call = Some((token, report)),
+            Err(e) => {
+                self.rates.failed(&report);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_rate_answer(&mut self, sent: &RateReport, body_size: usize, now_ms: u64) {
+        let was_global = self.rates.fleet().is_some_and(|f| f.global);
+        let answer = match host::http_call_response(body_size.min(1 << 20)) {
+            Ok((Some(status), body)) if status == "200" => serde_json::from_slice::<RateAnswer>(&body).map_err(|e| format!("an answer it cannot read: {e}")),
+            Ok((Some(status), _)) if status.starts_with('4') => Err(format!("refused with HTTP {status}; dropping its counts")),
+            Ok((status, _)) => {
+                self.rates.failed(sent);
+                Err(format!("HTTP {}; keeping its counts for the next one", status.as_deref().unwrap_or("(no response)")))
+            }
+            Err(e) => {
+                self.rates.failed(sent);
+                Err(e.to_string())
+            }
+        };
+        match answer.and_then(|a| {
+            let sync_ms = u64::from(self.cp.rate_sync_ms);
+            self.rates.apply(&Envoy, sent, &a, now_ms, sync_ms).map(|exhausted| (a, exhausted)).map_err(|e| e.to_string())
+        }) {
+            Ok((answer, exhausted)) => {
+                host::increment_counter(self.metrics.rate_syncs);
+                if exhausted > 0 {
+                    let _ = Envoy.increment(self.metrics.rate_exhausted, exhausted);
+                }
+                let global = answer.mode == RateMode::Global;
+                if was_global && !global {
+                    host::increment_counter(self.metrics.rate_fallbacks);
+                    host::log(LogLevel::Warn, &format!("rate limits: the control plane has no fleet-wide counts now; each of {} Envoys enforces its share", answer.envoys.max(1)));
+                } else if global && !was_global {
+                    host::log(LogLevel::Info, &format!("rate limits: fleet-wide counts across {} Envoys", answer.envoys.max(1)));
+                }
+                if self.rates_failing {
+                    self.rates_failing = false;
+                    host::log(LogLevel::Info, "rate limits: reports reach the control plane again");
+                }
+            }
+            Err(why) => {
+                host::increment_counter(self.metrics.rate_sync_failures);
+                if was_global {
+                    host::increment_counter(self.metrics.rate_fallbacks);
+                }
+                if !self.rates_failing {
+                    self.rates_failing = true;
+                    host::log(LogLevel::Warn, &format!("rate limits: report to the control plane failed ({why}); each bucket falls back to this Envoy's last share until one succeeds"));
+                }
             }
         }
     }

@@ -188,6 +188,10 @@ pub struct PerVm<'a> {
     pub usage: Option<&'a Usage>,
     /// Unix seconds as of the last tick.
     pub now_secs: i64,
+    /// The fleet this Envoy shares its rate limits with, as of the last tick.
+    pub fleet: ratelimit::Fleet,
+    /// Where requests count what their buckets admitted (with a control plane).
+    pub rates: Option<&'a crate::fleet::RateCounts>,
 }
 
 /// Judges one request against `keys` and carries the decision out through `host`.
@@ -197,7 +201,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
     keys: &K,
     vm: &PerVm<'_>,
 ) -> Result<Outcome, HostError> {
-    let PerVm { metrics, routes, debug, usage, now_secs } = *vm;
+    let PerVm { metrics, routes, debug, usage, now_secs, fleet, rates } = *vm;
     let headers = host.request_headers()?;
     let pseudo = |name: &str| {
         headers
@@ -232,7 +236,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
             let store = host::SharedStore(host);
             let now_us = host.now_micros()?;
             let burst = ratelimit::burst_for(id.record.rate_burst, config.rate_limit_burst);
-            let o = ratelimit::check(&store, bucket, now_us, limit, burst, config.rate_limit_max_attempts)?;
+            let o = ratelimit::check(&store, bucket, now_us, limit, burst, fleet, config.rate_limit_max_attempts)?;
             metrics.count(metrics.rl_attempts[(o.attempts.max(1) as usize - 1).min(3)]);
             if o.contended {
                 metrics.count(metrics.rl_contention_allowed);
@@ -242,6 +246,9 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
             }
             match o.verdict {
                 Verdict::Allow { remaining, reset_us } => {
+                    if let Some(rates) = rates {
+                        rates.admitted(bucket, limit, remaining);
+                    }
                     if config.rate_limit_headers {
                         rate_headers.extend(ratelimit::headers(limit, remaining, reset_us));
                     }

@@ -6,6 +6,7 @@
 
 pub mod fetcher;
 pub mod filter;
+pub mod fleet;
 pub mod host;
 pub mod shared;
 
@@ -46,6 +47,10 @@ struct Shared {
     /// Unix seconds as of the last tick: good enough for `last used`, free per request.
     now_secs: Cell<i64>,
     routes: filter::RouteCache,
+    /// What this VM's requests admitted per rate-limit bucket; the tick hands it to the fetcher.
+    rates: fleet::RateCounts,
+    /// The fleet as of the last tick (`keyward.fleet`).
+    fleet: Cell<keyward_core::ratelimit::Fleet>,
     /// `keyward.vm_memory_bytes`: the sum of every VM's linear memory. Each VM adds the change
     /// in its own size on its tick (wasm memory never shrinks, so this shows growth, never reuse).
     vm_memory_gauge: u32,
@@ -60,6 +65,8 @@ impl Shared {
             debug: self.debug,
             usage: count_usage.then_some(&self.usage),
             now_secs: self.now_secs.get(),
+            fleet: self.fleet.get(),
+            rates: count_usage.then_some(&self.rates),
         }
     }
 }
@@ -155,6 +162,8 @@ impl RootContext for KeywardRoot {
             count_usage,
             now_secs: Cell::new(i64::try_from(host::now_millis().unwrap_or(0) / 1000).unwrap_or(0)),
             routes: filter::RouteCache::default(),
+            rates: fleet::RateCounts::default(),
+            fleet: Cell::new(keyward_core::ratelimit::Fleet::default()),
             vm_memory_gauge,
             vm_memory_reported: Cell::new(0),
         }));
@@ -186,8 +195,12 @@ impl RootContext for KeywardRoot {
                     }
                     Err(e) => host::log(LogLevel::Warn, &format!("reading the shared state: {e}")),
                 }
+                match fleet::read_fleet(&host::Envoy) {
+                    Ok(fleet) => shared.fleet.set(fleet),
+                    Err(e) => host::log(LogLevel::Warn, &format!("reading the fleet: {e}")),
+                }
                 fetcher::merge(&mut shared.usage_by_id.borrow_mut(), shared.usage.take());
-                f.on_tick(now, &shared.usage_by_id);
+                f.on_tick(now, &shared.usage_by_id, &shared.rates);
             }
         }
     }

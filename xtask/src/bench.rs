@@ -325,8 +325,10 @@ pub fn run(opts: &Options) -> Result {
     let scale = scale(&small, &mid, &large, up_port)?;
     let propagation = propagation(&serves, &subjects[5..])?;
     let instructions = if plan.rounds >= 7 {
+        let rated = keys(1_000, "r");
+        let (serve_rated, _) = control_plane(&rated, Some("1000000/s"))?;
         let sets = [(&serves[0].0, &small), (&serves[1].0, &mid)];
-        instructions_table(up_port, &noop, sets)?
+        instructions_table(up_port, &noop, sets, (&serve_rated, &rated))?
     } else {
         Vec::new()
     };
@@ -349,8 +351,9 @@ pub fn run(opts: &Options) -> Result {
 }
 
 /// The callgrind table's configurations: no filter, the no-op floor, and keyward fed 1,000 and
-/// 100,000 keys by `sets` (each a serve and the keys it holds; the first five may be revoked).
-fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>); 2]) -> Result<Vec<(String, f64)>> {
+/// 100,000 keys by `sets` (each a serve and the keys it holds; the first five may be revoked),
+/// and 1,000 keys with a per-key limit never reached (`rated`: the rate-limit path, admitted).
+fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>); 2], rated: (&Keyward, &Vec<String>)) -> Result<Vec<(String, f64)>> {
     eprintln!("bench: instructions per request (callgrind)");
     let feed = |serve: &Keyward| {
         let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
@@ -365,6 +368,7 @@ fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>)
         // The propagation measurement revoked the first five keys of each set.
         configs.push((format!("{} keyward, {} keys", 6 + i, set.len()), feed(serve), set[5..].to_vec()));
     }
+    configs.push((format!("9 keyward, {} keys, rate-limited", rated.1.len()), feed(rated.0), rated.1[5..].to_vec()));
     instruction_counts(configs)
 }
 
@@ -376,8 +380,10 @@ pub fn run_instructions(out: &Path) -> Result {
     let mid = keys(100_000, "b");
     let (serve_small, _) = control_plane(&small, None)?;
     let (serve_mid, _) = control_plane(&mid, None)?;
+    let rated = keys(1_000, "r");
+    let (serve_rated, _) = control_plane(&rated, Some("1000000/s"))?;
     let noop = keyward_testkit::workspace_root().join("target/wasm32-wasip1/release/noop.wasm");
-    let counts = instructions_table(up.port, &noop, [(&serve_small, &small), (&serve_mid, &mid)])?;
+    let counts = instructions_table(up.port, &noop, [(&serve_small, &small), (&serve_mid, &mid)], (&serve_rated, &rated))?;
     let section = instruction_report(&counts);
     print!("{section}");
     let old = std::fs::read_to_string(out).unwrap_or_default();

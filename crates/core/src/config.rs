@@ -131,6 +131,14 @@ pub struct RawControlPlane {
     /// Sent as `Authorization: Bearer <token>` if the feed requires one (`KEYWARD_FEED_TOKEN`).
     #[serde(default)]
     pub token: Option<String>,
+    /// How often rate-limit buckets that moved are reported to the control plane, which
+    /// answers with the fleet's share or counts (`POST /v1/feed/rates`).
+    #[serde(default = "default_rate_sync")]
+    pub rate_sync_ms: u32,
+}
+
+fn default_rate_sync() -> u32 {
+    250
 }
 
 fn default_authority() -> String {
@@ -156,6 +164,7 @@ pub struct ControlPlane {
     pub usage_report_secs: u32,
     pub max_feed_bytes: usize,
     pub token: Option<String>,
+    pub rate_sync_ms: u32,
 }
 
 /// What a rule (or the default) requires: `{"scopes": [...]}` or `{"public": true}`.
@@ -356,6 +365,9 @@ fn compile_control_plane(c: &RawControlPlane) -> Result<ControlPlane, ConfigErro
     if !(1..=300).contains(&c.usage_report_secs) {
         return Err(field_error("control_plane.usage_report_secs", "must be within 1..=300"));
     }
+    if !(50..=10_000).contains(&c.rate_sync_ms) {
+        return Err(field_error("control_plane.rate_sync_ms", "must be within 50..=10000"));
+    }
     if !(64 * 1024..=256 * 1024 * 1024).contains(&c.max_feed_bytes) {
         return Err(field_error("control_plane.max_feed_bytes", "must be within 64 KiB..=256 MiB"));
     }
@@ -372,6 +384,7 @@ fn compile_control_plane(c: &RawControlPlane) -> Result<ControlPlane, ConfigErro
         usage_report_secs: c.usage_report_secs,
         max_feed_bytes: c.max_feed_bytes,
         token: c.token.clone(),
+        rate_sync_ms: c.rate_sync_ms,
     })
 }
 

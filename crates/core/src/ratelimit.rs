@@ -41,14 +41,18 @@ use crate::snapshot::RateLimit;
 
 /// Ring slots in a bucket's value: `SLOTS - 1` sub-windows per period, plus the one being aged
 /// out. Chosen from the measured error table (BENCHMARKS.md): with 32 sub-windows a client paced
-/// at the limit gets within 3% of the exact answer (16 lost about 5%), for 405 bytes per bucket.
+/// at the limit gets within 3% of the exact answer (16 lost about 5%), for 405 bytes per bucket (417 with the fleet figure).
 pub const SLOTS: usize = 33;
 
-/// Bytes of a bucket's value: a format tag, the TAT, then `(count u32, last admission u64)` per
-/// slot, little-endian.
-pub const VALUE_LEN: usize = 1 + 8 + SLOTS * 12;
+/// Bytes of a bucket's value: a format tag, the TAT, the fleet's other admissions
+/// `(others u32, trusted until u64)`, then `(count u32, last admission u64)` per slot,
+/// little-endian.
+pub const VALUE_LEN: usize = 1 + 8 + 12 + SLOTS * 12;
 
-const TAG: u8 = b'W';
+/// The value's format (`W` was the format before fleets: such a bucket starts afresh).
+const TAG: u8 = b'X';
+/// Where the slots start in a value.
+const SLOTS_AT: usize = 1 + 8 + 12;
 
 /// How many requests may arrive back to back after an idle period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,13 +97,57 @@ pub fn sub_window_us(limit: RateLimit) -> u64 {
 pub struct Window {
     /// GCRA theoretical arrival time (µs); 0 when the burst term has never applied.
     pub tat: u64,
+    /// Requests the *other* Envoys of the fleet admitted in the bucket's current window, as the
+    /// control plane last said (global mode), and until when that figure is trusted (µs; 0:
+    /// never said). An untrusted figure means split mode for this bucket.
+    pub others: u32,
+    pub others_until: u64,
     /// Per slot: requests admitted in that sub-window, and the time of the last of them (µs).
     pub slots: [(u32, u64); SLOTS],
 }
 
 impl Default for Window {
     fn default() -> Self {
-        Window { tat: 0, slots: [(0, 0); SLOTS] }
+        Window { tat: 0, others: 0, others_until: 0, slots: [(0, 0); SLOTS] }
+    }
+}
+
+/// What this Envoy knows of its fleet, as the control plane last said (see [`admit_in_fleet`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fleet {
+    /// Envoys sharing each limit, this one included (at least 1).
+    pub envoys: u32,
+    /// The control plane counts admissions fleet-wide (a rate store): a bucket with a trusted
+    /// `others` figure is judged against the whole limit, less what the others admitted.
+    pub global: bool,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet { envoys: 1, global: false }
+    }
+}
+
+impl Fleet {
+    /// This Envoy's share of `n` in split mode: `n / envoys`, rounded down, at least 1.
+    pub fn share(&self, n: u32) -> u32 {
+        (n / self.envoys.max(1)).max(1)
+    }
+
+    /// The shared-data form: `<envoys> <global 0|1>`.
+    pub fn encode(&self) -> String {
+        format!("{} {}", self.envoys, u8::from(self.global))
+    }
+
+    pub fn decode(s: &str) -> Option<Fleet> {
+        let (envoys, global) = s.split_once(' ')?;
+        let envoys: u32 = envoys.parse().ok().filter(|n| *n >= 1)?;
+        let global = match global {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        Some(Fleet { envoys, global })
     }
 }
 
@@ -108,8 +156,10 @@ impl Window {
         let mut out = [0u8; VALUE_LEN];
         out[0] = TAG;
         out[1..9].copy_from_slice(&self.tat.to_le_bytes());
+        out[9..13].copy_from_slice(&self.others.to_le_bytes());
+        out[13..21].copy_from_slice(&self.others_until.to_le_bytes());
         for (i, (count, last)) in self.slots.iter().enumerate() {
-            let at = 9 + i * 12;
+            let at = SLOTS_AT + i * 12;
             out[at..at + 4].copy_from_slice(&count.to_le_bytes());
             out[at + 4..at + 12].copy_from_slice(&last.to_le_bytes());
         }
@@ -123,10 +173,11 @@ impl Window {
             return None;
         }
         let u64_at = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(v.get(at..at + 8)?.try_into().ok()?)) };
-        let mut w = Window { tat: u64_at(1)?, ..Window::default() };
+        let u32_at = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(v.get(at..at + 4)?.try_into().ok()?)) };
+        let mut w = Window { tat: u64_at(1)?, others: u32_at(9)?, others_until: u64_at(13)?, ..Window::default() };
         for (i, slot) in w.slots.iter_mut().enumerate() {
-            let at = 9 + i * 12;
-            let count = u32::from_le_bytes(v.get(at..at + 4)?.try_into().ok()?);
+            let at = SLOTS_AT + i * 12;
+            let count = u32_at(at)?;
             *slot = (count, u64_at(at + 4)?);
         }
         Some(w)
@@ -153,17 +204,46 @@ pub enum Verdict {
     Limit { retry_after_us: u64, reset_us: u64 },
 }
 
-/// Decides one request at `now_us` against `w`, and records it in `w` if admitted.
+/// Decides one request at `now_us` against `w`, and records it in `w` if admitted: one Envoy
+/// alone (the fleet's figures in `w` are not used).
 pub fn admit(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst) -> Verdict {
+    admit_with(now_us, w, limit, burst, 0)
+}
+
+/// [`admit`] for one Envoy of a fleet. In global mode, while the bucket's `others` figure is
+/// trusted, the request is judged against the whole limit, counting what the other Envoys
+/// admitted in the window besides this one's own admissions. Otherwise (split mode, or the
+/// figure is stale: the control plane or its rate store is out of reach) against this
+/// Envoy's share of the limit and of the burst: `n / envoys`, at least 1.
+pub fn admit_in_fleet(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst, fleet: Fleet) -> Verdict {
+    if fleet.global && w.others_until > now_us {
+        return admit_with(now_us, w, limit, burst, u64::from(w.others));
+    }
+    if fleet.envoys <= 1 {
+        return admit_with(now_us, w, limit, burst, 0);
+    }
+    let share = RateLimit { count: fleet.share(limit.count.max(1)), period_secs: limit.period_secs };
+    let burst = match burst {
+        Burst::Requests(b) => Burst::Requests(fleet.share(b.max(1))),
+        Burst::Limit => Burst::Limit,
+    };
+    admit_with(now_us, w, share, burst, 0)
+}
+
+/// The limiter, with `extra` requests admitted elsewhere counted as live for the whole window.
+fn admit_with(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst, extra: u64) -> Verdict {
     let n = u64::from(limit.count.max(1));
     let period = period_us(limit);
     let b = effective_burst(limit, burst);
     // Time never runs backwards for a bucket: a worker whose clock is behind counts as now.
     let now = now_us.max(w.latest());
-    let live = w.live(now, period);
+    let live = w.live(now, period) + extra;
     // The window: when would the count fall below N? Drop the oldest live slots until it does.
+    // If the others' admissions alone fill it, one sub-window: the figure is refreshed sooner.
     let window_wait = if live < n {
         0
+    } else if extra >= n {
+        sub_window_us(limit)
     } else {
         let mut live_slots = [(0u32, 0u64); SLOTS];
         let mut k = 0;
@@ -198,7 +278,7 @@ pub fn admit(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst) -> Ver
     let same = slot.0 > 0 && slot.1 / sub == index;
     let alive = slot.0 > 0 && slot.1.saturating_add(period) > now;
     *slot = (if same || alive { slot.0.saturating_add(1) } else { 1 }, now);
-    let mut remaining = n - live - 1;
+    let mut remaining = n.saturating_sub(live + 1);
     let mut reset = period;
     if b < n {
         w.tat = w.tat.max(now).saturating_add(t);
@@ -268,15 +348,16 @@ fn with_bucket_key<R>(bucket: &str, f: impl FnOnce(&str) -> R) -> R {
     f(&bucket_key(bucket))
 }
 
-/// Applies the limiter to `bucket` in `store` with compare-and-swap, at most `max_attempts` times.
-pub fn check<S: Store>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, max_attempts: u32) -> Result<Outcome, S::Error> {
+/// Applies the limiter to `bucket` in `store` with compare-and-swap, at most `max_attempts` times,
+/// as one Envoy of `fleet` ([`admit_in_fleet`]).
+pub fn check<S: Store>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, fleet: Fleet, max_attempts: u32) -> Result<Outcome, S::Error> {
     with_bucket_key(bucket, |key| {
         let mut created = false;
         for attempt in 1..=max_attempts.max(1) {
             let (value, cas) = store.get(key)?;
             created |= value.is_none();
             let mut w = value.as_deref().and_then(Window::decode).unwrap_or_default();
-            let verdict = admit(now_us, &mut w, limit, burst);
+            let verdict = admit_in_fleet(now_us, &mut w, limit, burst, fleet);
             if matches!(verdict, Verdict::Limit { .. }) {
                 return Ok(Outcome { verdict, attempts: attempt, contended: false, created: false });
             }
@@ -284,8 +365,27 @@ pub fn check<S: Store>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, b
                 return Ok(Outcome { verdict, attempts: attempt, contended: false, created });
             }
         }
-        let verdict = admit(now_us, &mut Window::default(), limit, burst);
+        let verdict = admit_in_fleet(now_us, &mut Window::default(), limit, burst, fleet);
         Ok(Outcome { verdict, attempts: max_attempts, contended: true, created })
+    })
+}
+
+/// Records the fleet's figure for `bucket`: the other Envoys admitted `others` in its current
+/// window, trusted until `until_us`. Creates the bucket if absent (so this Envoy's first request
+/// counts the others too). Gives up after `max_attempts` contended writes: the next sync says it
+/// again. Returns whether it was written.
+pub fn set_others<S: Store>(store: &S, bucket: &str, others: u64, until_us: u64, max_attempts: u32) -> Result<bool, S::Error> {
+    with_bucket_key(bucket, |key| {
+        for _ in 0..max_attempts.max(1) {
+            let (value, cas) = store.get(key)?;
+            let mut w = value.as_deref().and_then(Window::decode).unwrap_or_default();
+            w.others = u32::try_from(others).unwrap_or(u32::MAX);
+            w.others_until = until_us;
+            if store.set(key, &w.encode(), cas)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     })
 }
 
@@ -418,7 +518,7 @@ mod tests {
 
     #[test]
     fn any_stored_value_is_judged_without_overflow() {
-        let mut w = Window { tat: u64::MAX, slots: [(u32::MAX, u64::MAX - 1); SLOTS] };
+        let mut w = Window { tat: u64::MAX, others: u32::MAX, others_until: u64::MAX, slots: [(u32::MAX, u64::MAX - 1); SLOTS] };
         for now in [0, 1, u64::MAX / 2, u64::MAX] {
             for burst in [Burst::Limit, Burst::Requests(1)] {
                 let _ = admit(now, &mut w.clone(), lim(u32::MAX, 86_400), burst);
@@ -471,18 +571,18 @@ mod tests {
     #[test]
     fn cas_retries_and_fails_open_at_the_bound() {
         let store = Mem { map: RefCell::default(), interfere: RefCell::new(0) };
-        let o = check(&store, "k:a", 0, lim(10, 1), Burst::default(), 4).unwrap();
+        let o = check(&store, "k:a", 0, lim(10, 1), Burst::default(), Fleet::default(), 4).unwrap();
         assert_eq!((o.attempts, o.contended, o.created), (1, false, true));
         assert!(store.map.borrow().contains_key("keyward.rl.k:a"));
         *store.interfere.borrow_mut() = 2;
-        let o = check(&store, "k:a", 1, lim(10, 1), Burst::default(), 4).unwrap();
+        let o = check(&store, "k:a", 1, lim(10, 1), Burst::default(), Fleet::default(), 4).unwrap();
         assert_eq!((o.attempts, o.contended, o.created), (3, false, false));
         *store.interfere.borrow_mut() = 10;
-        let o = check(&store, "k:a", SEC, lim(10, 1), Burst::default(), 4).unwrap();
+        let o = check(&store, "k:a", SEC, lim(10, 1), Burst::default(), Fleet::default(), 4).unwrap();
         assert!(o.contended && matches!(o.verdict, Verdict::Allow { .. }), "{o:?}");
         *store.interfere.borrow_mut() = 0;
         let long = "x".repeat(300);
-        check(&store, &long, 0, lim(10, 1), Burst::default(), 4).unwrap();
+        check(&store, &long, 0, lim(10, 1), Burst::default(), Fleet::default(), 4).unwrap();
         assert!(store.map.borrow().contains_key(&bucket_key(&long)));
     }
 
@@ -496,11 +596,74 @@ mod tests {
             for i in 0..30u64 {
                 let now = window * SEC + i * 33_000;
                 for b in buckets {
-                    check(&store, b, now, lim(20, 1), Burst::default(), 4).unwrap();
+                    check(&store, b, now, lim(20, 1), Burst::default(), Fleet::default(), 4).unwrap();
                 }
             }
             sizes.push(store.map.borrow().len());
         }
         assert!(sizes.iter().all(|&n| n == buckets.len()), "entries grew: {:?}", &sizes[..5]);
+    }
+}
+
+#[cfg(test)]
+mod fleet_tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000;
+
+    fn lim(count: u32, period_secs: u32) -> RateLimit {
+        RateLimit { count, period_secs }
+    }
+
+    fn admitted(w: &mut Window, times: &[u64], limit: RateLimit, burst: Burst, fleet: Fleet) -> usize {
+        times.iter().filter(|&&t| matches!(admit_in_fleet(t, w, limit, burst, fleet), Verdict::Allow { .. })).count()
+    }
+
+    /// The table: fleet, the bucket's figure from the control plane, arrivals → admitted.
+    #[test]
+    fn a_fleet_member_admits_its_share_or_the_limit_less_the_others() {
+        let at_once = vec![0u64; 100];
+        let split = |envoys| Fleet { envoys, global: false };
+        let global = |envoys| Fleet { envoys, global: true };
+        let fresh = |others| Window { others, others_until: 10 * SEC, ..Window::default() };
+        let stale = |others| Window { others, others_until: 0, ..Window::default() };
+        let table: &[(&str, Fleet, Window, RateLimit, Burst, usize)] = &[
+            ("alone: the whole limit", split(1), Window::default(), lim(50, 1), Burst::Limit, 50),
+            ("split in 3: a third, rounded down", split(3), Window::default(), lim(50, 1), Burst::Limit, 16),
+            ("split: a tiny limit is at least 1", split(3), Window::default(), lim(2, 1), Burst::Limit, 1),
+            ("split: the burst is shared too", split(2), Window::default(), lim(50, 1), Burst::Requests(10), 5),
+            ("global: the limit less the others", global(3), fresh(30), lim(50, 1), Burst::Limit, 20),
+            ("global: exhausted by the others", global(3), fresh(50), lim(50, 1), Burst::Limit, 0),
+            ("global: more than the limit from the others", global(3), fresh(80), lim(50, 1), Burst::Limit, 0),
+            ("global, figure stale: the share", global(3), stale(0), lim(50, 1), Burst::Limit, 16),
+            ("split mode ignores a fresh figure", split(3), fresh(0), lim(50, 1), Burst::Limit, 16),
+        ];
+        for (name, fleet, w, limit, burst, want) in table {
+            let mut w = *w;
+            assert_eq!(admitted(&mut w, &at_once, *limit, *burst, *fleet), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bucket_exhausted_by_the_others_says_when_to_retry() {
+        let mut w = Window { others: 50, others_until: 10 * SEC, ..Window::default() };
+        let Verdict::Limit { retry_after_us, .. } = admit_in_fleet(0, &mut w, lim(50, 1), Burst::Limit, Fleet { envoys: 3, global: true }) else {
+            panic!("admitted")
+        };
+        assert_eq!(retry_after_us, sub_window_us(lim(50, 1)));
+    }
+
+    #[test]
+    fn the_others_figure_is_written_without_touching_the_window_and_survives_encoding() {
+        let mut w = Window::default();
+        admit(0, &mut w, lim(10, 1), Burst::Limit);
+        w.others = 7;
+        w.others_until = 123;
+        assert_eq!(Window::decode(&w.encode()), Some(w));
+        let fleet = Fleet { envoys: 4, global: true };
+        assert_eq!(Fleet::decode(&fleet.encode()), Some(fleet));
+        for bad in ["", "0 1", "3", "3 2", "x 1"] {
+            assert_eq!(Fleet::decode(bad), None, "{bad:?}");
+        }
     }
 }

@@ -8,6 +8,7 @@ pub mod browser;
 mod deploy;
 mod echo;
 mod envoy;
+pub mod fleet;
 mod http;
 mod keyward;
 pub mod postgres;
