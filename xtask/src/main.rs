@@ -29,6 +29,8 @@ Commands:
             and axe-core {AXE} (npm, into .tools/axe-core if absent), passed as CHROMIUM_BIN,
             CHROMEDRIVER_BIN and AXE_CORE_JS (the path of axe.min.js); set any of them
             yourself to use your own instead.
+            The rate-store tests start their own redis-server (Debian's, installed if absent),
+            passed as REDIS_SERVER_BIN; set it yourself to use another binary.
   bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
@@ -262,6 +264,21 @@ fn ensure_deploy_validators() -> Result {
     run(Command::new(&helm).args(["version", "--short"]))
 }
 
+/// The `redis-server` the rate-store tests start (one per test, on a free loopback port):
+/// `$REDIS_SERVER_BIN` if set (it must exist), else Debian's, installed if absent.
+fn ensure_redis_server() -> Result<PathBuf> {
+    if let Some(value) = std::env::var_os("REDIS_SERVER_BIN").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(value);
+        if !path.is_file() {
+            return Err(format!("REDIS_SERVER_BIN={} names no file; unset it to let xtask install redis-server", path.display()));
+        }
+        eprintln!("xtask: the rate-store tests use REDIS_SERVER_BIN={}", path.display());
+        return Ok(path);
+    }
+    ensure_debian_tools(&[("redis-server", "redis-server")])?;
+    browser::on_path("redis-server")
+}
+
 /// Installs Debian packages whose commands the tests use, if a command is missing.
 fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
     let missing: Vec<&str> = tools
@@ -427,6 +444,7 @@ fn test(extra: &[String]) -> Result {
     ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl"), ("docker-compose", "docker-compose"), ("node", "nodejs"), ("npm", "npm")])?;
     ensure_deploy_validators()?;
     let browser = browser::ensure()?;
+    let redis = ensure_redis_server()?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
     // The same module with a trap a request can trigger, for the VM-crash fault test only.
@@ -450,7 +468,8 @@ fn test(extra: &[String]) -> Result {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
         .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"))
-        .env("KEYWARD_TEST_POSTGRES", &pg_url);
+        .env("KEYWARD_TEST_POSTGRES", &pg_url)
+        .env("REDIS_SERVER_BIN", &redis);
     for (var, path) in browser.env() {
         cmd.env(var, path);
     }
