@@ -13,7 +13,7 @@
 //! ```
 
 use crate::{poll_until, TempDir};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -108,28 +108,20 @@ impl Redis {
 
     /// Whether it answers PING now (within 200 ms).
     pub fn ping(&self) -> bool {
-        self.command(&["PING"]).is_ok_and(|r| r == "+PONG")
+        self.command(&["PING"]).is_ok_and(|r| r == "PONG")
     }
 
-    /// Sends one command and returns its reply's first line (`+OK`, `:12`, `$-1`, `*3`, …), or
-    /// the error. A small client for checks: no more than that.
-    pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200))?;
-        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    /// Sends one command and returns its reply as JSON: a string (simple, bulk or `ERR …`), an
+    /// integer, null, or an array. A small client for checks (`KEYS`, `PTTL`, `HGETALL`).
+    pub fn command(&self, args: &[&str]) -> std::io::Result<serde_json::Value> {
+        let s = TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_millis(200))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
         let mut req = format!("*{}\r\n", args.len());
         for a in args {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
-        s.write_all(req.as_bytes())?;
-        let mut buf = Vec::new();
-        let mut byte = [0u8; 1];
-        while !buf.ends_with(b"\r\n") {
-            if s.read(&mut byte)? == 0 {
-                break;
-            }
-            buf.push(byte[0]);
-        }
-        Ok(String::from_utf8_lossy(&buf).trim_end().to_string())
+        (&s).write_all(req.as_bytes())?;
+        read_reply(&mut std::io::BufReader::new(s))
     }
 
     /// SIGKILL: gone at once, its data with it.
@@ -170,6 +162,32 @@ impl Drop for Redis {
         self.resume();
         self.kill();
     }
+}
+
+/// One RESP2 reply.
+fn read_reply(r: &mut impl std::io::BufRead) -> std::io::Result<serde_json::Value> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let line = line.trim_end_matches("\r\n");
+    let bad = || std::io::Error::other(format!("not a RESP reply: {line:?}"));
+    let (kind, rest) = (line.get(..1).ok_or_else(bad)?, line.get(1..).unwrap_or_default());
+    Ok(match kind {
+        "+" | "-" => rest.into(),
+        ":" => rest.parse::<i64>().map_err(|_| bad())?.into(),
+        "$" => match rest.parse::<i64>().map_err(|_| bad())? {
+            n if n < 0 => serde_json::Value::Null,
+            n => {
+                let mut buf = vec![0u8; usize::try_from(n).map_err(|_| bad())? + 2];
+                r.read_exact(&mut buf)?;
+                String::from_utf8_lossy(&buf[..buf.len() - 2]).into_owned().into()
+            }
+        },
+        "*" => match rest.parse::<i64>().map_err(|_| bad())? {
+            n if n < 0 => serde_json::Value::Null,
+            n => (0..n).map(|_| read_reply(r)).collect::<std::io::Result<Vec<_>>>()?.into(),
+        },
+        _ => return Err(bad()),
+    })
 }
 
 /// A loopback port nobody listens on now.
