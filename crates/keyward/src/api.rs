@@ -852,12 +852,15 @@ async fn feed_rates(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     let now_ms = crate::rates::now_ms();
     let envoy = report.envoy.clone();
     let seen = state.rates.due_seen(&envoy);
-    let fleet = with_store(&state, "feed.rates", move |s| {
-        if seen {
-            s.envoy_reported(&envoy)?;
-        }
-        s.fleet_size()
-    });
+    let fleet = tokio::time::timeout(
+        crate::rates::STORE_WAIT,
+        with_store(&state, "feed.rates", move |s| {
+            if seen {
+                s.envoy_reported(&envoy)?;
+            }
+            s.fleet_size()
+        }),
+    );
     let counted = async {
         match &state.rates.store {
             None => None,
@@ -871,13 +874,21 @@ async fn feed_rates(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     };
     let (fleet, counted) = tokio::join!(fleet, counted);
     let envoys = match fleet {
-        Ok(n) => state.rates.envoys_read(n),
-        Err(e) => {
+        Ok(Ok(n)) => state.rates.envoys_read(n),
+        failed => {
             // The counts in Redis are already added: answer them with the last fleet size
-            // rather than lose them (the filter keeps its share either way).
-            tracing::warn!(error = %e, "reading the fleet size for a rate report");
-            if seen {
-                state.rates.unseen(&report.envoy);
+            // rather than lose them. (A store still busy finishes the write on its own.)
+            let error = match failed {
+                Ok(Err(e)) => {
+                    if seen {
+                        state.rates.unseen(&report.envoy);
+                    }
+                    e.to_string()
+                }
+                _ => format!("no answer within {} ms", crate::rates::STORE_WAIT.as_millis()),
+            };
+            if state.rates.store_warning_due() {
+                tracing::warn!(%error, "reading the fleet size for a rate report; the last size read answers (logged at most once per 10 s)");
             }
             state.rates.envoys_last()
         }

@@ -31,6 +31,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(200);
 /// The longest a report waits on Redis, whatever Redis does: one connection and one call.
 /// Past it, the report is answered `split`.
 pub const REDIS_BOUND: Duration = Duration::from_millis(400);
+/// The longest a report waits on the store for the fleet size (a long import may hold it);
+/// then the last size read answers.
+pub const STORE_WAIT: Duration = Duration::from_millis(400);
 /// After a failure, Redis is tried again after this, doubling up to [`BACKOFF_MAX`]; reports
 /// in between are answered `split` at once.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -534,6 +537,8 @@ pub struct Rates {
     seen: Mutex<HashMap<String, Instant>>,
     /// The last fleet size read, for when the store cannot say.
     last_envoys: AtomicU32,
+    /// When a store failure for a rate report was last logged.
+    store_warned: Mutex<Option<Instant>>,
 }
 
 impl Rates {
@@ -569,6 +574,16 @@ impl Rates {
     /// The last fleet size read (the store failed this time).
     pub fn envoys_last(&self) -> u64 {
         u64::from(self.last_envoys.load(Ordering::Relaxed))
+    }
+
+    /// Whether to log a store failure for a rate report now (at most once per 10 s).
+    pub fn store_warning_due(&self) -> bool {
+        let mut last = self.store_warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = last.is_none_or(|t| t.elapsed() >= WARN_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 
     /// Notes a report's fleet-wide counts for the hot list.

@@ -225,6 +225,26 @@ fn a_hung_redis_is_answered_split_within_the_bound() {
 }
 
 #[test]
+fn a_busy_store_does_not_hold_a_rate_report_up() {
+    let redis = Redis::start();
+    let k = Keyward::start_with(&["--rate-store", &redis.url()], &[]);
+    feed(&k, "edge-2");
+    assert_eq!(report(&k, "edge-1", &[]).0["envoys"], 2);
+    // Another writer holds the SQLite file's write lock (for up to serve's 5 s busy timeout):
+    // writing a new Envoy as seen waits for it, the answer does not.
+    let holder = rusqlite::Connection::open(k.db()).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (a, took) = report(&k, "edge-3", &[("k:key_b", 10, 1, 1)]);
+    assert!(took < Duration::from_millis(1_000), "a report waited {took:?} on a busy store");
+    assert_eq!((&a["mode"], &a["envoys"]), (&json!("global"), &json!(2)), "counted in Redis, with the last fleet size read: {a}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    poll_until(Duration::from_secs(8), "edge-3 to be seen once the store is free", || {
+        feed(&k, "edge-2");
+        (report(&k, "edge-3", &[]).0["envoys"] == 3).then_some(())
+    });
+}
+
+#[test]
 fn reports_that_name_nothing_sensible_are_refused_with_the_field() {
     let k = Keyward::start();
     let post = |body: &Value| {
