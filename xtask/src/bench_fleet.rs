@@ -28,7 +28,7 @@ pub fn run(out: &Path, quick: bool) -> Result {
     let mut rows = Vec::new();
     let mut measure = |config: &'static str, stack: &Stack| {
         for shape in &shapes {
-            let key = stack.key(&format!("{}-{}", config.split_whitespace().next().unwrap_or("k"), shape.label()), LIMIT);
+            let key = stack.key(&format!("bench-{}", rows.len()), LIMIT);
             eprintln!("bench --fleet: {config}, {}", shape.label());
             let tally = drive(&stack.ports(), &key, "/v1/items", OFFERED, Duration::from_secs(secs), shape, |_| {});
             rows.push(Row { config, shape: shape.label(), tally });

@@ -76,7 +76,7 @@ fn user_path(var: &str) -> Result<Option<PathBuf>> {
 }
 
 /// The absolute path of `cmd` as the shell finds it.
-fn on_path(cmd: &str) -> Result<PathBuf> {
+pub(crate) fn on_path(cmd: &str) -> Result<PathBuf> {
     let out = Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
         .output()

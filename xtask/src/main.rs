@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
+mod bench_fleet;
 mod browser;
 mod bench_store;
 mod postgres;
@@ -29,6 +30,8 @@ Commands:
             and axe-core {AXE} (npm, into .tools/axe-core if absent), passed as CHROMIUM_BIN,
             CHROMEDRIVER_BIN and AXE_CORE_JS (the path of axe.min.js); set any of them
             yourself to use your own instead.
+            The rate-store tests start their own redis-server (Debian's, installed if absent),
+            passed as REDIS_SERVER_BIN; set it yourself to use another binary.
   bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
             api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
@@ -39,7 +42,10 @@ Commands:
             created through the admin API and the CLI, `key import --batch` of 100,000 and
             1,000,000 keys, and the 1,000,001-key snapshot paged through the feed; it writes
             its own section at the end of BENCHMARKS.md (about 6 minutes; with --quick, small
-            sizes only, to target/BENCHMARKS.quick.md).
+            sizes only, to target/BENCHMARKS.quick.md). `bench --fleet` measures rate limits
+            across three Envoys, one key at twice its limit, round-robin and 90/5/5: keyward
+            with Redis, keyward split only, and Envoy's local_ratelimit, in one run, and writes
+            its section of BENCHMARKS.md (about 3 minutes).
   soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
             created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
@@ -262,6 +268,21 @@ fn ensure_deploy_validators() -> Result {
     run(Command::new(&helm).args(["version", "--short"]))
 }
 
+/// The `redis-server` the rate-store tests start (one per test, on a free loopback port):
+/// `$REDIS_SERVER_BIN` if set (it must exist), else Debian's, installed if absent.
+fn ensure_redis_server() -> Result<PathBuf> {
+    if let Some(value) = std::env::var_os("REDIS_SERVER_BIN").filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(value);
+        if !path.is_file() {
+            return Err(format!("REDIS_SERVER_BIN={} names no file; unset it to let xtask install redis-server", path.display()));
+        }
+        eprintln!("xtask: the rate-store tests use REDIS_SERVER_BIN={}", path.display());
+        return Ok(path);
+    }
+    ensure_debian_tools(&[("redis-server", "redis-server")])?;
+    browser::on_path("redis-server")
+}
+
 /// Installs Debian packages whose commands the tests use, if a command is missing.
 fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
     let missing: Vec<&str> = tools
@@ -283,14 +304,15 @@ fn bench_cmd(args: &[String]) -> Result {
     let instructions_only = args.iter().any(|a| a == "--instructions");
     let rate_error_only = args.iter().any(|a| a == "--rate-error");
     let stores = args.iter().any(|a| a == "--stores");
+    let fleet = args.iter().any(|a| a == "--fleet");
     let out = match args.iter().position(|a| a == "--out") {
         Some(i) => PathBuf::from(args.get(i + 1).ok_or("--out needs a file")?),
         None if quick => workspace_root().join("target/BENCHMARKS.quick.md"),
         None => workspace_root().join("BENCHMARKS.md"),
     };
     let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
-    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error", "--stores"].contains(&a.as_str()) || is_value_of_out(*i))) {
-        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores and --out FILE", bad.1));
+    if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error", "--stores", "--fleet"].contains(&a.as_str()) || is_value_of_out(*i))) {
+        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores, --fleet and --out FILE", bad.1));
     }
     // A pure simulation of the core's limiter: no Envoy, no builds.
     if rate_error_only {
@@ -312,6 +334,11 @@ fn bench_cmd(args: &[String]) -> Result {
     std::env::set_var("ENVOY_BIN", envoy_default_path());
     if instructions_only {
         return bench::run_instructions(&out);
+    }
+    // Rate limits across three Envoys: keyward with Redis, split only, and local_ratelimit.
+    if fleet {
+        std::env::set_var("REDIS_SERVER_BIN", ensure_redis_server()?);
+        return bench_fleet::run(&out, quick);
     }
     bench::run(&bench::Options { quick, out })
 }
@@ -427,6 +454,7 @@ fn test(extra: &[String]) -> Result {
     ensure_debian_tools(&[("openssl", "openssl"), ("curl", "curl"), ("docker-compose", "docker-compose"), ("node", "nodejs"), ("npm", "npm")])?;
     ensure_deploy_validators()?;
     let browser = browser::ensure()?;
+    let redis = ensure_redis_server()?;
     let envoy = ensure_envoy()?;
     let wasm = build_wasm()?;
     // The same module with a trap a request can trigger, for the VM-crash fault test only.
@@ -450,7 +478,8 @@ fn test(extra: &[String]) -> Result {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
         .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"))
-        .env("KEYWARD_TEST_POSTGRES", &pg_url);
+        .env("KEYWARD_TEST_POSTGRES", &pg_url)
+        .env("REDIS_SERVER_BIN", &redis);
     for (var, path) in browser.env() {
         cmd.env(var, path);
     }

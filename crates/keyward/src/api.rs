@@ -53,6 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admins/{name}/token"),
     ("GET", "/v1/feed"),
     ("POST", "/v1/feed/usage"),
+    ("POST", "/v1/feed/rates"),
 ];
 
 /// The highest version an Envoy ahead of the store may move it to: a bound on what a bad feed
@@ -64,7 +65,7 @@ pub const MAX_FEED_WAIT_SECS: u64 = 60;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// The body limit of `POST /v1/feed/usage`.
+/// The body limit of `POST /v1/feed/usage` and `POST /v1/feed/rates`.
 pub const USAGE_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 pub struct AppState {
@@ -89,6 +90,8 @@ pub struct AppState {
     pub console: crate::console::ConsoleState,
     /// Mark console cookies `Secure` (served over TLS, or `--console-secure` behind a proxy).
     pub console_secure: bool,
+    /// Fleet rate limits: the rate store (`--rate-store`), if any, and this replica's view.
+    pub rates: crate::rates::Rates,
 }
 
 /// Wrong tokens tolerated from one client address per window; then 429 until the window ends.
@@ -164,6 +167,7 @@ impl AppState {
             metrics: crate::metrics::Metrics::default(),
             console: crate::console::ConsoleState::default(),
             console_secure: false,
+            rates: crate::rates::Rates::default(),
         })
     }
 
@@ -308,6 +312,8 @@ pub fn router_for(state: Arc<AppState>, role: Role) -> Router {
         .route("/v1/feed", get(feed))
         // A usage report names up to 2,000 keys (the filter batches them): about 120 KiB.
         .route("/v1/feed/usage", post(feed_usage).layer(DefaultBodyLimit::max(USAGE_MAX_BODY_BYTES)))
+        // A rate report names up to 2,000 buckets (`RATE_REPORT_MAX_BUCKETS`): about 200 KiB.
+        .route("/v1/feed/rates", post(feed_rates).layer(DefaultBodyLimit::max(USAGE_MAX_BODY_BYTES)))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), require_feed_token));
     let app = Router::new()
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
@@ -349,7 +355,8 @@ async fn metrics(state: Arc<AppState>, role: Role) -> Result<Response> {
         }
     };
     let snapshot_version = *state.version.borrow();
-    let scrape = crate::metrics::Scrape { replica: &state.replica, engine: state.engine, role: role.as_str(), snapshot_version, envoys: &envoys };
+    let rate_store_up = state.rates.store.as_ref().map(|s| s.health().0);
+    let scrape = crate::metrics::Scrape { replica: &state.replica, engine: state.engine, role: role.as_str(), snapshot_version, envoys: &envoys, rate_store_up };
     let text = state.metrics.render(&scrape).map_err(|e| Error::Internal(format!("encoding metrics: {e}")))?;
     Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
@@ -834,6 +841,91 @@ async fn feed_usage(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     let report: keyward_core::feed::UsageReport = parse_limited(body, USAGE_MAX_BODY_BYTES)?;
     let known = with_store(&state, "feed.usage", move |s| s.record_usage(&report)).await?;
     Ok(ok(StatusCode::OK, serde_json::json!({"recorded": known})))
+}
+
+/// `POST /v1/feed/rates`: an Envoy's rate report, answered with the fleet's size and, with a
+/// rate store that answers within [`crate::rates::REDIS_BOUND`], what the other Envoys admitted
+/// in each bucket's window. See [`crate::rates`].
+async fn feed_rates(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let report: keyward_core::feed::RateReport = parse_limited(body, USAGE_MAX_BODY_BYTES)?;
+    crate::rates::validate(&report)?;
+    let now_ms = crate::rates::now_ms();
+    let envoy = report.envoy.clone();
+    let seen = state.rates.due_seen(&envoy);
+    let fleet = tokio::time::timeout(
+        crate::rates::STORE_WAIT,
+        with_store(&state, "feed.rates", move |s| {
+            if seen {
+                s.envoy_reported(&envoy)?;
+            }
+            s.fleet_size()
+        }),
+    );
+    let counted = async {
+        match &state.rates.store {
+            None => None,
+            Some(store) => {
+                let started = std::time::Instant::now();
+                let counted = store.count(&report, now_ms).await;
+                state.metrics.rate_store_call(started.elapsed());
+                Some(counted)
+            }
+        }
+    };
+    let (fleet, counted) = tokio::join!(fleet, counted);
+    let envoys = match fleet {
+        Ok(Ok(n)) => state.rates.envoys_read(n),
+        failed => {
+            // The counts in Redis are already added: answer them with the last fleet size
+            // rather than lose them. (A store still busy finishes the write on its own.)
+            let error = match failed {
+                Ok(Err(e)) => {
+                    if seen {
+                        state.rates.unseen(&report.envoy);
+                    }
+                    e.to_string()
+                }
+                _ => format!("no answer within {} ms", crate::rates::STORE_WAIT.as_millis()),
+            };
+            if state.rates.store_warning_due() {
+                tracing::warn!(%error, "reading the fleet size for a rate report; the last size read answers (logged at most once per 10 s)");
+            }
+            state.rates.envoys_last()
+        }
+    };
+    let counts = match counted {
+        Some(Ok(counts)) => {
+            state.rates.note_hot(&report, &counts, now_ms);
+            Some(counts)
+        }
+        Some(Err(_)) => {
+            state.metrics.rate_store_failure();
+            None
+        }
+        None => None,
+    };
+    let answer = crate::rates::answer(&report, envoys, counts.as_deref());
+    state.metrics.rate_report(answer.mode, report.buckets.len());
+    Ok(ok(StatusCode::OK, answer))
+}
+
+/// Writes this replica's rate-limit view into the store every [`crate::rates::PERSIST_EVERY`]
+/// (for `keyward status`, wherever it runs), after a PING if Redis has been idle.
+pub async fn persist_rates(state: Arc<AppState>) {
+    let name = format!("{}{}", crate::store::RATES_RUNTIME_PREFIX, state.replica);
+    let mut tick = tokio::time::interval(crate::rates::PERSIST_EVERY);
+    loop {
+        tick.tick().await;
+        if let Some(store) = &state.rates.store {
+            store.probe().await;
+        }
+        let view = state.rates.runtime(crate::rates::now_ms());
+        let Ok(value) = serde_json::to_string(&view) else { continue };
+        let name = name.clone();
+        if let Err(e) = with_store(&state, "rates.persist", move |s| s.put_runtime(&name, &value)).await {
+            tracing::warn!(error = %e, "writing this replica's rate-limit view to the store");
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -53,8 +53,8 @@ struct ServeArgs {
     /// Address of the admin API (and of the feed, without --feed-listen)
     #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:7070", value_name = "ADDR")]
     listen: String,
-    /// Serve the feed (GET /v1/feed, POST /v1/feed/usage) on this address only, and the admin API
-    /// only on --listen
+    /// Serve the feed (GET /v1/feed, POST /v1/feed/usage, POST /v1/feed/rates) on this address
+    /// only, and the admin API only on --listen
     #[arg(long, env = "KEYWARD_FEED_LISTEN", value_name = "ADDR")]
     feed_listen: Option<String>,
     /// This replica's name in /metrics [default: the host name, else "keyward"]
@@ -70,6 +70,10 @@ struct ServeArgs {
     /// with --tls-cert they always are
     #[arg(long, env = "KEYWARD_CONSOLE_SECURE")]
     console_secure: bool,
+    /// Count rate limits fleet-wide in this Redis (or Valkey): redis://host:port[/db]. Without
+    /// it, or while it does not answer, each Envoy enforces limit/(connected Envoys)
+    #[arg(long, env = "KEYWARD_RATE_STORE", value_name = "URL", hide_env_values = true)]
+    rate_store: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -847,6 +851,11 @@ fn serve_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<tokio_rustls::rustls
 
 fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>, key_prefix: &str) -> anyhow::Result<()> {
     let tls = serve_tls(args)?;
+    // An empty KEYWARD_RATE_STORE (compose's `${KEYWARD_RATE_STORE-}`) is unset.
+    let rate_store = match args.rate_store.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => Some(crate::rates::RateStore::open(url).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -916,6 +925,10 @@ fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>
     state.replica = replica;
     state.engine = engine;
     state.console_secure = tls.is_some() || args.console_secure;
+    if let Some(rs) = rate_store {
+        tracing::info!(rate_store = %rs.shown(), "rate limits are counted fleet-wide in the rate store while it answers");
+        state.rates = crate::rates::Rates::with_store(rs);
+    }
     let state = Arc::new(state);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let postgres = match location {
@@ -946,6 +959,7 @@ fn serve(location: &store::Location, args: &ServeArgs, env_token: Option<String>
             });
         }
         tokio::spawn(api::heartbeat(Arc::clone(&state), state.replica.clone()));
+        tokio::spawn(api::persist_rates(Arc::clone(&state)));
         // An empty KEYWARD_FEED_LISTEN (compose's `${KEYWARD_FEED_LISTEN-}`) is unset.
         let listeners = match args.feed_listen.as_deref().filter(|a| !a.is_empty()) {
             None => vec![(args.listen.as_str(), "--listen", api::Role::AdminAndFeed)],

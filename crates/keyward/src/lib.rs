@@ -12,5 +12,6 @@ pub mod model;
 pub mod notify;
 pub mod output;
 pub mod progress;
+pub mod rates;
 pub mod store;
 pub mod tls;

@@ -22,6 +22,11 @@ struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReplicaLabels {
     replica: String,
     engine: String,
@@ -39,12 +44,21 @@ fn store_histogram() -> Histogram {
     Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
 }
 
+fn rate_store_histogram() -> Histogram {
+    // 100 µs (a report of one bucket on loopback) to the 400 ms bound.
+    Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4])
+}
+
 /// The process-lifetime metrics. Cheap to update from any thread.
 pub struct Metrics {
     changes: Counter,
     lockouts: Counter,
     feed_clients: Gauge,
     store_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
+    rate_reports: Family<ModeLabels, Counter>,
+    rate_buckets: Counter,
+    rate_store_failures: Counter,
+    rate_store_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -54,6 +68,10 @@ impl Default for Metrics {
             lockouts: Counter::default(),
             feed_clients: Gauge::default(),
             store_seconds: Family::new_with_constructor(store_histogram),
+            rate_reports: Family::default(),
+            rate_buckets: Counter::default(),
+            rate_store_failures: Counter::default(),
+            rate_store_seconds: rate_store_histogram(),
         }
     }
 }
@@ -85,6 +103,8 @@ pub struct Scrape<'a> {
     pub role: &'a str,
     pub snapshot_version: u64,
     pub envoys: &'a [EnvoySeries],
+    /// With `--rate-store`: whether it answered this replica's last call.
+    pub rate_store_up: Option<bool>,
 }
 
 /// Held while a feed request is open; counted in `keyward_feed_clients`.
@@ -122,6 +142,26 @@ impl Metrics {
         self.store_seconds.get_or_create(&OpLabels { op }).observe(took.as_secs_f64());
     }
 
+    /// A rate report was answered in `mode`, for `buckets` buckets.
+    pub fn rate_report(&self, mode: keyward_core::feed::RateMode, buckets: usize) {
+        let mode = match mode {
+            keyward_core::feed::RateMode::Global => "global",
+            keyward_core::feed::RateMode::Split => "split",
+        };
+        self.rate_reports.get_or_create(&ModeLabels { mode }).inc();
+        self.rate_buckets.inc_by(buckets as u64);
+    }
+
+    /// A rate report fell back to `split` because the rate store failed (or was backing off).
+    pub fn rate_store_failure(&self) {
+        self.rate_store_failures.inc();
+    }
+
+    /// A report's call to the rate store took `took` (answered or not).
+    pub fn rate_store_call(&self, took: Duration) {
+        self.rate_store_seconds.observe(took.as_secs_f64());
+    }
+
     /// The OpenMetrics text of a scrape.
     pub fn render(&self, scrape: &Scrape<'_>) -> Result<String, std::fmt::Error> {
         // A registry per scrape: the lifetime metrics are shared handles (registered by clone),
@@ -154,6 +194,19 @@ impl Metrics {
             "Times a client address became blocked for too many wrong tokens",
             self.lockouts.clone(),
         );
+        r.register("keyward_rate_reports", "Rate reports from Envoys (POST /v1/feed/rates) by the mode answered", self.rate_reports.clone());
+        r.register("keyward_rate_buckets", "Buckets in the rate reports answered", self.rate_buckets.clone());
+        if let Some(up) = scrape.rate_store_up {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::from(up));
+            r.register("keyward_rate_store_up", "Whether the rate store (--rate-store) answered this replica's last call", gauge);
+            r.register(
+                "keyward_rate_store_failures",
+                "Rate reports answered split because the rate store failed, timed out, or was backing off after a failure",
+                self.rate_store_failures.clone(),
+            );
+            r.register("keyward_rate_store_seconds", "Time of a rate report's call to the rate store, bounded at 0.4 s", self.rate_store_seconds.clone());
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)?;
         Ok(out)
@@ -173,7 +226,13 @@ mod tests {
         m.store_op("key.create", Duration::from_millis(3));
         let _open = m.feed_client();
         let envoys = [EnvoySeries { envoy: "edge-1".into(), replica: "kw-0".into(), applied_version: 7, lag: 2 }];
-        let text = m.render(&Scrape { replica: "kw-0", engine: "sqlite", role: "admin+feed", snapshot_version: 9, envoys: &envoys }).unwrap();
+        m.rate_report(keyward_core::feed::RateMode::Global, 3);
+        m.rate_report(keyward_core::feed::RateMode::Split, 0);
+        m.rate_store_failure();
+        m.rate_store_call(Duration::from_millis(1));
+        let text = m
+            .render(&Scrape { replica: "kw-0", engine: "sqlite", role: "admin+feed", snapshot_version: 9, envoys: &envoys, rate_store_up: Some(false) })
+            .unwrap();
         for line in [
             r#"keyward_replica_info{replica="kw-0",engine="sqlite",role="admin+feed"} 1"#,
             "keyward_snapshot_version 9",
@@ -183,6 +242,12 @@ mod tests {
             "keyward_changes_total 1",
             r#"keyward_store_operation_seconds_count{op="key.create"} 1"#,
             "keyward_admin_guard_lockouts_total 1",
+            r#"keyward_rate_reports_total{mode="global"} 1"#,
+            r#"keyward_rate_reports_total{mode="split"} 1"#,
+            "keyward_rate_buckets_total 3",
+            "keyward_rate_store_up 0",
+            "keyward_rate_store_failures_total 1",
+            "keyward_rate_store_seconds_count 1",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
@@ -193,7 +258,8 @@ mod tests {
     fn a_closed_feed_request_is_no_longer_counted() {
         let m = Metrics::default();
         drop(m.feed_client());
-        let text = m.render(&Scrape { replica: "r", engine: "sqlite", role: "feed", snapshot_version: 0, envoys: &[] }).unwrap();
+        let text = m.render(&Scrape { replica: "r", engine: "sqlite", role: "feed", snapshot_version: 0, envoys: &[], rate_store_up: None }).unwrap();
         assert!(text.lines().any(|l| l == "keyward_feed_clients 0"), "{text}");
+        assert!(!text.contains("keyward_rate_store_up"), "no rate store, no rate store series: {text}");
     }
 }

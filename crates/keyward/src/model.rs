@@ -95,6 +95,58 @@ pub struct StatusView {
     #[serde(default)]
     pub replicas: Vec<ReplicaView>,
     pub envoys: Vec<EnvoyView>,
+    /// How the fleet's rate limits are enforced now, as the running `keyward serve` replicas
+    /// last said (every 2 s); absent when none has said so within 10 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsView>,
+}
+
+/// The fleet's rate limits, as `keyward status` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitsView {
+    /// `global` (counted in the rate store) or `split` (each Envoy enforces limit/envoys).
+    pub mode: String,
+    /// Envoys connected now: what a limit is split across.
+    pub envoys: u64,
+    /// The rate store (`serve --rate-store`), without its password; absent: none configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Whether every replica reaches the rate store; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+    /// Since when it has been healthy (or unreachable), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The buckets with the most requests in their current window, fleet-wide (global mode).
+    #[serde(default)]
+    pub hot: Vec<HotBucket>,
+}
+
+/// One bucket's fleet-wide consumption in its current window, against its limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotBucket {
+    pub bucket: String,
+    /// Requests the fleet admitted in the bucket's current window.
+    pub used: u64,
+    /// The limit: `count` requests per `period_secs`.
+    pub count: u32,
+    pub period_secs: u32,
+}
+
+/// What one `keyward serve` replica says of its rate limits (the `runtime` row `rates:<replica>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatesRuntime {
+    /// The rate store, without its password; absent: split only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The rate store answered this replica's last call.
+    #[serde(default)]
+    pub healthy: bool,
+    /// Unix seconds since the store has been healthy or unreachable.
+    #[serde(default)]
+    pub since: i64,
+    #[serde(default)]
+    pub hot: Vec<HotBucket>,
 }
 
 /// A `keyward serve` process on the store.

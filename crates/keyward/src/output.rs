@@ -28,6 +28,20 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// `global via Redis redis://h:6379, healthy since T`, or `split across 3 Envoys`, with why.
+fn rate_mode(r: &crate::model::RateLimitsView) -> String {
+    let envoys = match r.envoys {
+        1 => "1 Envoy".to_string(),
+        n => format!("{n} Envoys"),
+    };
+    let since = r.since.as_deref().unwrap_or("-");
+    match (&r.store, r.healthy) {
+        (Some(store), Some(true)) => format!("global via Redis {store}, healthy since {since} ({envoys} connected)"),
+        (Some(store), _) => format!("split across {envoys}: Redis {store} UNREACHABLE since {since}"),
+        (None, _) => format!("split across {envoys} (no --rate-store)"),
+    }
+}
+
 /// `RATE_LIMITED=3 REVOKED_API_KEY=1`, or `-`.
 fn denied(d: &std::collections::BTreeMap<String, u64>) -> String {
     if d.is_empty() {
@@ -250,26 +264,42 @@ impl Output {
             let names: Vec<&str> = s.replicas.iter().map(|r| r.name.as_str()).collect();
             println!("replicas:         {}", names.join(", "));
         }
+        if let Some(r) = &s.rate_limits {
+            println!("rate limits:      {}", rate_mode(r));
+        }
         if s.envoys.is_empty() {
             println!("envoys:           none seen");
-            return;
+        } else {
+            println!();
+            let rows: Vec<Vec<String>> = s
+                .envoys
+                .iter()
+                .map(|e| {
+                    let state = match e.state.as_str() {
+                        "lagging" => format!("LAGGING by {}", e.lag),
+                        "stale" => "STALE (not heard from)".into(),
+                        other => other.into(),
+                    };
+                    let replica = e.replica.clone().unwrap_or_else(|| "-".into());
+                    vec![e.id.clone(), replica, e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
+                })
+                .collect();
+            table(&["ENVOY", "REPLICA", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
+            println!("\nAn Envoy is connected while its feed request is open, or until 2 s after its last answer.");
         }
-        println!();
-        let rows: Vec<Vec<String>> = s
-            .envoys
-            .iter()
-            .map(|e| {
-                let state = match e.state.as_str() {
-                    "lagging" => format!("LAGGING by {}", e.lag),
-                    "stale" => "STALE (not heard from)".into(),
-                    other => other.into(),
-                };
-                let replica = e.replica.clone().unwrap_or_else(|| "-".into());
-                vec![e.id.clone(), replica, e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
-            })
-            .collect();
-        table(&["ENVOY", "REPLICA", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
-        println!("\nAn Envoy is connected while its feed request is open, or until 2 s after its last answer.");
+        if let Some(r) = s.rate_limits.as_ref().filter(|r| !r.hot.is_empty()) {
+            println!();
+            let rows: Vec<Vec<String>> = r
+                .hot
+                .iter()
+                .map(|h| {
+                    let share = (h.used.saturating_mul(100)) / u64::from(h.count.max(1));
+                    vec![h.bucket.clone(), h.used.to_string(), crate::rates::limit_text(h.count, h.period_secs), format!("{share}%")]
+                })
+                .collect();
+            table(&["HOT BUCKET", "USED IN WINDOW", "LIMIT", "OF LIMIT"], &rows);
+            println!("\nFleet-wide requests admitted in each bucket's current window, as the rate store last counted them.");
+        }
     }
 
     pub fn usage(&self, rows: &[UsageRow]) {

@@ -343,7 +343,7 @@ fn with_feed_listen_the_feed_answers_only_there_and_the_admin_api_only_on_listen
     let agent = plain();
 
     // The feed's routes on the admin listener, with either token: a 404 naming the feed listener.
-    for (path, token) in [("/v1/feed?envoy=e", FEED_TOKEN), ("/v1/feed?envoy=e", ADMIN_TOKEN), ("/v1/feed/usage", FEED_TOKEN)] {
+    for (path, token) in [("/v1/feed?envoy=e", FEED_TOKEN), ("/v1/feed?envoy=e", ADMIN_TOKEN), ("/v1/feed/usage", FEED_TOKEN), ("/v1/feed/rates", FEED_TOKEN)] {
         let (code, body) = get(&agent, &format!("{admin}{path}"), Some(token));
         assert_eq!(code, 404, "{path}: {body}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -370,6 +370,20 @@ fn with_feed_listen_the_feed_answers_only_there_and_the_admin_api_only_on_listen
     assert_eq!(get(&agent, &format!("{feed}/v1/feed?envoy=edge-split&since=0"), Some(ADMIN_TOKEN)).0, 401, "the admin token is not the feed token");
     let (code, page) = get(&agent, &format!("{feed}/v1/feed?envoy=edge-split&since=0"), Some(FEED_TOKEN));
     assert_eq!(code, 200, "{page}");
+    let rates = |token: Option<&str>| {
+        let mut req = agent.post(&format!("{feed}/v1/feed/rates"));
+        if let Some(t) = token {
+            req = req.set("authorization", &format!("Bearer {t}"));
+        }
+        match req.send_string(r#"{"envoy": "edge-split", "buckets": []}"#) {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("POST /v1/feed/rates: {e}"),
+        }
+    };
+    assert_eq!(rates(None).0, 401, "rate reports need the feed token too");
+    let (code, answer) = rates(Some(FEED_TOKEN));
+    assert_eq!((code, answer.as_str()), (200, r#"{"mode":"split","envoys":1,"buckets":[]}"#));
     let (code, status) = get(&agent, &format!("{admin}/v1/status"), Some(ADMIN_TOKEN));
     assert_eq!(code, 200);
     assert!(status.contains("edge-split"), "the admin API sees the Envoy that fetched on the feed listener: {status}");

@@ -115,6 +115,47 @@ fn a_whole_key_lifecycle_reads_the_same_on_both_engines() {
     assert_eq!(seen[0], seen[1], "SQLite and PostgreSQL disagree");
 }
 
+/// What running replicas say of their rate limits (`runtime`), and the fleet a limit is split
+/// across, on both engines: no audit entry, no version, and a rate report never shortens an
+/// open feed request.
+#[test]
+fn runtime_views_and_the_fleet_read_the_same_on_both_engines() {
+    use keyward_control::store::RATES_RUNTIME_PREFIX;
+    for (loc, _dir) in engines("runtime") {
+        let mut s = Store::open_at(&loc).unwrap();
+        s.is_server = true;
+        s.replica = Some("kw-a".into());
+        let now = keyward_control::store::now_unix();
+        assert_eq!(s.status().unwrap().rate_limits, None, "{loc:?}: no replica has said anything");
+        let view = RatesRuntime {
+            store: Some("redis://r:6379".into()),
+            healthy: true,
+            since: now - 5,
+            hot: vec![HotBucket { bucket: "k:key_1".into(), used: 7, count: 10, period_secs: 1 }],
+        };
+        s.put_runtime("rates:kw-a", &serde_json::to_string(&view).unwrap()).unwrap();
+        s.put_runtime("rates:kw-a", &serde_json::to_string(&view).unwrap()).unwrap();
+        s.put_runtime("other:kw-a", "{}").unwrap();
+        assert_eq!(s.runtime(RATES_RUNTIME_PREFIX, now - 10).unwrap().len(), 1, "{loc:?}");
+        assert!(s.runtime(RATES_RUNTIME_PREFIX, now + 60).unwrap().is_empty(), "{loc:?}: an old view is not shown");
+        assert_eq!((s.snapshot_version().unwrap(), s.audit(10).unwrap().len()), (0, 0), "{loc:?}: neither versioned nor audited");
+        // The fleet: Envoys with an open feed request, or reporting rates.
+        s.envoy_seen("e-feed", Some(0), now + 60).unwrap();
+        s.envoy_seen("e-gone", Some(0), now - 5).unwrap();
+        s.envoy_reported("e-rates").unwrap();
+        s.envoy_reported("e-feed").unwrap();
+        assert_eq!(s.fleet_size().unwrap(), 2, "{loc:?}");
+        let status = s.status().unwrap();
+        let feed = status.envoys.iter().find(|e| e.id == "e-feed").unwrap();
+        assert!(feed.connected, "{loc:?}");
+        let (done, _) = s.envoys_applied(0).unwrap();
+        assert_eq!(done, ["e-feed", "e-rates"], "{loc:?}: a report keeps the open feed's window");
+        let rl = status.rate_limits.unwrap();
+        assert_eq!((rl.mode.as_str(), rl.envoys, rl.healthy, rl.hot.len()), ("global", 2, Some(true), 1), "{loc:?}");
+        assert_eq!(rl.since, Some(keyward_core::time::format_rfc3339(now - 5)));
+    }
+}
+
 #[test]
 fn the_audit_log_refuses_edits_in_the_database_itself() {
     let url = common::postgres_database("audit");
@@ -319,6 +360,7 @@ fn a_store_copied_to_postgres_and_back_is_the_same_store() {
     let lines: Vec<String> = (0..2500).map(|i| format!("copied-legacy-key-{i:06}-abcdef")).collect();
     s.import_batch(&NewKey { agent: "billing".into(), name: Some("legacy".into()), ..Default::default() }, &lines, false).unwrap();
     s.record_usage(&UsageReport { envoy: "e".into(), usage: vec![KeyUsage { key_id: k.key.id.clone(), count: 2, last_used: 1_700_000_000, denied: Default::default() }] }).unwrap();
+    s.put_runtime("rates:kw-0", r#"{"healthy":true}"#).unwrap();
     let (snap, audit, id) = (s.snapshot().unwrap(), s.audit(100).unwrap(), s.store_id().unwrap());
     drop(s);
     let pg = common::postgres_database("copy");
@@ -338,6 +380,7 @@ fn a_store_copied_to_postgres_and_back_is_the_same_store() {
         let a = t.audit(100).unwrap();
         assert_eq!(a.iter().map(|e| (e.seq, e.action.clone(), e.version)).collect::<Vec<_>>(), audit.iter().map(|e| (e.seq, e.action.clone(), e.version)).collect::<Vec<_>>());
         assert_eq!(t.usage(None, 0).unwrap().len(), 1, "{loc:?}");
+        assert!(t.runtime("", 0).unwrap().is_empty(), "{loc:?}: what running processes said is not data");
         // The copy goes on: a change takes the next version and the next audit sequence.
         t.create_agent(&agent("after", &["read:all"])).unwrap();
         assert_eq!(t.audit(1).unwrap()[0].seq, audit.last().unwrap().seq + 1, "{loc:?}");

@@ -30,7 +30,7 @@ impl Stack {
     pub fn keyward(with_redis: bool) -> Stack {
         let redis = with_redis.then(crate::redis::Redis::start);
         let keyward = match &redis {
-            Some(r) => Keyward::start_with(&["--rate-store", &r.url()]),
+            Some(r) => Keyward::start_with(&["--rate-store", &r.url()], &[]),
             None => Keyward::start(),
         };
         let echo = Echo::start(0).unwrap_or_else(|e| panic!("echo upstream: {e}"));

@@ -29,28 +29,65 @@ pub struct Keyward {
     db: Option<PathBuf>,
     /// A store URL (`postgres://…`) instead of the SQLite file, and this replica's name.
     store: Option<(String, String)>,
+    /// More `serve` arguments and environment, kept across restarts (`start_with`).
+    extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl Keyward {
     /// Starts `keyward serve` on a free port with a fresh database.
     pub fn start() -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: None };
+        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: None, extra_args: Vec::new(), extra_env: Vec::new() };
         k.spawn(0);
         k
+    }
+
+    /// Starts `keyward serve` as [`Keyward::start`] does, with more arguments (e.g.
+    /// `["--rate-store", url]`) and environment; both are kept across [`Keyward::restart`].
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Keyward {
+        let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: None, extra_args: Vec::new(), extra_env: Vec::new() };
+        k.set_extra(args, env);
+        k.spawn(0);
+        k
+    }
+
+    /// Starts a replica as [`Keyward::start_replica`] does, with more arguments and environment.
+    pub fn start_replica_with(url: &str, replica: &str, args: &[&str], env: &[(&str, &str)]) -> Keyward {
+        let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let mut k = Keyward {
+            dir,
+            child: None,
+            port: 0,
+            run: 0,
+            db: None,
+            store: Some((url.to_string(), replica.to_string())),
+            extra_args: Vec::new(),
+            extra_env: Vec::new(),
+        };
+        k.set_extra(args, env);
+        k.spawn(0);
+        k
+    }
+
+    /// Replaces the extra `serve` arguments and environment from the next (re)start on.
+    pub fn set_extra(&mut self, args: &[&str], env: &[(&str, &str)]) {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
+        self.extra_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     }
 
     /// A stopped server whose database exists, to start later (`restart`) on a chosen port.
     pub fn stopped(port: u16) -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        Keyward { dir, child: None, port, run: 0, db: None, store: None }
+        Keyward { dir, child: None, port, run: 0, db: None, store: None, extra_args: Vec::new(), extra_env: Vec::new() }
     }
 
     /// Starts `keyward serve --store <url> --replica <replica>` on a free port: one of several
     /// replicas sharing a PostgreSQL store.
     pub fn start_replica(url: &str, replica: &str) -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: Some((url.to_string(), replica.to_string())) };
+        let mut k = Keyward { dir, child: None, port: 0, run: 0, db: None, store: Some((url.to_string(), replica.to_string())), extra_args: Vec::new(), extra_env: Vec::new() };
         k.spawn(0);
         k
     }
@@ -58,7 +95,7 @@ impl Keyward {
     /// A stopped replica on `url`, to start later (`restart`) on a chosen port.
     pub fn stopped_replica(url: &str, replica: &str, port: u16) -> Keyward {
         let dir = TempDir::new("serve").unwrap_or_else(|e| panic!("temp dir: {e}"));
-        Keyward { dir, child: None, port, run: 0, db: None, store: Some((url.to_string(), replica.to_string())) }
+        Keyward { dir, child: None, port, run: 0, db: None, store: Some((url.to_string(), replica.to_string())), extra_args: Vec::new(), extra_env: Vec::new() }
     }
 
     /// The `--store` (or `--db`) arguments that reach this server's store.
@@ -91,10 +128,12 @@ impl Keyward {
         if let Some((_, replica)) = &self.store {
             cmd.args(["--replica", replica]);
         }
+        cmd.args(&self.extra_args).env_remove("KEYWARD_RATE_STORE");
         let child = cmd
             .env("KEYWARD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("KEYWARD_LOG", "info")
             .env_remove("KEYWARD_FEED_TOKEN")
+            .envs(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -157,6 +196,17 @@ impl Keyward {
         request(self.port, "GET", path, &[("authorization", auth.as_bytes())])
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
             .json()
+    }
+
+    /// `POST path` with a JSON body on the feed (no token: test servers run without a feed
+    /// token), as an Envoy's fetcher sends it; the whole response.
+    pub fn feed_post(&self, path: &str, body: &serde_json::Value) -> crate::Response {
+        let text = body.to_string();
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nhost: keyward\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        crate::send_raw(self.port, raw.as_bytes()).unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// `POST path` with a JSON body on the admin API.

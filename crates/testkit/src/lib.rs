@@ -1,8 +1,8 @@
 //! Test harness shared by the real-Envoy tests and `cargo xtask`: locating Envoy and the built
 //! `keyward.wasm`, starting Envoy on free loopback ports, an echo upstream, a raw HTTP/1.1
 //! client that can send the hostile bytes a friendly client would refuse to, a fresh
-//! database on the test PostgreSQL ([`postgres`]), and a headless Chromium with axe-core for
-//! the console's browser tests ([`browser`]).
+//! database on the test PostgreSQL ([`postgres`]), a throwaway `redis-server` ([`redis`]),
+//! and a headless Chromium with axe-core for the console's browser tests ([`browser`]).
 
 pub mod browser;
 mod deploy;
@@ -12,6 +12,7 @@ pub mod fleet;
 mod http;
 mod keyward;
 pub mod postgres;
+pub mod redis;
 
 pub use browser::{axe_core_default_path, axe_core_install_dir, Browser, AXE_CORE_VERSION};
 pub use deploy::{envoy_yamls, validate_envoy_yaml, ContainerFiles, CONTAINER_ROOT};
@@ -19,6 +20,7 @@ pub use echo::{auth_server, Echo, Seen};
 pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
 pub use keyward::{keyward_bin, Keyward, ADMIN_TOKEN};
+pub use redis::{redis_server_bin, Redis};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

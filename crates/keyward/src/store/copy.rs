@@ -20,8 +20,8 @@ struct Table {
     page_by: Option<&'static str>,
 }
 
-/// In an order foreign keys accept. `envoys` and `replicas` describe running processes, not
-/// data: they are not copied.
+/// In an order foreign keys accept. `envoys`, `replicas` and `runtime` describe running
+/// processes, not data: they are not copied.
 const TABLES: &[Table] = &[
     Table { name: "agents", columns: "id, name, description, scopes, enabled, rate_limit, created_at, updated_at, deleted_at, version, disabled_reason, rate_burst", page_by: Some("id") },
     Table { name: "scopes", columns: "rowid, name, description, created_at", page_by: Some("name") },

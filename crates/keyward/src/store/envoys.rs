@@ -11,6 +11,9 @@ use keyward_core::feed::{FeedCursor, FeedMessage, UsageReport};
 use keyward_core::scope::Implications;
 use keyward_core::snapshot::RawSnapshot;
 
+/// The `runtime` rows of the replicas' rate-limit views: `rates:<replica>`.
+pub const RATES_RUNTIME_PREFIX: &str = "rates:";
+
 /// Records per feed page: bounds the memory of one answer (and of the filter VM applying it).
 pub const FEED_PAGE: usize = 5_000;
 
@@ -43,6 +46,61 @@ impl Store {
             p![id, applied, now, open_until, &self.replica],
         )?;
         Ok(())
+    }
+
+    /// Notes an Envoy's rate report: it is connected for 2 s more, or as long as its open feed
+    /// request keeps it (a report never shortens that); which replica holds its feed is kept.
+    pub fn envoy_reported(&mut self, id: &str) -> Result<()> {
+        let now = self.now();
+        self.db().execute(
+            "INSERT INTO envoys (id, applied_version, last_seen, open_until, replica) VALUES (?1, 0, ?2, ?3, ?4) \
+             ON CONFLICT(id) DO UPDATE SET last_seen = ?2, \
+             open_until = CASE WHEN envoys.open_until > CAST(?3 AS BIGINT) THEN envoys.open_until ELSE ?3 END",
+            p![id, now, now + 2, &self.replica],
+        )?;
+        Ok(())
+    }
+
+    /// The Envoys connected now, as `status` counts them: what a rate limit is split across.
+    pub fn fleet_size(&self) -> Result<u64> {
+        self.db().one("SELECT COUNT(*) FROM envoys WHERE open_until >= ?1", p![self.now()])?.count(0)
+    }
+
+    /// Writes what a running process says of itself (`runtime` row `name`): no audit entry, no
+    /// version. Rows not rewritten for a day (their process is long gone) are dropped.
+    pub fn put_runtime(&mut self, name: &str, value: &str) -> Result<()> {
+        let now = self.now();
+        self.db().execute(
+            "INSERT INTO runtime (name, value, at) VALUES (?1, ?2, ?3) ON CONFLICT(name) DO UPDATE SET value = ?2, at = ?3",
+            p![name, value, now],
+        )?;
+        self.db().execute("DELETE FROM runtime WHERE at < ?1", p![now - 86_400])?;
+        Ok(())
+    }
+
+    /// The `runtime` values whose name starts with `prefix`, written at `since` or later.
+    pub fn runtime(&self, prefix: &str, since: i64) -> Result<Vec<(String, String)>> {
+        let rows = self.db().query("SELECT name, value FROM runtime WHERE at >= ?1 ORDER BY name", p![since])?;
+        rows.iter()
+            .filter_map(|r| match (r.text(0), r.text(1)) {
+                (Ok(name), Ok(value)) if name.starts_with(prefix) => Some(Ok((name, value))),
+                (Ok(_), Ok(_)) => None,
+                (Err(e), _) | (_, Err(e)) => Some(Err(e)),
+            })
+            .collect()
+    }
+
+    /// What the running replicas last said of the fleet's rate limits (see `rates::merge`).
+    fn rate_limits(&self, now: i64, serving: bool) -> Result<Option<RateLimitsView>> {
+        if !serving {
+            return Ok(None);
+        }
+        let rows: Vec<RatesRuntime> = self
+            .runtime(RATES_RUNTIME_PREFIX, now - crate::rates::RUNTIME_LIVE_SECS)?
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_str(v).ok())
+            .collect();
+        Ok(crate::rates::merge(&rows, self.fleet_size()?))
     }
 
     /// Counts a wrong or missing token from `address` in its window of `window` seconds, across
@@ -119,6 +177,7 @@ impl Store {
             engine: self.engine().name().into(),
             replicas: live_replicas(db, now)?,
             envoys: self.envoys(version, now, serving)?,
+            rate_limits: self.rate_limits(now, serving)?,
         })
     }
 

@@ -24,7 +24,7 @@ use keyward_core::keyformat;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use envoys::FEED_PAGE;
+pub use envoys::{FEED_PAGE, RATES_RUNTIME_PREFIX};
 pub use keys::{FILTER_MAX_KEY_LENGTH, WEAK_KEY_LENGTH};
 pub use schema::SCHEMA_VERSION;
 pub use admins::ADMIN_TOKEN_PREFIX;

@@ -155,6 +155,16 @@ CREATE TABLE sessions (
     created_at INTEGER NOT NULL,
     last_seen INTEGER NOT NULL
 ) STRICT;
+"#,
+// 9: what running `keyward serve` replicas say of themselves (`rates:<replica>`: the rate
+// limits' mode, the rate store's health, the hot buckets); not data: never audited, never
+// versioned, never copied.
+r#"
+CREATE TABLE runtime (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    at INTEGER NOT NULL
+) STRICT;
 "#];
 
 
@@ -290,6 +300,14 @@ CREATE TABLE sessions (
     token_digest TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     last_seen BIGINT NOT NULL
+);
+"#,
+// 4 (SQLite's 9): what running replicas say of themselves (`rates:<replica>`).
+r#"
+CREATE TABLE runtime (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    at BIGINT NOT NULL
 );
 "#];
 
