@@ -165,6 +165,23 @@ pub struct Fetcher {
     rates_failing: bool,
 }
 
+/// Sends `msg` to the lease holder's queue `name`, resolving it first (kept in `queue`); false
+/// if there is no holder yet, or it moved (resolved again next time): keep what was counted.
+fn to_leader(queue: &mut Option<u32>, name: &str, msg: &str) -> Result<bool, HostError> {
+    if queue.is_none() {
+        let vm_id = host::property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+        *queue = host::resolve_queue(&vm_id, name)?;
+    }
+    let Some(id) = *queue else {
+        return Ok(false);
+    };
+    if host::enqueue(id, msg.as_bytes()).is_err() {
+        *queue = None;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 pub fn merge(into: &mut UsageCounts, from: UsageCounts) {
     for (id, counts) in from {
         into.entry(id).or_default().add(&counts);
@@ -477,21 +494,12 @@ impl Fetcher {
     }
 
     fn enqueue_pending(&mut self) -> Result<(), HostError> {
-        if self.producer_queue.is_none() {
-            let vm_id = host::property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
-            self.producer_queue = host::resolve_queue(&vm_id, USAGE_QUEUE)?;
-        }
-        let Some(queue) = self.producer_queue else {
-            return Ok(()); // No fetcher yet: keep counting.
-        };
         let mut msg = String::new();
         for (id, counts) in &self.pending {
             msg.push_str(&KeyCounts::line(id, counts));
         }
-        match host::enqueue(queue, msg.as_bytes()) {
-            Ok(()) => self.pending.clear(),
-            // The consumer moved or vanished: resolve again next time.
-            Err(_) => self.producer_queue = None,
+        if to_leader(&mut self.producer_queue, USAGE_QUEUE, &msg)? {
+            self.pending.clear();
         }
         Ok(())
     }
@@ -522,23 +530,13 @@ impl Fetcher {
 
     /// Hands this worker's rate-limit admissions to the leader (`U` first: an early push).
     fn enqueue_rates(&mut self) -> Result<(), HostError> {
-        if self.rates_producer.is_none() {
-            let vm_id = host::property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
-            self.rates_producer = host::resolve_queue(&vm_id, RATES_QUEUE)?;
-        }
-        let Some(queue) = self.rates_producer else {
-            return Ok(()); // No fetcher yet: keep counting.
-        };
         let mut msg = String::from(if self.rates_local_urgent { "U\n" } else { "" });
         for (bucket, a) in &self.rates_local {
             msg.push_str(&Admitted::line(bucket, a));
         }
-        match host::enqueue(queue, msg.as_bytes()) {
-            Ok(()) => {
-                self.rates_local.clear();
-                self.rates_local_urgent = false;
-            }
-            Err(_) => self.rates_producer = None,
+        if to_leader(&mut self.rates_producer, RATES_QUEUE, &msg)? {
+            self.rates_local.clear();
+            self.rates_local_urgent = false;
         }
         Ok(())
     }

@@ -336,17 +336,7 @@ fn docs_dir() -> PathBuf {
 }
 
 /// `application/x-www-form-urlencoded` for one name or value.
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+use keyward_core::url::encode_component as encode;
 
 /// The value of the once-only page's `input#secret`, from its HTML.
 fn secret_in(html: &str) -> Option<String> {

@@ -42,17 +42,7 @@ pub fn routes() -> Router<Arc<AppState>> {
 }
 
 /// A path segment, percent-encoded (agent names may hold spaces).
-pub fn seg(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use keyward_core::url::encode_component as seg;
 
 fn agent_url(name: &str) -> String {
     format!("/console/agents/{}", seg(name))
