@@ -108,6 +108,8 @@ pub struct FeedMetrics {
     pub rate_sync_failures: u32,
     pub rate_fallbacks: u32,
     pub rate_exhausted: u32,
+    /// 1 while this Envoy judges by fleet-wide counts, 0 while it enforces its share.
+    pub rate_global: u32,
 }
 
 impl FeedMetrics {
@@ -123,6 +125,7 @@ impl FeedMetrics {
             rate_sync_failures: host::define_counter("keyward.rate_limit.sync_failures")?,
             rate_fallbacks: host::define_counter("keyward.rate_limit.fallbacks")?,
             rate_exhausted: host::define_counter("keyward.rate_limit.exhausted")?,
+            rate_global: host::define_gauge("keyward.rate_limit.global")?,
         })
     }
 }
@@ -237,6 +240,7 @@ impl Fetcher {
             host::log(LogLevel::Info, &format!("this VM ({}) now fetches the snapshot feed", self.owner));
             self.consumer_queue = Some(host::register_queue(USAGE_QUEUE)?);
             self.rates_consumer = Some(host::register_queue(RATES_QUEUE)?);
+            self.rates.became_leader();
             self.next_poll_ms = now_ms;
         }
         // This worker's rate-limit admissions: the leader's go into its next report; another
@@ -584,6 +588,7 @@ impl Fetcher {
                     let _ = Envoy.increment(self.metrics.rate_exhausted, exhausted);
                 }
                 let global = answer.mode == RateMode::Global;
+                let _ = host::record_gauge(self.metrics.rate_global, u64::from(global));
                 if was_global && !global {
                     host::increment_counter(self.metrics.rate_fallbacks);
                     host::log(LogLevel::Warn, &format!("rate limits: the control plane has no fleet-wide counts now; each of {} Envoys enforces its share", answer.envoys.max(1)));
@@ -599,6 +604,7 @@ impl Fetcher {
                 host::increment_counter(self.metrics.rate_sync_failures);
                 if was_global {
                     host::increment_counter(self.metrics.rate_fallbacks);
+                    let _ = host::record_gauge(self.metrics.rate_global, 0);
                 }
                 if !self.rates_failing {
                     self.rates_failing = true;

@@ -83,18 +83,34 @@ pub struct RateCounts {
     urgent: Cell<bool>,
 }
 
+/// Whether the admission that left `remaining` took a bucket past half of `n`: the early push
+/// happens once per crossing, not on every request after it.
+pub fn crossed_half(remaining: u64, n: u64) -> bool {
+    remaining.saturating_mul(2) < n && (remaining + 1).saturating_mul(2) >= n
+}
+
 impl RateCounts {
-    /// One admitted request; `remaining` is what the bucket still admits here now.
-    pub fn admitted(&self, bucket: &str, limit: RateLimit, remaining: u64) {
+    /// One admitted request; `urgent`: report it on the next tick (see [`crossed_half`]).
+    pub fn admitted(&self, bucket: &str, limit: RateLimit, urgent: bool) {
+        self.add(bucket, limit, 1);
+        if urgent {
+            self.urgent.set(true);
+        }
+    }
+
+    /// One refused request: nothing admitted, but the bucket is still in use here, so the
+    /// fetcher keeps asking for its figure (the others may have used the budget up).
+    pub fn refused(&self, bucket: &str, limit: RateLimit) {
+        self.add(bucket, limit, 0);
+    }
+
+    fn add(&self, bucket: &str, limit: RateLimit, n: u64) {
         let mut counts = self.counts.borrow_mut();
         match counts.get_mut(bucket) {
-            Some(a) => a.admitted += 1,
+            Some(a) => a.admitted += n,
             None => {
-                counts.insert(bucket.to_string(), Admitted { count: limit.count, period_secs: limit.period_secs, admitted: 1 });
+                counts.insert(bucket.to_string(), Admitted { count: limit.count, period_secs: limit.period_secs, admitted: n });
             }
-        }
-        if remaining.saturating_mul(2) < u64::from(limit.count) {
-            self.urgent.set(true);
         }
     }
 
@@ -155,10 +171,11 @@ impl RateSync {
             }
         }
         let room = RATE_REPORT_MAX_BUCKETS.saturating_sub(buckets.len());
+        let sent: std::collections::HashSet<&str> = buckets.iter().map(|b| b.bucket.as_str()).collect();
         let idle: Vec<BucketReport> = self
             .watched
             .iter()
-            .filter(|(b, _)| !buckets.iter().any(|r| &r.bucket == *b))
+            .filter(|(b, _)| !sent.contains(b.as_str()))
             .take(room)
             .map(|(b, w)| BucketReport { bucket: b.clone(), count: w.count, period_secs: w.period_secs, admitted: 0 })
             .collect();
@@ -188,11 +205,12 @@ impl RateSync {
         }
         let until_us = now_ms.saturating_add((sync_ms * TRUST_SYNCS).max(MIN_TRUST_MS)).saturating_mul(1000);
         let store = crate::host::SharedStore(host);
+        let asked: HashMap<&str, u32> = sent.buckets.iter().map(|b| (b.bucket.as_str(), b.count)).collect();
         let mut exhausted = 0;
         for b in &answer.buckets {
             // Only buckets this Envoy asked about: the answer cannot plant others.
-            let Some(asked) = sent.buckets.iter().find(|s| s.bucket == b.bucket) else { continue };
-            if b.others >= u64::from(asked.count) {
+            let Some(&count) = asked.get(b.bucket.as_str()) else { continue };
+            if b.others >= u64::from(count) {
                 exhausted += 1;
             }
             ratelimit::set_others(&store, &b.bucket, b.others, until_us, SET_ATTEMPTS)?;
@@ -203,6 +221,11 @@ impl RateSync {
     /// The fleet as last written (for the log when it changes).
     pub fn fleet(&self) -> Option<Fleet> {
         self.fleet
+    }
+
+    /// This VM just took the lease: another may have written the fleet meanwhile.
+    pub fn became_leader(&mut self) {
+        self.fleet = None;
     }
 }
 
@@ -230,15 +253,20 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_counts_per_bucket_and_pushes_early_past_half_its_budget() {
+    fn a_worker_counts_per_bucket_and_pushes_early_once_past_half_its_budget() {
         let c = RateCounts::default();
-        c.admitted("k:a", lim(50), 40);
-        c.admitted("k:a", lim(50), 39);
+        c.admitted("k:a", lim(50), false);
+        c.admitted("k:a", lim(50), false);
+        c.refused("k:b", lim(50));
         let (counts, urgent) = c.take();
-        assert_eq!((counts["k:a"].admitted, urgent), (2, false));
-        c.admitted("k:a", lim(50), 24);
-        assert!(c.take().1, "24 of 50 left is past half");
+        assert_eq!((counts["k:a"].admitted, counts["k:b"].admitted, urgent), (2, 0, false));
+        c.admitted("k:a", lim(50), true);
+        assert!(c.take().1);
         assert!(c.take().0.is_empty());
+        // Only the admission that crosses half is urgent.
+        let crossing: Vec<u64> = (0..50).rev().filter(|&r| crossed_half(r, 50)).collect();
+        assert_eq!(crossing, [24]);
+        assert_eq!((0..16).rev().filter(|&r| crossed_half(r, 16)).collect::<Vec<_>>(), [7]);
     }
 
     /// The sync's timing: what makes a report due.

@@ -795,6 +795,8 @@ const METRICS: &[(&str, &str, &[&str])] = &[
     ("keyward_changes_total", "counter", &[]),
     ("keyward_store_operation_seconds", "histogram", &["op"]),
     ("keyward_admin_guard_lockouts_total", "counter", &[]),
+    ("keyward_rate_reports_total", "counter", &["mode"]),
+    ("keyward_rate_buckets_total", "counter", &[]),
 ];
 
 /// Labels Prometheus adds to every scraped series.
@@ -952,6 +954,10 @@ fn metrics_list_matches_what_a_real_keyward_serve_exposes() {
     // An Envoy on the feed, so the per-Envoy series exist.
     let feed = keyward_testkit::request(serve.port, "GET", "/v1/feed?since=0&envoy=dash", &[]).unwrap();
     assert_eq!(feed.status, 200);
+    // And a rate report, so the per-mode series exist.
+    let report = r#"{"envoy":"dash","buckets":[{"bucket":"k:key_x","count":5,"period_secs":1,"admitted":1}]}"#;
+    let raw = format!("POST /v1/feed/rates HTTP/1.1\r\nhost: keyward\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{report}", report.len());
+    assert_eq!(keyward_testkit::send_raw(serve.port, raw.as_bytes()).unwrap().status, 200);
     let text = String::from_utf8(keyward_testkit::request(serve.port, "GET", "/metrics", &[]).unwrap().body).unwrap();
     let mut served: Vec<(String, String)> = text
         .lines()

@@ -46,30 +46,44 @@ fn budget() -> u64 {
     u64::from(LIMIT) * SECS
 }
 
-/// Global mode's bound (README): per window, the others' admissions not yet reported, `(E − 1)`
-/// Envoys each admitting `N / E` per second for a sync interval and its round trip (counted as
-/// another sync interval), over every window of the run.
+/// Global mode's bound (README, "Bounds"): per window, what the others admitted and have not
+/// yet been told of: `(E − 1)` Envoys each admitting `N / E` a second, for `d = 2.5` sync
+/// intervals plus round trips (0.1 s), over every window of the run.
 fn global_bound() -> u64 {
-    let per_window = (ENVOYS as f64 - 1.0) * f64::from(LIMIT) / ENVOYS as f64 * (2.0 * SYNC_MS as f64 / 1000.0);
+    let d = 2.5 * SYNC_MS as f64 / 1000.0 + 0.1;
+    let per_window = (ENVOYS as f64 - 1.0) * f64::from(LIMIT) / ENVOYS as f64 * d;
     budget() + (per_window * SECS as f64).ceil() as u64
 }
 
-/// Split mode's bound: each Envoy at most its share per window.
+/// What a well-behaved fleet admits at most in practice: the budget and a tenth. Envoys that
+/// each enforced the whole limit would admit far more (up to 3× round-robin, about 1.24× at
+/// 90/5/5: BENCHMARKS.md), so this tells coordination from none.
+fn tight() -> u64 {
+    budget() * 11 / 10
+}
+
+/// Split mode's bound: each Envoy at most its share per window, and the first window whole.
 fn split_bound() -> u64 {
     (u64::from(LIMIT) / ENVOYS as u64) * ENVOYS as u64 * SECS + u64::from(LIMIT)
+}
+
+/// Whether every Envoy judges by fleet-wide counts now (the filter's gauge).
+fn all_global(stack: &Stack) -> bool {
+    stack.envoys.iter().all(|e| e.stat("wasmcustom.keyward.rate_limit.global") == Some(1))
 }
 
 #[test]
 fn a_global_limit_holds_across_three_envoys_round_robin_and_skewed() {
     let fleet = Stack::keyward(true);
     let rr = run(&fleet, &fleet.key("round-robin", LIMIT), &Shape::RoundRobin, |_| {});
-    assert!(rr.admitted <= global_bound(), "round-robin admitted {} > bound {}", rr.admitted, global_bound());
+    assert!(rr.admitted <= global_bound().min(tight()), "round-robin admitted {} > bound {} / {}", rr.admitted, global_bound(), tight());
     assert!(rr.admitted >= budget() * 8 / 10, "round-robin admitted only {}", rr.admitted);
     let skew = run(&fleet, &fleet.key("skewed", LIMIT), &Shape::Skew(vec![90, 5, 5]), |_| {});
-    assert!(skew.admitted <= global_bound(), "90/5/5 admitted {} > bound {}", skew.admitted, global_bound());
+    assert!(skew.admitted <= global_bound().min(tight()), "90/5/5 admitted {} > bound {} / {}", skew.admitted, global_bound(), tight());
     assert!(skew.admitted >= budget() * 8 / 10, "90/5/5 admitted only {}: the global counts should let the busy Envoy use the others' budget", skew.admitted);
     let status = status(&fleet);
     assert_eq!(status["rate_limits"]["mode"], "global", "{}", status["rate_limits"]);
+    assert!(all_global(&fleet), "an Envoy does not judge by the fleet's counts");
 }
 
 #[test]
@@ -97,13 +111,15 @@ fn redis_killed_mid_run_falls_back_to_the_split_and_recovers() {
             killed = true;
         }
     });
-    assert!(t.admitted <= global_bound(), "admitted {} with Redis killed", t.admitted);
+    // Global for 7 s, then each Envoy's share: within the split's bound (and the global's).
+    assert!(t.admitted <= split_bound(), "admitted {} with Redis killed", t.admitted);
+    assert!(!all_global(&fleet), "the Envoys still judge by fleet-wide counts with Redis gone");
     let fallbacks: u64 = fleet.envoys.iter().map(|e| e.stat("wasmcustom.keyward.rate_limit.fallbacks").unwrap_or(0)).sum();
     assert!(fallbacks >= 1, "no Envoy counted a fallback");
     assert_eq!(status(&fleet)["rate_limits"]["mode"], "split", "{}", status(&fleet)["rate_limits"]);
     // Redis back: global again within a few syncs.
     redis.restart();
-    poll_until(Duration::from_secs(10), "global mode after Redis restarts", || (status(&fleet)["rate_limits"]["mode"] == "global").then_some(()));
+    poll_until(Duration::from_secs(10), "global mode after Redis restarts", || (status(&fleet)["rate_limits"]["mode"] == "global" && all_global(&fleet)).then_some(()));
     fleet.redis = Some(redis);
 }
 
@@ -123,5 +139,5 @@ fn serve_killed_mid_run_leaves_each_envoy_its_share() {
     eprintln!("serve killed at 7 s: admitted {} of {}, errors {}, slowest {:?}", t.admitted, t.sent(), t.errors, t.slowest);
     assert_eq!(t.errors, 0, "{:?}", t.error_samples);
     assert!(t.slowest < Duration::from_secs(1), "a request waited {:?}", t.slowest);
-    assert!(t.admitted <= global_bound(), "admitted {} with serve killed", t.admitted);
+    assert!(t.admitted <= split_bound(), "admitted {} with serve killed", t.admitted);
 }

@@ -49,8 +49,10 @@ pub const SLOTS: usize = 33;
 /// little-endian.
 pub const VALUE_LEN: usize = 1 + 8 + 12 + SLOTS * 12;
 
-/// The value's format (`W` was the format before fleets: such a bucket starts afresh).
+/// The value's format; `W` was the format before fleets (no fleet figure), still read.
 const TAG: u8 = b'X';
+const OLD_TAG: u8 = b'W';
+const OLD_VALUE_LEN: usize = 1 + 8 + SLOTS * 12;
 /// Where the slots start in a value.
 const SLOTS_AT: usize = 1 + 8 + 12;
 
@@ -169,14 +171,17 @@ impl Window {
     /// Decodes [`Window::encode`]'s output; `None` for anything else (an older format included:
     /// the bucket then starts afresh).
     pub fn decode(v: &[u8]) -> Option<Window> {
-        if v.len() != VALUE_LEN || v[0] != TAG {
-            return None;
-        }
         let u64_at = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(v.get(at..at + 8)?.try_into().ok()?)) };
         let u32_at = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(v.get(at..at + 4)?.try_into().ok()?)) };
-        let mut w = Window { tat: u64_at(1)?, others: u32_at(9)?, others_until: u64_at(13)?, ..Window::default() };
+        // The format before fleets (no fleet figure) is still read, so a filter upgraded while
+        // the older one drains keeps the budget; it is written back in the new format.
+        let (mut w, slots_at) = match (v.first(), v.len()) {
+            (Some(&TAG), VALUE_LEN) => (Window { tat: u64_at(1)?, others: u32_at(9)?, others_until: u64_at(13)?, ..Window::default() }, SLOTS_AT),
+            (Some(&OLD_TAG), OLD_VALUE_LEN) => (Window { tat: u64_at(1)?, ..Window::default() }, 9),
+            _ => return None,
+        };
         for (i, slot) in w.slots.iter_mut().enumerate() {
-            let at = SLOTS_AT + i * 12;
+            let at = slots_at + i * 12;
             let count = u32_at(at)?;
             *slot = (count, u64_at(at + 4)?);
         }
@@ -268,8 +273,9 @@ fn admit_with(now_us: u64, w: &mut Window, limit: RateLimit, burst: Burst, extra
     let tau = (b - 1) * t;
     let gcra_wait = if b < n { w.tat.saturating_sub(tau).saturating_sub(now) } else { 0 };
     if window_wait > 0 || gcra_wait > 0 {
-        let reset = w.latest().saturating_add(period).saturating_sub(now).max(if b < n { w.tat.saturating_sub(now) } else { 0 });
-        return Verdict::Limit { retry_after_us: window_wait.max(gcra_wait), reset_us: reset };
+        let retry = window_wait.max(gcra_wait);
+        let reset = w.latest().saturating_add(period).saturating_sub(now).max(if b < n { w.tat.saturating_sub(now) } else { 0 }).max(retry);
+        return Verdict::Limit { retry_after_us: retry, reset_us: reset };
     }
     // Admit: count it in its sub-window's slot.
     let sub = sub_window_us(limit);
@@ -511,9 +517,15 @@ mod tests {
             admit(t, &mut w, lim(7, 1), Burst::Requests(3));
         }
         assert_eq!(Window::decode(&w.encode()), Some(w));
-        for bad in [&b""[..], b"1234567", &[b'W'; VALUE_LEN - 1]] {
+        for bad in [&b""[..], b"1234567", &[b'X'; VALUE_LEN - 1], &[b'W'; VALUE_LEN]] {
             assert_eq!(Window::decode(bad), None);
         }
+        // The format before fleets: the same window, no fleet figure.
+        let encoded = w.encode();
+        let mut old = vec![b'W'];
+        old.extend_from_slice(&encoded[1..9]);
+        old.extend_from_slice(&encoded[SLOTS_AT..]);
+        assert_eq!(Window::decode(&old), Some(Window { others: 0, others_until: 0, ..w }));
     }
 
     #[test]

@@ -122,7 +122,8 @@ pub fn validate(report: &RateReport) -> Result<()> {
 }
 
 /// Where a count lands: sub-windows of `sub_ms`, the current one numbered `slot`; the window is
-/// the last `slots` of them, the current one included. It may count up to one sub-window of
+/// the last `slots` of them, the current one included: a period and one more sub-window, so no
+/// admission within the last period is ever left out. It may count up to one sub-window of
 /// requests that already aged out of the period: conservative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -138,7 +139,7 @@ pub struct Window {
 pub fn window(period_secs: u32, now_ms: u64) -> Window {
     let period_ms = u64::from(period_secs.max(1)) * 1000;
     let sub_ms = (period_ms / 10).max(100);
-    Window { sub_ms, slot: now_ms / sub_ms, slots: period_ms.div_ceil(sub_ms), ttl_ms: period_ms + 2 * sub_ms }
+    Window { sub_ms, slot: now_ms / sub_ms, slots: period_ms.div_ceil(sub_ms) + 1, ttl_ms: period_ms + 2 * sub_ms }
 }
 
 /// The Redis key of a bucket's slot, before the slot number: `kwrl:{<bucket>}:<sub_ms>:`. The
@@ -618,18 +619,18 @@ mod tests {
     }
 
     #[test]
-    fn windows_are_ten_sub_windows_of_at_least_100_ms() {
+    fn windows_are_eleven_sub_windows_of_at_least_100_ms() {
         let check = |period: u32, now_ms: u64, want: (u64, u64, u64, u64)| {
             let w = window(period, now_ms);
             assert_eq!((w.sub_ms, w.slot, w.slots, w.ttl_ms), want, "period {period} s at {now_ms} ms");
         };
-        check(1, 1_000_050, (100, 10_000, 10, 1_200));
-        check(1, 1_000_099, (100, 10_000, 10, 1_200));
-        check(1, 1_000_100, (100, 10_001, 10, 1_200));
-        check(60, 1_700_000_000_000, (6_000, 283_333_333, 10, 72_000));
-        check(86_400, 1_700_000_000_000, (8_640_000, 196_759, 10, 103_680_000));
+        check(1, 1_000_050, (100, 10_000, 11, 1_200));
+        check(1, 1_000_099, (100, 10_000, 11, 1_200));
+        check(1, 1_000_100, (100, 10_001, 11, 1_200));
+        check(60, 1_700_000_000_000, (6_000, 283_333_333, 11, 72_000));
+        check(86_400, 1_700_000_000_000, (8_640_000, 196_759, 11, 103_680_000));
         // A zero period (refused by `validate`) still has a sane window.
-        check(0, 1_000, (100, 10, 10, 1_200));
+        check(0, 1_000, (100, 10, 11, 1_200));
     }
 
     #[test]
