@@ -639,7 +639,7 @@ mod tests {
         let args = script_args(&report, 1_000_050);
         assert_eq!(
             args,
-            [["e:edge-1", "kwrl:{k:key_a}:100:", "10000", "10", "1200", "7", "kwrl:{a:agt_b}:6000:", "166", "10", "72000", "0"]]
+            [["e:edge-1", "kwrl:{k:key_a}:100:", "10000", "11", "1200", "7", "kwrl:{a:agt_b}:6000:", "166", "11", "72000", "0"]]
         );
         assert_eq!(script_args(&RateReport { envoy: "e".into(), buckets: vec![] }, 0), [["e:e"]], "an empty report still asks Redis");
         let big = RateReport { envoy: "e".into(), buckets: vec![bucket("k:a", 1, 1, 0); 2 * SCRIPT_CHUNK + 1] };
