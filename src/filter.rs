@@ -246,16 +246,17 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(
             }
             match o.verdict {
                 Verdict::Allow { remaining, reset_us } => {
-                    if let Some(rates) = rates {
-                        // The early push: only global counts gain from a sooner report.
-                        rates.admitted(bucket, limit, fleet.global && crate::fleet::crossed_half(remaining, u64::from(limit.count)));
+                    // Admissions are counted only for fleet-wide counts: a split needs none, and a
+                    // request in split mode costs what it did before fleets.
+                    if let Some(rates) = rates.filter(|_| fleet.global) {
+                        rates.admitted(bucket, limit, crate::fleet::crossed_half(remaining, u64::from(limit.count)));
                     }
                     if config.rate_limit_headers {
                         rate_headers.extend(ratelimit::headers(limit, remaining, reset_us));
                     }
                 }
                 Verdict::Limit { retry_after_us, reset_us } => {
-                    if let Some(rates) = rates {
+                    if let Some(rates) = rates.filter(|_| fleet.global) {
                         rates.refused(bucket, limit);
                     }
                     if config.rate_limit_headers {

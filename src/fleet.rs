@@ -1,7 +1,8 @@
 //! Rate limits across a fleet of Envoys, the filter's side. No request waits on the network:
 //! a request reads and CASes only its bucket in shared data, as with one Envoy.
 //!
-//! - Every worker counts what it admits per bucket ([`RateCounts`], in VM memory) and hands the
+//! - In global mode every worker counts what it admits per bucket ([`RateCounts`], in VM
+//!   memory; in split mode nothing is counted, the control plane needs no counts) and hands the
 //!   counts to the fetcher's VM on its tick through the `keyward.rates` queue, at once when a
 //!   bucket has used half its budget here (the early push), else every half sync interval.
 //! - The fetcher reports the buckets that moved to the control plane every `rate_sync_ms`
