@@ -7,17 +7,14 @@
 //! VM takes over within `LEASE_MS`.
 
 use crate::fleet::{Admitted, AdmittedCounts, RateCounts, RateSync, RATES_QUEUE};
-use crate::host::{self, Envoy, Host, HostError};
+use crate::host::{CallResponse, EnvoyHost, Host, HostError, LogLevel, MetricKind};
 use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY, STATE_KEY, USAGE_QUEUE};
 use keyward_core::config::ControlPlane;
-use keyward_core::feed::{parse_page, Epochs, FeedAsk, FeedError, KeyUsage, RateAnswer, RateMode, RateReport, UsageReport};
-use keyward_core::response::CODES;
+use keyward_core::feed::{parse_page, Epochs, FeedAsk, FeedError, RateAnswer, RateMode, RateReport, UsageReport};
+use keyward_core::usage::{self, Usage, UsageCounts};
 use keyward_core::scope::Implications;
 use keyward_core::url::encode_component as encode;
 use keyward_core::Digest;
-use proxy_wasm::types::LogLevel;
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Duration;
 
 /// How long a lease lasts without renewal.
@@ -30,53 +27,6 @@ pub const TICK: Duration = Duration::from_millis(25);
 const LEASE_CHECK_MS: u64 = 250;
 const BACKOFF_MIN_MS: u64 = 250;
 const BACKOFF_MAX_MS: u64 = 10_000;
-
-/// One key's usage since the last flush.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KeyCounts {
-    /// Allowed requests.
-    pub count: u64,
-    /// The last allowed request (Unix seconds); 0 if none.
-    pub last: i64,
-    /// Refused requests that presented this key, indexed like [`CODES`].
-    pub denied: [u64; CODES.len()],
-}
-
-impl KeyCounts {
-    pub fn add(&mut self, other: &KeyCounts) {
-        self.count += other.count;
-        self.last = self.last.max(other.last);
-        for (a, b) in self.denied.iter_mut().zip(other.denied) {
-            *a += b;
-        }
-    }
-
-    /// The queue's line form: `id \t count \t last \t d0,d1,…` (one per key).
-    fn line(id: &str, c: &KeyCounts) -> String {
-        let denied: Vec<String> = c.denied.iter().map(u64::to_string).collect();
-        format!("{id}\t{}\t{}\t{}\n", c.count, c.last, denied.join(","))
-    }
-
-    /// Parses [`KeyCounts::line`] (without the newline); the denied field may be absent.
-    fn parse_line(line: &str) -> Option<(&str, KeyCounts)> {
-        let mut f = line.split('\t');
-        let id = f.next()?;
-        let mut c = KeyCounts { count: f.next()?.parse().ok()?, last: f.next()?.parse().ok()?, ..KeyCounts::default() };
-        if let Some(denied) = f.next() {
-            for (slot, n) in c.denied.iter_mut().zip(denied.split(',')) {
-                *slot = n.parse().ok()?;
-            }
-        }
-        Some((id, c))
-    }
-
-    fn denied_by_code(&self) -> std::collections::BTreeMap<String, u64> {
-        CODES.iter().zip(self.denied).filter(|(_, n)| *n > 0).map(|(code, n)| (code.to_string(), n)).collect()
-    }
-}
-
-/// Usage per key id since the last flush.
-pub type UsageCounts = HashMap<String, KeyCounts>;
 
 /// Keys per usage report: at most about 500 bytes each (a 128-character id, every code
 /// counted), so a report stays under the 1 MiB body limit of `POST /v1/feed/usage`. More keys
@@ -113,19 +63,19 @@ pub struct FeedMetrics {
 }
 
 impl FeedMetrics {
-    pub fn define() -> Result<FeedMetrics, HostError> {
+    pub fn define<H: Host>(host: &H) -> Result<FeedMetrics, HostError> {
         Ok(FeedMetrics {
-            pages: host::define_counter("keyward.feed.pages_applied")?,
-            rejected: host::define_counter("keyward.feed.pages_rejected")?,
-            errors: host::define_counter("keyward.feed.errors")?,
-            version: host::define_gauge("keyward.feed.applied_version")?,
-            usage_reports: host::define_counter("keyward.feed.usage_reports")?,
-            resets: host::define_counter("keyward.feed.resets")?,
-            rate_syncs: host::define_counter("keyward.rate_limit.syncs")?,
-            rate_sync_failures: host::define_counter("keyward.rate_limit.sync_failures")?,
-            rate_fallbacks: host::define_counter("keyward.rate_limit.fallbacks")?,
-            rate_exhausted: host::define_counter("keyward.rate_limit.exhausted")?,
-            rate_global: host::define_gauge("keyward.rate_limit.global")?,
+            pages: host.define_metric(MetricKind::Counter, "keyward.feed.pages_applied")?,
+            rejected: host.define_metric(MetricKind::Counter, "keyward.feed.pages_rejected")?,
+            errors: host.define_metric(MetricKind::Counter, "keyward.feed.errors")?,
+            version: host.define_metric(MetricKind::Gauge, "keyward.feed.applied_version")?,
+            usage_reports: host.define_metric(MetricKind::Counter, "keyward.feed.usage_reports")?,
+            resets: host.define_metric(MetricKind::Counter, "keyward.feed.resets")?,
+            rate_syncs: host.define_metric(MetricKind::Counter, "keyward.rate_limit.syncs")?,
+            rate_sync_failures: host.define_metric(MetricKind::Counter, "keyward.rate_limit.sync_failures")?,
+            rate_fallbacks: host.define_metric(MetricKind::Counter, "keyward.rate_limit.fallbacks")?,
+            rate_exhausted: host.define_metric(MetricKind::Counter, "keyward.rate_limit.exhausted")?,
+            rate_global: host.define_metric(MetricKind::Gauge, "keyward.rate_limit.global")?,
         })
     }
 }
@@ -172,23 +122,17 @@ pub struct Fetcher {
 /// if there is no holder yet, or it moved (resolved again next time): keep what was counted.
 fn to_leader(queue: &mut Option<u32>, name: &str, msg: &str) -> Result<bool, HostError> {
     if queue.is_none() {
-        let vm_id = host::property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
-        *queue = host::resolve_queue(&vm_id, name)?;
+        let vm_id = EnvoyHost.property(&["plugin_vm_id"])?.and_then(|v| String::from_utf8(v).ok()).unwrap_or_default();
+        *queue = EnvoyHost.resolve_queue(&vm_id, name)?;
     }
     let Some(id) = *queue else {
         return Ok(false);
     };
-    if host::enqueue(id, msg.as_bytes()).is_err() {
+    if EnvoyHost.enqueue(id, msg.as_bytes()).is_err() {
         *queue = None;
         return Ok(false);
     }
     Ok(true)
-}
-
-pub fn merge(into: &mut UsageCounts, from: UsageCounts) {
-    for (id, counts) in from {
-        into.entry(id).or_default().add(&counts);
-    }
 }
 
 impl Fetcher {
@@ -224,22 +168,22 @@ impl Fetcher {
         }
     }
 
-    pub fn on_tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>, rates: &RateCounts) {
+    pub fn on_tick(&mut self, now_ms: u64, usage: &Usage, rates: &RateCounts) {
         if let Err(e) = self.tick(now_ms, usage, rates) {
-            host::log(LogLevel::Warn, &format!("fetcher tick: {e}"));
+            EnvoyHost.log(LogLevel::Warn, &format!("fetcher tick: {e}"));
         }
     }
 
-    fn tick(&mut self, now_ms: u64, usage: &RefCell<UsageCounts>, rates: &RateCounts) -> Result<(), HostError> {
+    fn tick(&mut self, now_ms: u64, usage: &Usage, rates: &RateCounts) -> Result<(), HostError> {
         let was_leader = self.leader;
         if now_ms.saturating_sub(self.last_lease_ms) >= LEASE_CHECK_MS {
             self.last_lease_ms = now_ms;
             self.leader = self.hold_lease(now_ms)?;
         }
         if self.leader && !was_leader {
-            host::log(LogLevel::Info, &format!("this VM ({}) now fetches the snapshot feed", self.owner));
-            self.consumer_queue = Some(host::register_queue(USAGE_QUEUE)?);
-            self.rates_consumer = Some(host::register_queue(RATES_QUEUE)?);
+            EnvoyHost.log(LogLevel::Info, &format!("this VM ({}) now fetches the snapshot feed", self.owner));
+            self.consumer_queue = Some(EnvoyHost.register_queue(USAGE_QUEUE)?);
+            self.rates_consumer = Some(EnvoyHost.register_queue(RATES_QUEUE)?);
             self.rates.became_leader();
             self.next_poll_ms = now_ms;
         }
@@ -263,8 +207,8 @@ impl Fetcher {
         // Gather this worker's usage once a second.
         if now_ms.saturating_sub(self.last_flush_ms) >= 1_000 {
             self.last_flush_ms = now_ms;
-            let local = std::mem::take(&mut *usage.borrow_mut());
-            merge(&mut self.pending, local);
+            let local = usage.take();
+            usage::merge(&mut self.pending, local);
             if !self.leader && !self.pending.is_empty() {
                 self.enqueue_pending()?;
             }
@@ -290,7 +234,7 @@ impl Fetcher {
 
     /// Takes or renews the lease; true if this VM holds it.
     fn hold_lease(&mut self, now_ms: u64) -> Result<bool, HostError> {
-        let (value, cas) = Envoy.shared_get(LEASE_KEY)?;
+        let (value, cas) = EnvoyHost.shared_get(LEASE_KEY)?;
         let current = value.as_deref().and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| {
             let (owner, exp) = v.split_once(' ')?;
             Some((owner.to_string(), exp.parse::<u64>().ok()?))
@@ -301,11 +245,11 @@ impl Fetcher {
             }
         }
         let claim = format!("{} {}", self.owner, now_ms + LEASE_MS);
-        if !Envoy.shared_set(LEASE_KEY, claim.as_bytes(), cas)? {
+        if !EnvoyHost.shared_set(LEASE_KEY, claim.as_bytes(), cas)? {
             return Ok(false);
         }
         // Without a CAS token (no lease yet) two VMs may both write: the last write wins.
-        let (value, _) = Envoy.shared_get(LEASE_KEY)?;
+        let (value, _) = EnvoyHost.shared_get(LEASE_KEY)?;
         Ok(value.as_deref() == Some(claim.as_bytes()))
     }
 
@@ -315,16 +259,16 @@ impl Fetcher {
         if let Some(id) = &self.envoy_id {
             return Ok(id.clone());
         }
-        let node = host::property(&["xds", "node", "id"])?.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty());
+        let node = EnvoyHost.property(&["xds", "node", "id"])?.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty());
         let id = match node {
             Some(id) => id,
             None => {
-                let (value, _) = Envoy.shared_get(ENVOY_ID_KEY)?;
+                let (value, _) = EnvoyHost.shared_get(ENVOY_ID_KEY)?;
                 match value.and_then(|v| String::from_utf8(v).ok()).filter(|s| !s.is_empty()) {
                     Some(id) => id,
                     None => {
                         let id = format!("envoy-{}", Digest::of(format!("{}{now_ms}", self.owner).as_bytes()).short());
-                        Envoy.shared_set(ENVOY_ID_KEY, id.as_bytes(), None)?;
+                        EnvoyHost.shared_set(ENVOY_ID_KEY, id.as_bytes(), None)?;
                         id
                     }
                 }
@@ -346,8 +290,8 @@ impl Fetcher {
     }
 
     fn start_poll(&mut self, now_ms: u64) -> Result<(), HostError> {
-        let state = State::read(&Envoy)?;
-        let epochs = shared::read_epochs(&Envoy)?;
+        let state = State::read(&EnvoyHost)?;
+        let epochs = shared::read_epochs(&EnvoyHost)?;
         let envoy = self.envoy_id(now_ms)?;
         let ask = epochs.ask(state.loaded, state.applied, state.cursor.as_ref());
         // Until a snapshot is loaded, or while a reset starts over, do not wait: ask now.
@@ -365,14 +309,14 @@ impl Fetcher {
         let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
         let headers = self.headers("GET", &path, &auth);
         let timeout = Duration::from_secs(u64::from(wait) + 10);
-        self.poll = Some(host::dispatch_http_call(&self.cp.cluster, headers, None, timeout)?);
+        self.poll = Some(EnvoyHost.dispatch(&self.cp.cluster, &headers, None, timeout)?);
         self.asked = Some(ask);
         Ok(())
     }
 
     fn fail(&mut self, now_ms: u64, why: &str) {
-        host::log(LogLevel::Warn, &format!("snapshot feed: {why}; retrying in {} ms", self.backoff_ms));
-        host::increment_counter(self.metrics.errors);
+        EnvoyHost.log(LogLevel::Warn, &format!("snapshot feed: {why}; retrying in {} ms", self.backoff_ms));
+        let _ = EnvoyHost.increment(self.metrics.errors, 1);
         self.next_poll_ms = now_ms + self.backoff_ms;
         self.backoff_ms = (self.backoff_ms * 2).min(BACKOFF_MAX_MS);
     }
@@ -391,8 +335,8 @@ impl Fetcher {
                     }
                 }
                 Err(FetchError::Feed(e)) => {
-                    host::log(LogLevel::Error, &format!("snapshot feed: rejected a page, keeping the last good snapshot: {e}"));
-                    host::increment_counter(self.metrics.rejected);
+                    EnvoyHost.log(LogLevel::Error, &format!("snapshot feed: rejected a page, keeping the last good snapshot: {e}"));
+                    let _ = EnvoyHost.increment(self.metrics.rejected, 1);
                     self.fail(now_ms, "page rejected");
                 }
                 Err(e) => self.fail(now_ms, &e.to_string()),
@@ -403,16 +347,18 @@ impl Fetcher {
             }
         } else if self.report.as_ref().is_some_and(|(t, _)| *t == token) {
             if let Some((_, sent)) = self.report.take() {
-                match host::http_call_response(0) {
-                    Ok((Some(status), _)) if status == "200" || status == "204" => host::increment_counter(self.metrics.usage_reports),
+                match EnvoyHost.call_response(0) {
+                    Ok(CallResponse { status: Some(status), .. }) if status == "200" || status == "204" => {
+                        let _ = EnvoyHost.increment(self.metrics.usage_reports, 1);
+                    }
                     // A refusal will not change on a retry: keeping the counts would grow them forever.
-                    Ok((Some(status), _)) if status.starts_with('4') => {
-                        host::log(LogLevel::Error, &format!("usage report refused with HTTP {status}; dropping the counts of {} keys", sent.len()));
+                    Ok(CallResponse { status: Some(status), .. }) if status.starts_with('4') => {
+                        EnvoyHost.log(LogLevel::Error, &format!("usage report refused with HTTP {status}; dropping the counts of {} keys", sent.len()));
                         self.report_more = false;
                     }
                     other => {
-                        host::log(LogLevel::Warn, &format!("usage report failed ({other:?}); keeping the counts for the next one"));
-                        merge(&mut self.pending, sent);
+                        EnvoyHost.log(LogLevel::Warn, &format!("usage report failed ({other:?}); keeping the counts for the next one"));
+                        usage::merge(&mut self.pending, sent);
                     }
                 }
             }
@@ -423,7 +369,7 @@ impl Fetcher {
         if body_size > self.cp.max_feed_bytes {
             return Err(FeedError::TooLarge { size: body_size, max: self.cp.max_feed_bytes }.into());
         }
-        let (status, body) = host::http_call_response(body_size)?;
+        let CallResponse { status, body } = EnvoyHost.call_response(body_size)?;
         match status.as_deref() {
             Some("200") => {}
             other => return Err(FetchError::Status(other.unwrap_or("(no response)").to_string())),
@@ -431,7 +377,7 @@ impl Fetcher {
         // Validate the whole page before writing any of it.
         let page = parse_page(&body, self.cp.max_feed_bytes, &self.implications)?;
         let asked = self.asked.take().ok_or(FeedError::Inconsistent("an answer to no request"))?;
-        let epochs = shared::read_epochs(&Envoy)?;
+        let epochs = shared::read_epochs(&EnvoyHost)?;
         let step = epochs.step(&asked, &page)?;
         // The generation is odd while records (or the live epochs) are being written, and
         // changes again after the state (see `shared::generation`): a worker caches nothing
@@ -444,11 +390,11 @@ impl Fetcher {
         let live = |e: &Epochs| (e.committed.n, e.pending.as_ref().map(|p| p.epoch.n));
         let bracket = !page.records.is_empty() || step.before.is_some() || live(&step.after) != live(&epochs);
         if bracket {
-            shared::begin_apply(&Envoy)?;
+            shared::begin_apply(&EnvoyHost)?;
         }
         if step.begins_reset {
-            host::increment_counter(self.metrics.resets);
-            host::log(
+            let _ = EnvoyHost.increment(self.metrics.resets, 1);
+            EnvoyHost.log(
                 LogLevel::Warn,
                 &format!(
                     "snapshot feed: reset to store {} version {}: its whole snapshot replaces the one held (store {}); keys it lacks are refused once it is applied",
@@ -459,12 +405,12 @@ impl Fetcher {
             );
         }
         if let Some(before) = &step.before {
-            shared::write_epochs(&Envoy, before)?;
+            shared::write_epochs(&EnvoyHost, before)?;
         }
         for (digest, record) in &page.records {
-            Envoy.shared_set(&shared::record_key(digest), record.encode_entry(step.tag).as_bytes(), None)?;
+            EnvoyHost.shared_set(&shared::record_key(digest), record.encode_entry(step.tag).as_bytes(), None)?;
         }
-        let mut state = State::read(&Envoy)?;
+        let mut state = State::read(&EnvoyHost)?;
         let changed = !page.records.is_empty() || state.applied != page.version || !state.loaded || step.after != epochs;
         state.last_heard_ms = now_ms;
         if page.complete {
@@ -474,23 +420,23 @@ impl Fetcher {
         } else {
             state.cursor = page.cursor.clone();
         }
-        Envoy.shared_set(STATE_KEY, state.encode().as_bytes(), None)?;
+        EnvoyHost.shared_set(STATE_KEY, state.encode().as_bytes(), None)?;
         if step.after != epochs || step.before.is_some() {
-            shared::write_epochs(&Envoy, &step.after)?;
+            shared::write_epochs(&EnvoyHost, &step.after)?;
         }
         if bracket {
-            shared::end_apply(&Envoy)?;
+            shared::end_apply(&EnvoyHost)?;
         }
-        host::increment_counter(self.metrics.pages);
-        let _ = host::record_gauge(self.metrics.version, state.applied);
+        let _ = EnvoyHost.increment(self.metrics.pages, 1);
+        let _ = EnvoyHost.record(self.metrics.version, state.applied);
         if changed {
-            host::log(
+            EnvoyHost.log(
                 LogLevel::Info,
                 &format!("snapshot feed: applied {} records, version {}{}", page.records.len(), page.version, if page.complete { "" } else { " (more to come)" }),
             );
             if page.complete {
                 if let Some(started) = self.full_sync_started_ms.take() {
-                    host::log(LogLevel::Info, &format!("full snapshot version {} applied in {} ms", page.version, now_ms.saturating_sub(started)));
+                    EnvoyHost.log(LogLevel::Info, &format!("full snapshot version {} applied in {} ms", page.version, now_ms.saturating_sub(started)));
                 }
             }
         }
@@ -498,10 +444,7 @@ impl Fetcher {
     }
 
     fn enqueue_pending(&mut self) -> Result<(), HostError> {
-        let mut msg = String::new();
-        for (id, counts) in &self.pending {
-            msg.push_str(&KeyCounts::line(id, counts));
-        }
+        let msg = usage::lines(&self.pending);
         if to_leader(&mut self.producer_queue, USAGE_QUEUE, &msg)? {
             self.pending.clear();
         }
@@ -510,13 +453,13 @@ impl Fetcher {
 
     pub fn on_queue_ready(&mut self, queue: u32) {
         if Some(queue) == self.rates_consumer {
-            while let Ok(Some(msg)) = host::dequeue(queue) {
+            while let Ok(Some(msg)) = EnvoyHost.dequeue(queue) {
                 let text = String::from_utf8_lossy(&msg);
                 let urgent = text.starts_with("U\n");
                 let counts: AdmittedCounts = text.lines().filter_map(Admitted::parse_line).map(|(b, a)| (b.to_string(), a)).collect();
                 // The leader's clock: the tick's is not at hand here, and a bucket's watch only
                 // needs it to the second.
-                let now = host::now_millis().unwrap_or(0);
+                let now = EnvoyHost.now_millis().unwrap_or(0);
                 self.rates.add(counts, urgent, now);
             }
             return;
@@ -524,11 +467,8 @@ impl Fetcher {
         if Some(queue) != self.consumer_queue {
             return;
         }
-        while let Ok(Some(msg)) = host::dequeue(queue) {
-            let text = String::from_utf8_lossy(&msg);
-            for (id, counts) in text.lines().filter_map(KeyCounts::parse_line) {
-                self.pending.entry(id.to_string()).or_default().add(&counts);
-            }
+        while let Ok(Some(msg)) = EnvoyHost.dequeue(queue) {
+            usage::merge(&mut self.pending, usage::parse_lines(&String::from_utf8_lossy(&msg)));
         }
     }
 
@@ -554,7 +494,7 @@ impl Fetcher {
         let headers = self.headers("POST", "/v1/feed/rates", &auth);
         // Never longer than a few sync intervals: a slow control plane costs freshness, not requests.
         let timeout = Duration::from_millis((u64::from(self.cp.rate_sync_ms) * 4).clamp(500, 5_000));
-        match host::dispatch_http_call(&self.cp.cluster, headers, Some(&body), timeout) {
+        match EnvoyHost.dispatch(&self.cp.cluster, &headers, Some(&body), timeout) {
             Ok(token) => self.rate_call = Some((token, report)),
             Err(e) => {
                 self.rates.failed(&report);
@@ -566,10 +506,10 @@ impl Fetcher {
 
     fn on_rate_answer(&mut self, sent: &RateReport, body_size: usize, now_ms: u64) {
         let was_global = self.rates.fleet().is_some_and(|f| f.global);
-        let answer = match host::http_call_response(body_size.min(1 << 20)) {
-            Ok((Some(status), body)) if status == "200" => serde_json::from_slice::<RateAnswer>(&body).map_err(|e| format!("an answer it cannot read: {e}")),
-            Ok((Some(status), _)) if status.starts_with('4') => Err(format!("refused with HTTP {status}; dropping its counts")),
-            Ok((status, _)) => {
+        let answer = match EnvoyHost.call_response(body_size.min(1 << 20)) {
+            Ok(CallResponse { status: Some(status), body }) if status == "200" => serde_json::from_slice::<RateAnswer>(&body).map_err(|e| format!("an answer it cannot read: {e}")),
+            Ok(CallResponse { status: Some(status), .. }) if status.starts_with('4') => Err(format!("refused with HTTP {status}; dropping its counts")),
+            Ok(CallResponse { status, .. }) => {
                 self.rates.failed(sent);
                 Err(format!("HTTP {}; keeping its counts for the next one", status.as_deref().unwrap_or("(no response)")))
             }
@@ -580,35 +520,35 @@ impl Fetcher {
         };
         match answer.and_then(|a| {
             let sync_ms = u64::from(self.cp.rate_sync_ms);
-            self.rates.apply(&Envoy, sent, &a, now_ms, sync_ms).map(|exhausted| (a, exhausted)).map_err(|e| e.to_string())
+            self.rates.apply(&EnvoyHost, sent, &a, now_ms, sync_ms).map(|exhausted| (a, exhausted)).map_err(|e| e.to_string())
         }) {
             Ok((answer, exhausted)) => {
-                host::increment_counter(self.metrics.rate_syncs);
+                let _ = EnvoyHost.increment(self.metrics.rate_syncs, 1);
                 if exhausted > 0 {
-                    let _ = Envoy.increment(self.metrics.rate_exhausted, exhausted);
+                    let _ = EnvoyHost.increment(self.metrics.rate_exhausted, exhausted);
                 }
                 let global = answer.mode == RateMode::Global;
-                let _ = host::record_gauge(self.metrics.rate_global, u64::from(global));
+                let _ = EnvoyHost.record(self.metrics.rate_global, u64::from(global));
                 if was_global && !global {
-                    host::increment_counter(self.metrics.rate_fallbacks);
-                    host::log(LogLevel::Warn, &format!("rate limits: the control plane has no fleet-wide counts now; each of {} Envoys enforces its share", answer.envoys.max(1)));
+                    let _ = EnvoyHost.increment(self.metrics.rate_fallbacks, 1);
+                    EnvoyHost.log(LogLevel::Warn, &format!("rate limits: the control plane has no fleet-wide counts now; each of {} Envoys enforces its share", answer.envoys.max(1)));
                 } else if global && !was_global {
-                    host::log(LogLevel::Info, &format!("rate limits: fleet-wide counts across {} Envoys", answer.envoys.max(1)));
+                    EnvoyHost.log(LogLevel::Info, &format!("rate limits: fleet-wide counts across {} Envoys", answer.envoys.max(1)));
                 }
                 if self.rates_failing {
                     self.rates_failing = false;
-                    host::log(LogLevel::Info, "rate limits: reports reach the control plane again");
+                    EnvoyHost.log(LogLevel::Info, "rate limits: reports reach the control plane again");
                 }
             }
             Err(why) => {
-                host::increment_counter(self.metrics.rate_sync_failures);
+                let _ = EnvoyHost.increment(self.metrics.rate_sync_failures, 1);
                 if was_global {
-                    host::increment_counter(self.metrics.rate_fallbacks);
-                    let _ = host::record_gauge(self.metrics.rate_global, 0);
+                    let _ = EnvoyHost.increment(self.metrics.rate_fallbacks, 1);
+                    let _ = EnvoyHost.record(self.metrics.rate_global, 0);
                 }
                 if !self.rates_failing {
                     self.rates_failing = true;
-                    host::log(LogLevel::Warn, &format!("rate limits: report to the control plane failed ({why}); each bucket falls back to this Envoy's last share until one succeeds"));
+                    EnvoyHost.log(LogLevel::Warn, &format!("rate limits: report to the control plane failed ({why}); each bucket falls back to this Envoy's last share until one succeeds"));
                 }
             }
         }
@@ -617,50 +557,22 @@ impl Fetcher {
     fn start_report(&mut self) -> Result<(), HostError> {
         let now = self.last_report_ms;
         let envoy = self.envoy_id(now)?;
-        let sent: UsageCounts = if self.pending.len() <= USAGE_BATCH {
-            std::mem::take(&mut self.pending)
-        } else {
-            let ids: Vec<String> = self.pending.keys().take(USAGE_BATCH).cloned().collect();
-            ids.into_iter().filter_map(|id| self.pending.remove_entry(&id)).collect()
-        };
+        let sent = usage::take_batch(&mut self.pending, USAGE_BATCH);
         self.report_more = !self.pending.is_empty();
         let report = UsageReport {
             envoy,
-            usage: sent.iter().map(|(id, c)| KeyUsage { key_id: id.clone(), count: c.count, last_used: c.last, denied: c.denied_by_code() }).collect(),
+            usage: sent.iter().map(|(id, c)| c.to_report(id)).collect(),
         };
         let body = serde_json::to_vec(&report).unwrap_or_default();
         let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}")).unwrap_or_default();
         let headers = self.headers("POST", "/v1/feed/usage", &auth);
-        match host::dispatch_http_call(&self.cp.cluster, headers, Some(&body), Duration::from_secs(10)) {
+        match EnvoyHost.dispatch(&self.cp.cluster, &headers, Some(&body), Duration::from_secs(10)) {
             Ok(token) => self.report = Some((token, sent)),
             Err(e) => {
-                merge(&mut self.pending, sent);
+                usage::merge(&mut self.pending, sent);
                 return Err(e);
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usage_lines_round_trip_with_denials_by_code() {
-        let mut c = KeyCounts { count: 7, last: 1_800_000_000, ..KeyCounts::default() };
-        c.denied[3] = 2;
-        c.denied[8] = 40;
-        let line = KeyCounts::line("key_1", &c);
-        assert_eq!(line, "key_1\t7\t1800000000\t0,0,0,2,0,0,0,0,40,0\n");
-        assert_eq!(KeyCounts::parse_line(line.trim_end()), Some(("key_1", c)));
-        assert_eq!(KeyCounts::parse_line("key_2\t1\t5"), Some(("key_2", KeyCounts { count: 1, last: 5, ..KeyCounts::default() })), "an older producer's line");
-        assert_eq!(KeyCounts::parse_line("key_2\tx\t5"), None);
-        let by_code = c.denied_by_code();
-        assert_eq!(by_code.into_iter().collect::<Vec<_>>(), [("RATE_LIMITED".to_string(), 40), ("REVOKED_API_KEY".to_string(), 2)]);
-        let mut total = UsageCounts::new();
-        merge(&mut total, UsageCounts::from([("key_1".to_string(), c)]));
-        merge(&mut total, UsageCounts::from([("key_1".to_string(), c)]));
-        assert_eq!((total["key_1"].count, total["key_1"].denied[8]), (14, 80));
     }
 }

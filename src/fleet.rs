@@ -84,11 +84,7 @@ pub struct RateCounts {
     urgent: Cell<bool>,
 }
 
-/// Whether the admission that left `remaining` took a bucket past half of `n`: the early push
-/// happens once per crossing, not on every request after it.
-pub fn crossed_half(remaining: u64, n: u64) -> bool {
-    remaining.saturating_mul(2) < n && (remaining + 1).saturating_mul(2) >= n
-}
+pub use keyward_core::authorize::crossed_half;
 
 impl RateCounts {
     /// One admitted request; `urgent`: report it on the next tick (see [`crossed_half`]).
@@ -205,7 +201,7 @@ impl RateSync {
             return Ok(0);
         }
         let until_us = now_ms.saturating_add((sync_ms * TRUST_SYNCS).max(MIN_TRUST_MS)).saturating_mul(1000);
-        let store = crate::host::SharedStore(host);
+        let store = crate::host::SharedBuckets(host);
         let asked: HashMap<&str, u32> = sent.buckets.iter().map(|b| (b.bucket.as_str(), b.count)).collect();
         let mut exhausted = 0;
         for b in &answer.buckets {

@@ -65,7 +65,7 @@ pub fn end_apply<H: Host>(host: &H) -> Result<(), HostError> {
 pub fn read_epochs<H: Host>(host: &H) -> Result<Epochs, HostError> {
     let (value, _) = host.shared_get(EPOCHS_KEY)?;
     let text = value.unwrap_or_default();
-    std::str::from_utf8(&text).ok().and_then(Epochs::decode).ok_or(HostError { op: "decoding keyward.epochs", status: proxy_wasm::types::Status::ParseFailure })
+    std::str::from_utf8(&text).ok().and_then(Epochs::decode).ok_or(HostError { op: "decoding keyward.epochs", status: crate::host::Status::ParseFailure })
 }
 
 /// Only the fetcher, between [`begin_apply`] and [`end_apply`].
@@ -296,46 +296,8 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyward_core::{KeyStatus, LocalReply};
-
-    /// Shared data in a map; the other hostcalls are not used by a lookup.
-    #[derive(Default)]
-    /// Like Envoy's: every write takes the next CAS token; an empty value reads as `None`.
-    struct SharedData(RefCell<HashMap<String, (Vec<u8>, u32)>>, std::cell::Cell<u32>);
-
-    impl Host for SharedData {
-        fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
-            unimplemented!()
-        }
-        fn set_request_header(&self, _: &str, _: Option<&str>) -> Result<(), HostError> {
-            unimplemented!()
-        }
-        fn add_request_header(&self, _: &str, _: &[u8]) -> Result<(), HostError> {
-            unimplemented!()
-        }
-        fn property(&self, _: &[&str]) -> Result<Option<Vec<u8>>, HostError> {
-            unimplemented!()
-        }
-        fn send_reply(&self, _: &LocalReply) -> Result<(), HostError> {
-            unimplemented!()
-        }
-        fn now_micros(&self) -> Result<u64, HostError> {
-            unimplemented!()
-        }
-        fn increment(&self, _: u32, _: u64) -> Result<(), HostError> {
-            unimplemented!()
-        }
-        fn shared_get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), HostError> {
-            self.1.set(self.1.get() + 1);
-            Ok(self.0.borrow().get(key).map_or((None, None), |(v, cas)| ((!v.is_empty()).then(|| v.clone()), Some(*cas))))
-        }
-        fn shared_set(&self, key: &str, value: &[u8], _: Option<u32>) -> Result<bool, HostError> {
-            let mut map = self.0.borrow_mut();
-            let cas = map.values().map(|e| e.1).max().unwrap_or(0) + 1;
-            map.insert(key.to_string(), (value.to_vec(), cas));
-            Ok(true)
-        }
-    }
+    use crate::host::FakeHost;
+    use keyward_core::KeyStatus;
 
     fn record(id: &str, status: KeyStatus) -> KeyRecord {
         KeyRecord {
@@ -359,7 +321,7 @@ mod tests {
     /// "unavailable" (which `fail_open` forwards).
     #[test]
     fn an_undecodable_record_is_a_fault_not_unavailable() {
-        let host = SharedData::default();
+        let host = FakeHost::new();
         let cache = RecordCache::default();
         let digest = Digest::of(b"key");
         host.shared_set(&record_key(&digest), b"9\tgarbage", None).unwrap();
@@ -376,7 +338,7 @@ mod tests {
     /// read the revoked record, the other never serves its cached active one (issue 12).
     #[test]
     fn a_refusal_on_one_worker_is_never_undone_by_another_s_cache_issue_12() {
-        let host = SharedData::default();
+        let host = FakeHost::new();
         let (a, b) = (RecordCache::default(), RecordCache::default());
         let digest = Digest::of(b"key");
         let status = |cache: &RecordCache| {
@@ -387,9 +349,9 @@ mod tests {
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();
         end_apply(&host).unwrap();
         assert_eq!(status(&b), Some(KeyStatus::Active), "B caches the active record");
-        let reads = host.1.get();
+        let reads = host.shared_reads.get();
         assert_eq!(status(&b), Some(KeyStatus::Active));
-        assert_eq!(host.1.get(), reads + 1, "a cached record costs only the generation's read");
+        assert_eq!(host.shared_reads.get(), reads + 1, "a cached record costs only the generation's read");
         // The fetcher starts a page that revokes the key; B looks at it before it is written,
         // and must not cache what it read.
         begin_apply(&host).unwrap();
@@ -407,7 +369,7 @@ mod tests {
         begin_apply(&host).unwrap();
         assert!(odd % 2 == 1 && generation(&host).unwrap() % 2 == 1 && generation(&host).unwrap() != odd);
         end_apply(&host).unwrap();
-        assert!(generation(&host).unwrap() % 2 == 0 && generation(&host).unwrap() != g);
+        assert!(generation(&host).unwrap().is_multiple_of(2) && generation(&host).unwrap() != g);
     }
 
     /// A reset as the fetcher writes it (two pages: K2 on each, K1 on neither), with two workers
@@ -416,7 +378,7 @@ mod tests {
     #[test]
     fn after_a_reset_a_key_the_new_store_lacks_is_absent_on_every_worker() {
         use keyward_core::feed::{Epoch, Reset};
-        let host = SharedData::default();
+        let host = FakeHost::new();
         let (a, b) = (RecordCache::default(), RecordCache::default());
         let (k1, k2, k3) = (Digest::of(b"k1"), Digest::of(b"k2"), Digest::of(b"k3"));
         let status = |cache: &RecordCache, d: &Digest| {
@@ -450,9 +412,9 @@ mod tests {
         assert_eq!(both(&k1), (None, None), "refused from the commit on, even before the generation moves");
         end_apply(&host).unwrap();
         assert_eq!((both(&k1), both(&k2), both(&k3)), ((None, None), some("k2"), some("k3")));
-        let reads = host.1.get();
+        let reads = host.shared_reads.get();
         assert_eq!(status(&a, &k1), None);
-        assert_eq!(host.1.get(), reads + 2, "a stale key costs the generation's read and its record's, no more");
+        assert_eq!(host.shared_reads.get(), reads + 2, "a stale key costs the generation's read and its record's, no more");
         // A worker whose copy of the epochs is older than a record it reads looks again.
         let c = RecordCache::default();
         c.sync(&host, generation(&host).unwrap()).unwrap();
@@ -467,17 +429,17 @@ mod tests {
 
     #[test]
     fn a_key_written_after_a_miss_is_found_at_once_and_a_hit_costs_no_read() {
-        let host = SharedData::default();
+        let host = FakeHost::new();
         let cache = RecordCache::default();
         let digest = Digest::of(b"a-new-key");
         cache.sync(&host, generation(&host).unwrap()).unwrap();
-        let status = |keys: &SharedKeys<'_, SharedData>| keys.lookup(&digest).unwrap().map(|r| r.status);
+        let status = |keys: &SharedKeys<'_, FakeHost>| keys.lookup(&digest).unwrap().map(|r| r.status);
         assert_eq!(status(&SharedKeys::new(&host, true, &cache)), None, "unknown before the feed wrote it");
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();
         assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Active), "absence was not cached");
-        let reads = host.1.get();
+        let reads = host.shared_reads.get();
         assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Active));
-        assert_eq!(host.1.get(), reads, "a cached record costs no shared-data read");
+        assert_eq!(host.shared_reads.get(), reads, "a cached record costs no shared-data read");
         // A change is seen once the tick drops the cache.
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Revoked).encode().as_bytes(), None).unwrap();
         cache.clear();

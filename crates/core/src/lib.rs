@@ -3,6 +3,7 @@
 //! Nothing here performs I/O, reads a clock or touches proxy-wasm. The current time and all
 //! state are passed in, so every rule is tested natively with `cargo test`.
 
+pub mod authorize;
 pub mod config;
 pub mod credential;
 pub mod decision;
@@ -15,6 +16,7 @@ pub mod rules;
 pub mod scope;
 pub mod snapshot;
 pub mod time;
+pub mod usage;
 pub mod url;
 
 pub use config::{Config, ConfigError};
@@ -23,3 +25,4 @@ pub use decision::{decide, Decision, Denial, Identity, KeyLookup, LookupError, N
 pub use digest::Digest;
 pub use response::LocalReply;
 pub use snapshot::{KeyRecord, KeyStatus, RateLimit, Snapshot};
+pub use authorize::{authorize, Action, Plan};

@@ -313,7 +313,7 @@ pub fn headers(limit: RateLimit, remaining: u64, reset_us: u64) -> [(&'static st
 pub type Versioned = (Option<Vec<u8>>, Option<u32>);
 
 /// The shared store the limiter's state lives in (Envoy shared data in the filter).
-pub trait Store {
+pub trait BucketStore {
     type Error;
     /// The value and its CAS token.
     fn get(&self, key: &str) -> Result<Versioned, Self::Error>;
@@ -356,7 +356,7 @@ fn with_bucket_key<R>(bucket: &str, f: impl FnOnce(&str) -> R) -> R {
 
 /// Applies the limiter to `bucket` in `store` with compare-and-swap, at most `max_attempts` times,
 /// as one Envoy of `fleet` ([`admit_in_fleet`]).
-pub fn check<S: Store>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, fleet: Fleet, max_attempts: u32) -> Result<Outcome, S::Error> {
+pub fn check<S: BucketStore>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, fleet: Fleet, max_attempts: u32) -> Result<Outcome, S::Error> {
     with_bucket_key(bucket, |key| {
         let mut created = false;
         for attempt in 1..=max_attempts.max(1) {
@@ -380,7 +380,7 @@ pub fn check<S: Store>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, b
 /// window, trusted until `until_us`. Creates the bucket if absent (so this Envoy's first request
 /// counts the others too). Gives up after `max_attempts` contended writes: the next sync says it
 /// again. Returns whether it was written.
-pub fn set_others<S: Store>(store: &S, bucket: &str, others: u64, until_us: u64, max_attempts: u32) -> Result<bool, S::Error> {
+pub fn set_others<S: BucketStore>(store: &S, bucket: &str, others: u64, until_us: u64, max_attempts: u32) -> Result<bool, S::Error> {
     with_bucket_key(bucket, |key| {
         for _ in 0..max_attempts.max(1) {
             let (value, cas) = store.get(key)?;
@@ -557,7 +557,7 @@ mod tests {
         interfere: RefCell<u32>,
     }
 
-    impl Store for Mem {
+    impl BucketStore for Mem {
         type Error = ();
         fn get(&self, key: &str) -> Result<Versioned, ()> {
             Ok(self.map.borrow().get(key).map_or((None, None), |(v, c)| (Some(v.clone()), Some(*c))))

@@ -147,6 +147,19 @@ impl Denial {
     }
 }
 
+/// The code of a request that failed closed: the filter could not judge it (a hostcall refused,
+/// a key record it cannot decode). Never forwarded, whatever `fail_open` says.
+pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+
+/// The reply to a request that failed closed: 500, and nothing secret.
+pub fn internal_error() -> LocalReply {
+    LocalReply {
+        status: 500,
+        headers: vec![("content-type", "application/json".to_string()), ("cache-control", "no-store".to_string())],
+        body: format!(r#"{{"success":false,"error":{{"code":"{INTERNAL_ERROR}","message":"The authentication filter failed; see Envoy's log.","details":{{}}}}}}"#),
+    }
+}
+
 /// Headers that tell a client its key is being retired: `Deprecation` (RFC 9745, the rotation
 /// time as `@<unix seconds>`) and `Sunset` (RFC 8594, the key's expiry as an HTTP-date).
 pub fn deprecation_headers(record: &KeyRecord) -> Vec<(&'static str, String)> {
@@ -258,6 +271,14 @@ mod tests {
         check("{}", Denial::ExpiredKey { expired_at: 1_800_000_000, key_id: "key_01J".into() }, r#"{"success":false,"error":{"code":"EXPIRED_API_KEY","message":"The API key expired at 2027-01-15T08:00:00Z.","details":{"expired_at":"2027-01-15T08:00:00Z","key_id":"key_01J"}}}"#);
         check("{}", Denial::AccessDisabled { reason: None }, r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"API access is disabled for this key's agent.","details":{}}}"#);
         check("{}", Denial::AccessDisabled { reason: Some("Your plan does not include \"API\" access </script>".into()) }, r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"Your plan does not include \"API\" access </script>","details":{}}}"#);
+    }
+
+    #[test]
+    fn internal_error_is_exact() {
+        let r = internal_error();
+        assert_eq!(r.status, 500);
+        assert_eq!(r.body, r#"{"success":false,"error":{"code":"INTERNAL_ERROR","message":"The authentication filter failed; see Envoy's log.","details":{}}}"#);
+        assert!(!CODES.contains(&INTERNAL_ERROR), "a fault is not a denial: it has its own counter");
     }
 
     #[test]
