@@ -45,25 +45,28 @@ fn judge<H: Host>(host: &H, vm: &VmState) -> Result<Flow, HostError> {
     Ok(filter::on_request(host, c, &keys, &vm.view(true)))
 }
 
+/// One request's headers, judged and acted on; whatever fails, fails closed.
+fn request<H: Host>(host: &H, vm: Option<&VmState>) -> Flow {
+    let Some(vm) = vm else {
+        // Unreachable: Envoy creates no stream on a VM whose on_configure failed.
+        host.log(LogLevel::Error, "request before configuration; failing closed");
+        let _ = host.send_reply(&internal_error());
+        return Flow::Stop;
+    };
+    judge(host, vm).unwrap_or_else(|e| {
+        host.log(LogLevel::Error, &format!("{e}; failing closed"));
+        vm.metrics.count_fault();
+        let _ = host.send_reply(&internal_error());
+        Flow::Stop
+    })
+}
+
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let host = EnvoyHost;
         #[cfg(feature = "fault-injection")]
         fault_injection::maybe_trap(&host);
-        let flow = match &self.vm {
-            Some(vm) => judge(&host, vm).unwrap_or_else(|e| {
-                host.log(LogLevel::Error, &format!("{e}; failing closed"));
-                vm.metrics.count_fault();
-                let _ = host.send_reply(&internal_error());
-                Flow::Stop
-            }),
-            None => {
-                // Unreachable: Envoy creates no stream on a VM whose on_configure failed.
-                host.log(LogLevel::Error, "request before configuration; failing closed");
-                let _ = host.send_reply(&internal_error());
-                Flow::Stop
-            }
-        };
+        let flow = request(&host, self.vm.as_deref());
         match flow {
             Flow::Continue(headers) => {
                 self.response_headers = headers;
@@ -95,6 +98,87 @@ mod fault_injection {
         if trap {
             #[cfg(target_arch = "wasm32")]
             core::arch::wasm32::unreachable();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::FakeHost;
+    use crate::root::Root;
+    use keyward_core::{Digest, LocalReply};
+
+    const NOW_MS: u64 = 1_800_000_000_000;
+
+    fn configured(host: &FakeHost, config: serde_json::Value) -> Rc<VmState> {
+        *host.config.borrow_mut() = config.to_string().into_bytes();
+        host.set_now_ms(NOW_MS);
+        let mut root = Root::new(1);
+        root.configure(host).unwrap();
+        Rc::clone(root.vm().unwrap())
+    }
+
+    /// Shared data as the fetcher leaves it after a complete snapshot.
+    fn loaded(host: &FakeHost) {
+        let state = State { loaded: true, applied: 1, last_heard_ms: NOW_MS, cursor: None };
+        host.shared_set(shared::STATE_KEY, state.encode().as_bytes(), None).unwrap();
+    }
+
+    fn status(host: &FakeHost) -> Option<u32> {
+        host.reply.borrow().as_ref().map(|r: &LocalReply| r.status)
+    }
+
+    fn code(host: &FakeHost) -> String {
+        let reply = host.reply.borrow();
+        let body: serde_json::Value = serde_json::from_str(&reply.as_ref().unwrap().body).unwrap();
+        body["error"]["code"].as_str().unwrap_or("").to_string()
+    }
+
+    /// The fault path against an in-memory host: a record that cannot be decoded, or a
+    /// shared-data read that fails, is a 500 `INTERNAL_ERROR` and counted, even with
+    /// `fail_open`; only "no snapshot yet" is forwarded with `fail_open`.
+    #[test]
+    fn a_fault_fails_closed_whatever_fail_open_says() {
+        for fail_open in [false, true] {
+            let host = FakeHost::with_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", "some-key")]);
+            let vm = configured(&host, serde_json::json!({"fail_open": fail_open, "control_plane": {"cluster": "keyward"}}));
+            // No snapshot yet: 503, or forwarded with fail_open.
+            let flow = request(&host, Some(&vm));
+            assert_eq!((flow.clone(), status(&host)), if fail_open { (Flow::Continue(vec![]), None) } else { (Flow::Stop, Some(503)) });
+            // Loaded, but the key's record is garbage.
+            loaded(&host);
+            host.shared_set(&shared::record_key(&Digest::of(b"some-key")), b"9\tgarbage", None).unwrap();
+            host.set_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", "some-key")]);
+            assert_eq!(request(&host, Some(&vm)), Flow::Stop, "fail_open {fail_open}");
+            assert_eq!((status(&host), code(&host)), (Some(500), "INTERNAL_ERROR".into()));
+            assert!(!host.logged("failing closed").is_empty());
+            // Shared data refusing the read.
+            host.set_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", "other-key")]);
+            host.fail("get_shared_data");
+            assert_eq!((request(&host, Some(&vm)), status(&host)), (Flow::Stop, Some(500)));
+            host.heal();
+            vm.metrics.flush(&host).unwrap();
+            assert_eq!(host.metric("keyward.internal_errors"), Some(2));
+        }
+    }
+
+    /// A hostcall that fails while the plan is applied fails the request closed too.
+    #[test]
+    fn a_hostcall_failing_mid_request_is_a_500() {
+        let key = "good-key";
+        let snapshot = serde_json::json!({"version": 1, "keys": [{"digest": Digest::of(key.as_bytes()).to_hex(), "id": "key_1", "agent": "a", "scopes": []}]});
+        let host = FakeHost::with_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", key), ("x-keyward-agent", "spoofed")]);
+        let vm = configured(&host, serde_json::json!({"snapshot": snapshot}));
+        assert_eq!(request(&host, Some(&vm)), Flow::Continue(vec![]));
+        assert_eq!((host.request_header("x-api-key"), host.request_header("x-keyward-agent")), (None, Some("a".into())), "credential out, identity in");
+        assert_eq!(host.request_header("x-keyward-key-id").as_deref(), Some("key_1"));
+        for op in ["get_map_bytes", "add_map_value", "set_map_value"] {
+            host.set_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", key)]);
+            host.fail(op);
+            assert_eq!(request(&host, Some(&vm)), Flow::Stop, "{op}");
+            host.heal();
+            assert_eq!(status(&host), Some(500), "{op}");
         }
     }
 }

@@ -78,7 +78,7 @@ impl Root {
     }
 
     /// Loads the configuration; `Err` says why Envoy must refuse it.
-    fn configure<H: Host>(&mut self, host: &H) -> Result<(), String> {
+    pub fn configure<H: Host>(&mut self, host: &H) -> Result<(), String> {
         let bytes = host.plugin_configuration().map_err(|e| e.to_string())?;
         let config = Config::from_json(&bytes).map_err(|e| e.to_string())?;
         let metrics = Metrics::define(host).map_err(|e| e.to_string())?;
@@ -119,6 +119,12 @@ impl Root {
             vm_memory_reported: Cell::new(0),
         }));
         Ok(())
+    }
+
+    /// The VM's state once configured (tests).
+    #[cfg(test)]
+    pub fn vm(&self) -> Option<&Rc<VmState>> {
+        self.vm.as_ref()
     }
 
     fn tick<H: Host>(&mut self, host: &H) {

@@ -262,3 +262,262 @@ where
 pub fn crossed_half(remaining: u64, n: u64) -> bool {
     remaining.saturating_mul(2) < n && (remaining + 1).saturating_mul(2) >= n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decision::{LookupError, NoKeys};
+    use crate::ratelimit::Versioned;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    const NOW: i64 = 1_800_000_000;
+
+    /// Buckets in memory, as Envoy's shared data keeps them (a CAS token per write).
+    #[derive(Default)]
+    struct Buckets(RefCell<HashMap<String, (Vec<u8>, u32)>>, std::cell::Cell<bool>);
+
+    impl BucketStore for Buckets {
+        type Error = &'static str;
+        fn get(&self, key: &str) -> Result<Versioned, &'static str> {
+            if self.1.get() {
+                return Err("shared data refused");
+            }
+            Ok(self.0.borrow().get(key).map_or((None, None), |(v, c)| (Some(v.clone()), Some(*c))))
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, &'static str> {
+            let mut m = self.0.borrow_mut();
+            let current = m.get(key).map(|e| e.1);
+            if cas.is_some() && cas != current {
+                return Ok(false);
+            }
+            m.insert(key.to_string(), (value.to_vec(), current.unwrap_or(0) + 1));
+            Ok(true)
+        }
+    }
+
+    /// A lookup that faults: a failed shared-data read, or a record that cannot be decoded.
+    struct Faulty;
+
+    impl KeyLookup for Faulty {
+        fn lookup(&self, _: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError> {
+            Err(LookupError::Fault)
+        }
+    }
+
+    fn config(extra: serde_json::Value) -> Config {
+        let rec = |key: &str, id: &str, fields: serde_json::Value| {
+            let mut v = serde_json::json!({"digest": Digest::of(key.as_bytes()).to_hex(), "id": id, "agent": "billing", "scopes": ["read:all"]});
+            if let (Some(obj), Some(f)) = (v.as_object_mut(), fields.as_object()) {
+                obj.extend(f.clone());
+            }
+            v
+        };
+        let mut c = serde_json::json!({
+            "require_tls": false,
+            "strip_credential": true,
+            "query_param": "api_key",
+            "rules": [
+                {"path": {"prefix": "/public"}, "public": true},
+                {"path": {"prefix": "/admin"}, "scopes": ["admin"]},
+            ],
+            "snapshot": {"version": 1, "keys": [
+                rec("good-key", "key_good", serde_json::json!({})),
+                rec("revoked-key", "key_revoked", serde_json::json!({"status": "revoked"})),
+                rec("expired-key", "key_expired", serde_json::json!({"expires_at": NOW})),
+                rec("disabled-key", "key_disabled", serde_json::json!({"agent_enabled": false, "disabled_reason": "Upgrade your plan"})),
+                rec("project-key", "key_project", serde_json::json!({"path_prefixes": ["/v1/projects/42"]})),
+                rec("limited-key", "key_limited", serde_json::json!({"rate_limit": "2/min"})),
+                rec("retiring-key", "key_retiring", serde_json::json!({"deprecated_at": NOW - 60, "expires_at": NOW + 3600})),
+            ]}
+        });
+        if let (Some(obj), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+            obj.extend(extra.clone());
+        }
+        Config::from_json(c.to_string().as_bytes()).unwrap()
+    }
+
+    /// What a plan amounts to, as the tables read it.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Seen {
+        Reply { status: u32, code: String, headers: Vec<String> },
+        Forward { remove: Vec<String>, path: Option<String>, identity: Option<String>, response: Vec<String> },
+    }
+
+    fn seen(plan: &Plan<'_>) -> Seen {
+        match &plan.action {
+            Action::Reply(r) => {
+                let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                let mut headers: Vec<String> = r.headers.iter().map(|(n, _)| n.to_string()).filter(|n| n != "content-type" && n != "cache-control").collect();
+                headers.sort();
+                Seen::Reply { status: r.status, code: body["error"]["code"].as_str().unwrap().to_string(), headers }
+            }
+            Action::Forward(f) => Seen::Forward {
+                remove: f.remove.clone(),
+                path: f.path.clone(),
+                identity: f.identity_headers().map(|h| h.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" ")),
+                response: f.response_headers.iter().map(|(n, _)| n.to_string()).collect(),
+            },
+        }
+    }
+
+    fn reply(status: u32, code: &str, headers: &[&str]) -> Seen {
+        Seen::Reply { status, code: code.into(), headers: headers.iter().map(|h| h.to_string()).collect() }
+    }
+
+    fn forward(remove: &[&str], path: Option<&str>, id: Option<&str>, response: &[&str]) -> Seen {
+        Seen::Forward {
+            remove: remove.iter().map(|h| h.to_string()).collect(),
+            path: path.map(str::to_string),
+            identity: id.map(|id| format!("x-keyward-key-id={id} x-keyward-agent=billing x-keyward-scopes=read:all")),
+            response: response.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    fn plan_for<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, buckets: &Buckets, path: &str, headers: &[(&str, &str)], tls: bool) -> Plan<'s> {
+        let headers: Vec<(String, Vec<u8>)> = headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+        let req = Request { method: "GET", path, authority: "api.test", headers: &headers, tls_connection: tls, route_scopes: None, now: &|| NOW };
+        let now_us = || Some(u64::try_from(NOW).unwrap() * 1_000_000);
+        authorize(config, keys, buckets, &req, &Context { now_us: &now_us, fleet: Fleet::default() })
+    }
+
+    /// Every row of the contract, as a plan: the status, code and headers of each refusal, and
+    /// what an allowed or public request forwards.
+    #[test]
+    fn every_contract_row_is_planned() {
+        let c = config(serde_json::json!({}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let key = |k: &'static str| vec![("x-api-key", k)];
+        let www = &["www-authenticate"][..];
+        let table: Vec<(&str, &str, Vec<(&str, &str)>, Seen)> = vec![
+            ("allowed", "/v1/x", key("good-key"), forward(&["x-api-key"], None, Some("key_good"), &[])),
+            ("bearer", "/v1/x", vec![("authorization", "Bearer good-key")], forward(&["authorization"], None, Some("key_good"), &[])),
+            ("query credential", "/v1/x?a=1&api_key=good-key", vec![], forward(&[], Some("/v1/x?a=1"), Some("key_good"), &[])),
+            ("spoofed identity", "/v1/x", vec![("x-keyward-agent", "root"), ("x-api-key", "good-key"), ("x-keyward-agent", "again")], forward(&["x-keyward-agent", "x-api-key"], None, Some("key_good"), &[])),
+            ("public", "/public/docs", vec![("x-keyward-key-id", "spoof")], forward(&["x-keyward-key-id"], None, None, &[])),
+            ("public with a bad key", "/public/docs", key("nonsense"), forward(&[], None, None, &[])),
+            ("MISSING_API_KEY", "/v1/x", vec![], reply(401, "MISSING_API_KEY", www)),
+            ("MALFORMED_API_KEY", "/v1/x", vec![("authorization", "Bearer ")], reply(401, "MALFORMED_API_KEY", www)),
+            ("two credentials", "/v1/x", vec![("x-api-key", "good-key"), ("authorization", "Bearer revoked-key")], reply(401, "MALFORMED_API_KEY", www)),
+            ("INVALID_API_KEY", "/v1/x", key("unknown-key"), reply(401, "INVALID_API_KEY", www)),
+            ("REVOKED_API_KEY", "/v1/x", key("revoked-key"), reply(401, "REVOKED_API_KEY", www)),
+            ("EXPIRED_API_KEY", "/v1/x", key("expired-key"), reply(401, "EXPIRED_API_KEY", www)),
+            ("ACCESS_DISABLED", "/v1/x", key("disabled-key"), reply(403, "ACCESS_DISABLED", &[])),
+            ("INSUFFICIENT_SCOPE", "/admin/x", key("good-key"), reply(403, "INSUFFICIENT_SCOPE", www)),
+            ("path restriction", "/v1/projects/43", key("project-key"), reply(403, "INSUFFICIENT_SCOPE", www)),
+            ("path allowed", "/v1/projects/42/items", key("project-key"), Seen::Forward { remove: vec!["x-api-key".into()], path: None, identity: Some("x-keyward-key-id=key_project x-keyward-agent=billing x-keyward-scopes=read:all".into()), response: vec![] }),
+            ("deprecated key", "/v1/x", key("retiring-key"), Seen::Forward { remove: vec!["x-api-key".into()], path: None, identity: Some("x-keyward-key-id=key_retiring x-keyward-agent=billing x-keyward-scopes=read:all".into()), response: vec!["deprecation".into(), "sunset".into()] }),
+        ];
+        for (name, path, headers, want) in table {
+            let plan = plan_for(&c, &snapshot, &Buckets::default(), path, &headers, false);
+            assert_eq!(seen(&plan), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_credential_stays_when_strip_credential_is_off() {
+        let c = config(serde_json::json!({"strip_credential": false}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let plan = plan_for(&c, &snapshot, &Buckets::default(), "/v1/x", &[("x-api-key", "good-key"), ("x-keyward-scopes", "admin")], false);
+        assert_eq!(seen(&plan), forward(&["x-keyward-scopes"], None, Some("key_good"), &[]));
+    }
+
+    #[test]
+    fn tls_required_and_keys_unavailable_and_fail_open() {
+        let c = config(serde_json::json!({"require_tls": true}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let b = Buckets::default();
+        assert_eq!(seen(&plan_for(&c, &snapshot, &b, "/v1/x", &[("x-api-key", "good-key")], false)), reply(403, "TLS_REQUIRED", &[]));
+        assert_eq!(seen(&plan_for(&c, &snapshot, &b, "/v1/x", &[("x-api-key", "good-key")], true)), forward(&["x-api-key"], None, Some("key_good"), &[]));
+        let c = config(serde_json::json!({}));
+        let plan = plan_for(&c, &NoKeys, &b, "/v1/x", &[("x-api-key", "good-key")], false);
+        assert_eq!(seen(&plan), reply(503, "KEYS_UNAVAILABLE", &["retry-after"]));
+        let open = config(serde_json::json!({"fail_open": true}));
+        let plan = plan_for(&open, &NoKeys, &b, "/v1/x", &[("x-api-key", "good-key"), ("x-keyward-agent", "x")], false);
+        assert_eq!((seen(&plan), plan.tally.counted), (forward(&["x-keyward-agent"], None, None, &[]), Counted::FailOpen));
+    }
+
+    /// A fault fails closed with 500 `INTERNAL_ERROR`, whatever `fail_open` says: `fail_open` is
+    /// for "no snapshot yet", never for a read that failed or a record that cannot be decoded.
+    #[test]
+    fn a_fault_fails_closed_even_with_fail_open() {
+        for fail_open in [false, true] {
+            let c = config(serde_json::json!({ "fail_open": fail_open }));
+            let plan = plan_for(&c, &Faulty, &Buckets::default(), "/v1/x", &[("x-api-key", "good-key")], false);
+            assert_eq!((seen(&plan), plan.tally.counted), (reply(500, "INTERNAL_ERROR", &[]), Counted::Fault), "fail_open {fail_open}");
+            assert!(plan.tally.fault.is_some());
+        }
+        // A bucket store that refuses, or a clock that cannot be read, is a fault too.
+        let c = config(serde_json::json!({ "fail_open": true }));
+        let snapshot = c.snapshot.clone().unwrap();
+        let refusing = Buckets::default();
+        refusing.1.set(true);
+        let plan = plan_for(&c, &snapshot, &refusing, "/v1/x", &[("x-api-key", "limited-key")], false);
+        assert_eq!(seen(&plan), reply(500, "INTERNAL_ERROR", &[]));
+        let headers = vec![("x-api-key".to_string(), b"limited-key".to_vec())];
+        let req = Request { method: "GET", path: "/v1/x", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: &|| NOW };
+        let plan = authorize(&c, &snapshot, &Buckets::default(), &req, &Context { now_us: &|| None, fleet: Fleet::default() });
+        assert_eq!(seen(&plan), reply(500, "INTERNAL_ERROR", &[]));
+    }
+
+    #[test]
+    fn rate_limits_add_their_headers_and_refuse_with_retry_after() {
+        let c = config(serde_json::json!({"rate_limit_headers": true}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let b = Buckets::default();
+        let limited = [("x-api-key", "limited-key")];
+        for _ in 0..2 {
+            let plan = plan_for(&c, &snapshot, &b, "/v1/x", &limited, false);
+            assert_eq!(seen(&plan), Seen::Forward { remove: vec!["x-api-key".into()], path: None, identity: Some("x-keyward-key-id=key_limited x-keyward-agent=billing x-keyward-scopes=read:all".into()), response: vec!["ratelimit-policy".into(), "ratelimit".into()] });
+        }
+        let plan = plan_for(&c, &snapshot, &b, "/v1/x", &limited, false);
+        assert_eq!(seen(&plan), reply(429, "RATE_LIMITED", &["ratelimit", "ratelimit-policy", "retry-after"]));
+        let bucket = plan.tally.bucket.as_ref().unwrap();
+        assert_eq!((bucket.bucket.as_str(), bucket.attempts, bucket.fleet), ("k:key_limited", 1, None), "split mode counts nothing for the fleet");
+        assert!(matches!(plan.tally.key, Some((_, ref id, KeyUse::Denied(8))) if id == "key_limited"));
+    }
+
+    #[test]
+    fn the_tally_counts_what_the_contract_decided() {
+        let c = config(serde_json::json!({}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let b = Buckets::default();
+        let usage = Usage::default();
+        let table: &[(&str, &[(&str, &str)], Counted, Option<KeyUse>)] = &[
+            ("/v1/x", &[("x-api-key", "good-key")], Counted::Allowed, Some(KeyUse::Allowed)),
+            ("/v1/x", &[("x-api-key", "revoked-key")], Counted::Denied(3), Some(KeyUse::Denied(3))),
+            ("/v1/x", &[("x-api-key", "unknown-key")], Counted::Denied(2), None),
+            ("/v1/x", &[], Counted::Denied(0), None),
+            ("/public", &[], Counted::Public, None),
+        ];
+        for (path, headers, counted, key) in table {
+            let plan = plan_for(&c, &snapshot, &b, path, headers, false);
+            assert_eq!((plan.tally.counted, plan.tally.key.as_ref().map(|k| k.2)), (*counted, *key), "{path} {headers:?}");
+            plan.tally.count_usage(&usage, NOW);
+        }
+        let counted = usage.take();
+        assert_eq!((counted["key_good"].count, counted["key_good"].last, counted["key_revoked"].denied[3]), (1, NOW, 1));
+        // In global mode admissions are counted for the fleet, and the one that takes the
+        // bucket past half is urgent.
+        let limited = [("x-api-key", "limited-key")];
+        let headers: Vec<(String, Vec<u8>)> = limited.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+        let req = Request { method: "GET", path: "/v1/x", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: &|| NOW };
+        let global = Fleet { envoys: 1, global: true };
+        let now_us = || Some(u64::try_from(NOW).unwrap() * 1_000_000);
+        let fleet: Vec<Option<FleetCount>> = (0..3)
+            .map(|_| authorize(&c, &snapshot, &b, &req, &Context { now_us: &now_us, fleet: global }).tally.bucket.and_then(|t| t.fleet))
+            .collect();
+        assert_eq!(fleet, [Some(FleetCount::Admitted { urgent: false }), Some(FleetCount::Admitted { urgent: true }), Some(FleetCount::Refused)]);
+    }
+
+    #[test]
+    fn the_debug_line_never_holds_the_credential() {
+        let c = config(serde_json::json!({}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let headers = vec![("x-api-key".to_string(), b"good-key".to_vec())];
+        let req = Request { method: "GET", path: "/v1/x", authority: "a", headers: &headers, tls_connection: false, route_scopes: None, now: &|| NOW };
+        let plan = authorize(&c, &snapshot, &Buckets::default(), &req, &Context { now_us: &|| None, fleet: Fleet::default() });
+        let line = plan.describe(&req);
+        assert!(line.starts_with("allowed key key_good digest ") && !line.contains("good-key"), "{line}");
+    }
+}

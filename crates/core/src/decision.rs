@@ -121,7 +121,8 @@ impl Decision<'_> {
     }
 }
 
-/// Judges one request. `snapshot` is `None` until keys are loaded.
+/// Judges one request against `keys`: the contract's order of checks, before rate limits (see
+/// `authorize`, which plans everything that follows).
 pub fn decide<'s, K: KeyLookup + ?Sized>(config: &Config, keys: &'s K, req: &Request<'_>) -> Decision<'s> {
     if config.require_tls && !is_tls(config, req) {
         return Decision::Deny(Denial::TlsRequired);
