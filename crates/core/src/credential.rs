@@ -129,6 +129,13 @@ fn bearer_token(value: &[u8]) -> Result<Option<&[u8]>, CredentialError> {
     }
 }
 
+/// The characters a key may hold: printable ASCII without space. A comma is refused too: it
+/// appears when a proxy merges two copies of a header, which is two credentials, not one. The
+/// control plane refuses to import a key outside this rule, since the filter would refuse it.
+pub fn is_key_text(value: &[u8]) -> bool {
+    !value.is_empty() && value.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b',')
+}
+
 fn validate(sources: &Sources, value: &[u8]) -> Result<(), CredentialError> {
     if value.is_empty() {
         return Err(CredentialError::Malformed("the key is empty"));
@@ -136,9 +143,7 @@ fn validate(sources: &Sources, value: &[u8]) -> Result<(), CredentialError> {
     if value.len() > sources.max_length {
         return Err(CredentialError::Malformed("the key is longer than the accepted maximum"));
     }
-    // Printable ASCII without space. A comma is refused too: it appears when a proxy merges two
-    // copies of a header, which is two credentials, not one.
-    if !value.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b',') {
+    if !is_key_text(value) {
         return Err(CredentialError::Malformed("the key contains characters outside printable ASCII"));
     }
     Ok(())

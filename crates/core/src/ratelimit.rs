@@ -323,7 +323,7 @@ pub trait BucketStore {
 
 /// The limiter's answer for one request, with how many store attempts it took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Checked {
     pub verdict: Verdict,
     pub attempts: u32,
     /// The retry bound was hit: admitted without updating the bucket (fail open on contention).
@@ -356,7 +356,7 @@ fn with_bucket_key<R>(bucket: &str, f: impl FnOnce(&str) -> R) -> R {
 
 /// Applies the limiter to `bucket` in `store` with compare-and-swap, at most `max_attempts` times,
 /// as one Envoy of `fleet` ([`admit_in_fleet`]).
-pub fn check<S: BucketStore>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, fleet: Fleet, max_attempts: u32) -> Result<Outcome, S::Error> {
+pub fn check<S: BucketStore>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, fleet: Fleet, max_attempts: u32) -> Result<Checked, S::Error> {
     with_bucket_key(bucket, |key| {
         let mut created = false;
         for attempt in 1..=max_attempts.max(1) {
@@ -365,14 +365,14 @@ pub fn check<S: BucketStore>(store: &S, bucket: &str, now_us: u64, limit: RateLi
             let mut w = value.as_deref().and_then(Window::decode).unwrap_or_default();
             let verdict = admit_in_fleet(now_us, &mut w, limit, burst, fleet);
             if matches!(verdict, Verdict::Limit { .. }) {
-                return Ok(Outcome { verdict, attempts: attempt, contended: false, created: false });
+                return Ok(Checked { verdict, attempts: attempt, contended: false, created: false });
             }
             if store.set(key, &w.encode(), cas)? {
-                return Ok(Outcome { verdict, attempts: attempt, contended: false, created });
+                return Ok(Checked { verdict, attempts: attempt, contended: false, created });
             }
         }
         let verdict = admit_in_fleet(now_us, &mut Window::default(), limit, burst, fleet);
-        Ok(Outcome { verdict, attempts: max_attempts, contended: true, created })
+        Ok(Checked { verdict, attempts: max_attempts, contended: true, created })
     })
 }
 

@@ -574,11 +574,10 @@ pub fn path_prefixes_ok(prefixes: &[String]) -> Result<()> {
 /// already superseded by a rotation. `action` says what the caller wanted ("rotate").
 pub fn live_key_ok(id: &str, revoked_at: Option<i64>, expires_at: Option<i64>, rotated_to: Option<&str>, now: i64, action: &str) -> Result<()> {
     let refuse = |message: String| Err(crate::error::Error::Conflict { field: "id", message });
-    if revoked_at.is_some() {
-        return refuse(format!("key {id} is revoked; create a new key instead"));
-    }
-    if expires_at.is_some_and(|t| t <= now) {
-        return refuse(format!("key {id} has expired; create a new key instead"));
+    match key_status(revoked_at, expires_at, rotated_to.is_some(), now) {
+        "revoked" => return refuse(format!("key {id} is revoked; create a new key instead")),
+        "expired" => return refuse(format!("key {id} has expired; create a new key instead")),
+        _ => {}
     }
     if let Some(next) = rotated_to {
         return refuse(format!("key {id} was rotated to {next}; {action} that one"));

@@ -146,7 +146,7 @@ fn imported_digest(secret: Option<&str>, digest: Option<&str>, key_prefix: &str,
         (None, None) => Err(invalid("key", "give the existing key, or its SHA-256 digest")),
         (Some(secret), None) => {
             let secret = secret.trim();
-            if secret.is_empty() || !secret.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+            if !keyward_core::credential::is_key_text(secret.as_bytes()) {
                 return Err(invalid("key", "the key must be printable ASCII without spaces or commas: the filter refuses anything else"));
             }
             if secret.len() > FILTER_MAX_KEY_LENGTH {
