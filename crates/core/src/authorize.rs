@@ -264,6 +264,7 @@ pub fn crossed_half(remaining: u64, n: u64) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)]
 mod tests {
     use super::*;
     use crate::decision::{LookupError, NoKeys};
