@@ -755,7 +755,7 @@ struct FeedQuery {
 }
 
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
-/// next change lands or after `wait` seconds, whichever is first. A long-poll: see ARCHITECTURE.md.
+/// next change lands or after `wait` seconds, whichever is first. A long-poll: see docs/decisions.md.
 ///
 /// A reset answers an Envoy whose records are not this store's: it names another store
 /// (`store=`), or it is ahead of this one (a restore that kept the id). The answer is then the
