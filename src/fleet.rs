@@ -14,6 +14,9 @@
 //!   whole limit less the others' admissions while the figure is trusted, else against this
 //!   Envoy's share of the limit. A lost control plane or rate store leaves each Envoy its last
 //!   share.
+//!
+//! The counts, the queue's lines, the reports and the answers' writes are pure, in
+//! `keyward_core::fetch::rates`; here the fleet is read for each tick.
 
 use crate::host::{Host, HostError};
 use keyward_core::ratelimit::Fleet;

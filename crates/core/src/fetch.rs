@@ -1101,7 +1101,7 @@ mod tests {
             let mut f = leader(0);
             let usage = Usage::default();
             usage.allowed(&Digest::of(b"k"), "key_1", 100);
-            let mut reports = |f: &mut Fetch, now: u64| -> Vec<Request> {
+            let reports = |f: &mut Fetch, now: u64| -> Vec<Request> {
                 let out = f.on_tick(now, &view(FeedView::default()), &usage, &RateCounts::default());
                 requests(&out).into_iter().filter(|r| r.call == Call::Usage).cloned().collect()
             };
