@@ -156,7 +156,7 @@ impl Root {
             Ok(fleet) => vm.fleet.set(fleet),
             Err(e) => host.log(LogLevel::Warn, &format!("reading the fleet: {e}")),
         }
-        f.on_tick(now, &vm.usage, &vm.rates);
+        f.on_tick(host, now, &vm.usage, &vm.rates);
     }
 }
 
@@ -164,7 +164,7 @@ impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let now = EnvoyHost.now_millis().unwrap_or(0);
         if let Some(f) = &mut self.fetcher {
-            f.on_http_call_response(token_id, body_size, now);
+            f.on_http_call_response(&EnvoyHost, token_id, body_size, now);
         }
     }
 }
@@ -192,7 +192,7 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         if let Some(f) = &mut self.fetcher {
-            f.on_queue_ready(queue_id);
+            f.on_queue_ready(&EnvoyHost, queue_id);
         }
     }
 

@@ -15,30 +15,19 @@
 
 use crate::host::{Host, HostError};
 use keyward_core::decision::{KeyLookup, LookupError};
-use keyward_core::feed::{Epochs, FeedCursor};
+use keyward_core::feed::Epochs;
+use keyward_core::fetch::{self, Write};
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// Prefix of every entry: plugins on one Istio proxy share a namespace (no `vm_id` there).
-pub const PREFIX: &str = "keyward.";
-pub const STATE_KEY: &str = "keyward.state";
-pub const LEASE_KEY: &str = "keyward.lease";
-pub const ENVOY_ID_KEY: &str = "keyward.envoy";
-/// The apply generation. Its CAS token (which Envoy changes on every write) identifies the
-/// generation; its value is non-empty while the fetcher writes a page's records and empty
-/// otherwise. Every request reads it: an empty value costs no allocation in the VM.
-pub const GENERATION_KEY: &str = "keyward.gen";
-pub const USAGE_QUEUE: &str = "keyward.usage";
-/// The live feed epochs ([`Epochs`]): written only by the fetcher, only while the generation is
-/// odd, so a worker reads it again whenever the generation moved (and on every request while it
-/// is odd), never on a steady request. Absent until the first apply that names a store.
-pub const EPOCHS_KEY: &str = "keyward.epochs";
+pub use keyward_core::fetch::{record_key, ENVOY_ID_KEY, EPOCHS_KEY, GENERATION_KEY, LEASE_KEY, PREFIX, STATE_KEY, USAGE_QUEUE};
 
-pub fn record_key(digest: &Digest) -> String {
-    format!("{PREFIX}k.{}", digest.to_hex())
+/// Runs one of the fetcher's writes.
+pub fn write<H: Host>(host: &H, w: &Write) -> Result<(), HostError> {
+    host.shared_set(&w.key, w.value.as_bytes(), None).map(|_| ())
 }
 
 /// The current apply generation: the entry's CAS token times two, plus one while an apply is in
@@ -49,16 +38,14 @@ pub fn generation<H: Host>(host: &H) -> Result<u64, HostError> {
     Ok((u64::from(cas.unwrap_or(0)) << 1) | u64::from(applying))
 }
 
-/// Before a page's records are written: the generation becomes odd, so no worker caches a
-/// record meanwhile. Only the lease holder writes it.
+/// See [`Write::begin_apply`]. Only the lease holder writes it.
 pub fn begin_apply<H: Host>(host: &H) -> Result<(), HostError> {
-    host.shared_set(GENERATION_KEY, b"applying", None).map(|_| ())
+    write(host, &Write::begin_apply())
 }
 
-/// After the page's records and the state: a new, even generation, so every worker drops the
-/// records it cached before.
+/// See [`Write::end_apply`].
 pub fn end_apply<H: Host>(host: &H) -> Result<(), HostError> {
-    host.shared_set(GENERATION_KEY, b"", None).map(|_| ())
+    write(host, &Write::end_apply())
 }
 
 /// The live epochs. An entry that cannot be decoded is an error: every request fails closed.
@@ -70,60 +57,25 @@ pub fn read_epochs<H: Host>(host: &H) -> Result<Epochs, HostError> {
 
 /// Only the fetcher, between [`begin_apply`] and [`end_apply`].
 pub fn write_epochs<H: Host>(host: &H, epochs: &Epochs) -> Result<(), HostError> {
-    host.shared_set(EPOCHS_KEY, epochs.encode().as_bytes(), None).map(|_| ())
+    write(host, &Write::epochs(epochs))
 }
 
-/// What the fetcher has applied, as every worker sees it.
+/// What the fetcher has applied ([`fetch::State`]), as this VM last read it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct State {
-    /// A complete snapshot has been applied at least once.
-    pub loaded: bool,
-    /// The last completely applied version.
-    pub applied: u64,
-    /// When the feed last answered (ms since the epoch).
-    pub last_heard_ms: u64,
-    /// Mid-delta position, when a delta spans pages.
-    pub cursor: Option<FeedCursor>,
+pub struct State(pub fetch::State);
+
+impl std::ops::Deref for State {
+    type Target = fetch::State;
+
+    fn deref(&self) -> &fetch::State {
+        &self.0
+    }
 }
 
 impl State {
-    pub fn encode(&self) -> String {
-        let (cv, cid) = match &self.cursor {
-            Some(c) => (c.version.to_string(), c.id.clone()),
-            None => ("-".into(), "-".into()),
-        };
-        format!("{} {} {} {cv} {cid}", if self.loaded { "L" } else { "-" }, self.applied, self.last_heard_ms)
-    }
-
-    pub fn decode(s: &str) -> Option<State> {
-        let mut f = s.split(' ');
-        let loaded = match f.next()? {
-            "L" => true,
-            "-" => false,
-            _ => return None,
-        };
-        let applied = f.next()?.parse().ok()?;
-        let last_heard_ms = f.next()?.parse().ok()?;
-        let cursor = match (f.next()?, f.next()?) {
-            ("-", "-") => None,
-            (v, id) => Some(FeedCursor { version: v.parse().ok()?, id: id.to_string() }),
-        };
-        Some(State { loaded, applied, last_heard_ms, cursor })
-    }
-
     pub fn read<H: Host>(host: &H) -> Result<State, HostError> {
         let (value, _) = host.shared_get(STATE_KEY)?;
-        Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(State::decode)).unwrap_or_default())
-    }
-
-    /// The same snapshot content: nothing applied in between (the feed's last answer may differ).
-    pub fn same_snapshot(&self, other: &State) -> bool {
-        self.loaded == other.loaded && self.applied == other.applied && self.cursor == other.cursor
-    }
-
-    /// Whether requests may use the shared keys now.
-    pub fn usable(&self, now_ms: u64, max_age_secs: Option<u32>) -> bool {
-        self.loaded && max_age_secs.is_none_or(|max| now_ms.saturating_sub(self.last_heard_ms) <= u64::from(max) * 1000)
+        Ok(State(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(fetch::State::decode)).unwrap_or_default()))
     }
 }
 
@@ -377,7 +329,7 @@ mod tests {
     /// commits and is absent on both from then on, including from B's cache.
     #[test]
     fn after_a_reset_a_key_the_new_store_lacks_is_absent_on_every_worker() {
-        use keyward_core::feed::{Epoch, Reset};
+        use keyward_core::feed::{Epoch, FeedCursor, Reset};
         let host = FakeHost::new();
         let (a, b) = (RecordCache::default(), RecordCache::default());
         let (k1, k2, k3) = (Digest::of(b"k1"), Digest::of(b"k2"), Digest::of(b"k3"));
@@ -445,26 +397,5 @@ mod tests {
         cache.clear();
         assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Revoked));
         assert!(SharedKeys::new(&host, false, &cache).lookup(&digest).is_err(), "no snapshot: unavailable");
-    }
-
-    #[test]
-    fn state_round_trips() {
-        for s in [
-            State::default(),
-            State { loaded: true, applied: 42, last_heard_ms: 1_800_000_000_000, cursor: None },
-            State { loaded: false, applied: 0, last_heard_ms: 5, cursor: Some(FeedCursor { version: 7, id: "key_x".into() }) },
-        ] {
-            assert_eq!(State::decode(&s.encode()), Some(s.clone()));
-        }
-        assert_eq!(State::decode("garbage"), None);
-    }
-
-    #[test]
-    fn usable_needs_a_load_and_respects_max_age() {
-        let s = State { loaded: true, applied: 1, last_heard_ms: 10_000, cursor: None };
-        assert!(s.usable(10_000, None));
-        assert!(s.usable(40_000, Some(30)));
-        assert!(!s.usable(40_001, Some(30)));
-        assert!(!State::default().usable(0, None));
     }
 }

@@ -9,6 +9,7 @@ pub mod credential;
 pub mod decision;
 pub mod digest;
 pub mod feed;
+pub mod fetch;
 pub mod keyformat;
 pub mod ratelimit;
 pub mod response;
