@@ -5,7 +5,7 @@
 
 use crate::fleet::RateCounts;
 use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
-use crate::shared::{self, State, ENVOY_ID_KEY, LEASE_KEY};
+use crate::shared::{self, ENVOY_ID_KEY, LEASE_KEY};
 use keyward_core::config::ControlPlane;
 use keyward_core::fetch::rates::SET_ATTEMPTS;
 use keyward_core::fetch::{Answer, Call, Command, EnvoyView, Fetch, FeedView, Level, Metric, Queue, View};
@@ -56,9 +56,9 @@ pub struct Fetcher {
 }
 
 fn read_feed<H: Host>(host: &H) -> Result<FeedView, String> {
-    let state = State::read(host).map_err(|e| e.to_string())?;
+    let state = shared::read_state(host).map_err(|e| e.to_string())?;
     let epochs = shared::read_epochs(host).map_err(|e| e.to_string())?;
-    Ok(FeedView { state: state.0, epochs })
+    Ok(FeedView { state, epochs })
 }
 
 fn text(bytes: Option<Vec<u8>>) -> Option<String> {

@@ -4,7 +4,7 @@
 use crate::filter::{self, Flow};
 use crate::host::{EnvoyHost, Host, HostError, LogLevel};
 use crate::root::VmState;
-use crate::shared::{self, SharedKeys, State};
+use crate::shared::{self, SharedKeys};
 use keyward_core::response::internal_error;
 use keyward_core::NoKeys;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -32,7 +32,7 @@ fn judge<H: Host>(host: &H, vm: &VmState) -> Result<Flow, HostError> {
     let mut usable = vm.state.borrow().usable(now_ms, cp.max_snapshot_age_secs);
     if !usable {
         // Before the first load, look again on every request: the first snapshot counts at once.
-        let fresh = State::read(host)?;
+        let fresh = shared::read_state(host)?;
         usable = fresh.usable(host.now_millis()?, cp.max_snapshot_age_secs);
         if !fresh.same_snapshot(&vm.state.borrow()) {
             vm.records.clear();
@@ -121,7 +121,7 @@ mod tests {
 
     /// Shared data as the fetcher leaves it after a complete snapshot.
     fn loaded(host: &FakeHost) {
-        let state = State { loaded: true, applied: 1, last_heard_ms: NOW_MS, cursor: None };
+        let state = keyward_core::fetch::State { loaded: true, applied: 1, last_heard_ms: NOW_MS, cursor: None };
         host.shared_set(shared::STATE_KEY, state.encode().as_bytes(), None).unwrap();
     }
 

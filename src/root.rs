@@ -6,7 +6,8 @@ use crate::filter::{Metrics, RouteCache, VmView};
 use crate::fleet::{self, RateCounts};
 use crate::host::{EnvoyHost, Host, LogLevel, MetricKind};
 use crate::http::Http;
-use crate::shared::{RecordCache, State};
+use crate::shared::{self, RecordCache};
+use keyward_core::fetch::State;
 use keyward_core::ratelimit::Fleet;
 use keyward_core::usage::Usage;
 use keyward_core::Config;
@@ -142,7 +143,7 @@ impl Root {
             vm.vm_memory_reported.set(memory);
         }
         let Some(f) = &mut self.fetcher else { return };
-        match State::read(host) {
+        match shared::read_state(host) {
             Ok(state) => {
                 // Any applied change (or a page of one) may have touched a cached record.
                 if !state.same_snapshot(&vm.state.borrow()) {

@@ -16,7 +16,7 @@
 use crate::host::{Host, HostError};
 use keyward_core::decision::{KeyLookup, LookupError};
 use keyward_core::feed::Epochs;
-use keyward_core::fetch::{self, Write};
+use keyward_core::fetch::{State, Write};
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -60,23 +60,10 @@ pub fn write_epochs<H: Host>(host: &H, epochs: &Epochs) -> Result<(), HostError>
     write(host, &Write::epochs(epochs))
 }
 
-/// What the fetcher has applied ([`fetch::State`]), as this VM last read it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct State(pub fetch::State);
-
-impl std::ops::Deref for State {
-    type Target = fetch::State;
-
-    fn deref(&self) -> &fetch::State {
-        &self.0
-    }
-}
-
-impl State {
-    pub fn read<H: Host>(host: &H) -> Result<State, HostError> {
-        let (value, _) = host.shared_get(STATE_KEY)?;
-        Ok(State(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(fetch::State::decode)).unwrap_or_default()))
-    }
+/// What the fetcher has applied, as every worker sees it (absent or garbled: nothing yet).
+pub fn read_state<H: Host>(host: &H) -> Result<State, HostError> {
+    let (value, _) = host.shared_get(STATE_KEY)?;
+    Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(State::decode)).unwrap_or_default())
 }
 
 /// Records read from shared data, kept per VM so a hot key costs no hostcall. The root context
