@@ -1,9 +1,7 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
-mod bench_fleet;
 mod browser;
-mod bench_store;
 mod postgres;
 mod soak;
 
@@ -322,7 +320,7 @@ fn bench_cmd(args: &[String]) -> Result {
     if stores {
         run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
         std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
-        return bench_store::run(&bench_store::Options { quick, out });
+        return bench::store::run(&bench::store::Options { quick, out });
     }
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;
@@ -338,7 +336,7 @@ fn bench_cmd(args: &[String]) -> Result {
     // Rate limits across three Envoys: keyward with Redis, split only, and local_ratelimit.
     if fleet {
         std::env::set_var("REDIS_SERVER_BIN", ensure_redis_server()?);
-        return bench_fleet::run(&out, quick);
+        return bench::fleet::run(&out, quick);
     }
     bench::run(&bench::Options { quick, out })
 }

@@ -40,7 +40,7 @@ pub fn run(out: &Path, quick: bool) -> Result {
     let section = report(&rows, secs, started.elapsed());
     print!("{section}");
     let old = std::fs::read_to_string(out).unwrap_or_default();
-    let stores = old.find(crate::bench_store::STORES_MARKER).unwrap_or(old.len());
+    let stores = old.find(super::store::STORES_MARKER).unwrap_or(old.len());
     let start = old.find(FLEET_MARKER).unwrap_or(stores).min(stores);
     let new = format!("{}\n\n{}\n\n{}", old[..start].trim_end(), section.trim(), &old[stores..]);
     std::fs::write(out, format!("{}\n", new.trim())).map_err(|e| format!("{}: {e}", out.display()))?;

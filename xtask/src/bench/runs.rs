@@ -1,0 +1,166 @@
+//! Running the configurations: the warm-up and the interleaved rounds under wrk (throughput,
+//! then latency at a paced rate, with Envoy's CPU time), memory at scale, and how fast a
+//! revocation reaches Envoy.
+
+use super::subjects::{bootstrap, control_plane, start, wasm, Subject};
+use super::{Plan, Result};
+use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, Keyward};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Sample {
+    pub rps: f64,
+    pub cpu_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+fn wrk_scripts(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let common = r#"
+local keys = {}
+for line in io.lines(os.getenv("KW_KEYS")) do keys[#keys + 1] = line end
+local i = math.random(#keys)
+request = function()
+  i = i % #keys + 1
+  return wrk.format("GET", "/bench", {["x-api-key"] = keys[i]})
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("KWJSON {\"requests\":%d,\"duration_us\":%d,\"errors\":%d,\"non2xx\":%d,\"p50\":%d,\"p99\":%d}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+    let throughput = dir.join("throughput.lua");
+    let paced = dir.join("paced.lua");
+    std::fs::write(&throughput, common).map_err(|e| e.to_string())?;
+    let pacing = "\nlocal pace = tonumber(os.getenv(\"KW_DELAY_MS\"))\ndelay = function() return pace end\n";
+    std::fs::write(&paced, format!("{common}{pacing}")).map_err(|e| e.to_string())?;
+    Ok((throughput, paced))
+}
+
+fn wrk(script: &Path, keys: &Path, port: u16, connections: u32, secs: u32, delay_ms: Option<u32>) -> Result<Value> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "-s"])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}/bench"))
+        .env("KW_KEYS", keys);
+    if let Some(d) = delay_ms {
+        cmd.env("KW_DELAY_MS", d.to_string());
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.strip_prefix("KWJSON ")).ok_or_else(|| format!("wrk said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+fn measure(s: &Subject, plan: &Plan, scripts: &(PathBuf, PathBuf)) -> Result<Sample> {
+    let cpu0 = s.envoy.cpu_seconds();
+    let t = wrk(&scripts.0, &s.keys_file, s.envoy.port, 16, plan.throughput_secs, None)?;
+    let cpu1 = s.envoy.cpu_seconds();
+    let requests = t["requests"].as_f64().unwrap_or(0.0);
+    let non2xx = t["non2xx"].as_u64().unwrap_or(0) + t["errors"].as_u64().unwrap_or(0);
+    if requests == 0.0 || non2xx > 0 {
+        return Err(format!("{}: {non2xx} failed requests of {requests}: {t}", s.name));
+    }
+    let rps = requests / (t["duration_us"].as_f64().unwrap_or(1.0) / 1e6);
+    let connections = 8;
+    let delay_ms = connections * 1000 / plan.moderate_rate;
+    let l = wrk(&scripts.1, &s.keys_file, s.envoy.port, connections, plan.latency_secs, Some(delay_ms))?;
+    Ok(Sample { rps, cpu_us: (cpu1 - cpu0) * 1e6 / requests, p50_us: l["p50"].as_f64().unwrap_or(0.0), p99_us: l["p99"].as_f64().unwrap_or(0.0) })
+}
+
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A warm-up run of each configuration, then `plan.rounds` rounds, each measuring every
+/// configuration once, starting one further along each round. wrk's scripts go to `dir`.
+pub(super) fn rounds(subjects: &[Subject], plan: &Plan, dir: &Path) -> Result<Vec<Vec<Sample>>> {
+    let scripts = wrk_scripts(dir)?;
+    eprintln!("bench: warm-up");
+    for s in subjects {
+        wrk(&scripts.0, &s.keys_file, s.envoy.port, 16, 1, None)?;
+    }
+    let n = subjects.len();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); n];
+    for round in 0..plan.rounds {
+        eprintln!("bench: round {} of {}", round + 1, plan.rounds);
+        for k in 0..n {
+            let i = (round + k) % n;
+            samples[i].push(measure(&subjects[i], plan, &scripts)?);
+        }
+    }
+    Ok(samples)
+}
+
+pub(super) struct Scale {
+    /// (keys, RSS MiB at concurrency 1, RSS MiB at concurrency 2)
+    pub memory: Vec<(usize, f64, f64)>,
+}
+
+fn rss_mib(e: &Envoy) -> f64 {
+    std::thread::sleep(Duration::from_millis(300));
+    e.rss_bytes() as f64 / 1_048_576.0
+}
+
+pub(super) fn scale(small: &[String], mid: &[String], large: &[String], up_port: u16) -> Result<Scale> {
+    let mut memory = Vec::new();
+    let sets: [&[String]; 4] = [&[], small, mid, large];
+    for set in sets {
+        let (serve, _) = control_plane(set, None)?;
+        let mut rss = [0.0; 2];
+        for (slot, concurrency) in [1u32, 2].into_iter().enumerate() {
+            let node = format!("scale-{}-{concurrency}", set.len());
+            let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
+            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
+            let envoy = start(boot, concurrency, if concurrency == 1 { "0" } else { "0,1" })?;
+            poll_until(Duration::from_secs(900), "the snapshot to be applied", || {
+                let status = serve.api_get("/v1/status");
+                let e = status["envoys"].as_array()?.iter().find(|e| e["id"] == node.as_str())?.clone();
+                (e["applied_version"] == status["snapshot_version"]).then_some(())
+            });
+            rss[slot] = rss_mib(&envoy);
+        }
+        memory.push((set.len(), rss[0], rss[1]));
+    }
+    Ok(Scale { memory })
+}
+
+/// Revokes keys of the running control planes and times the refusal at the Envoy under test.
+pub(super) fn propagation(serves: &[(Keyward, Vec<String>, Vec<String>)], subjects: &[Subject]) -> Result<Vec<(usize, f64)>> {
+    let mut out = Vec::new();
+    for ((serve, ids, keys), subject) in serves.iter().zip(subjects) {
+        let mut times = Vec::new();
+        for (id, key) in ids.iter().zip(keys).take(5) {
+            let t0 = Instant::now();
+            serve.api_post(&format!("/v1/keys/{id}/revoke"), &json!({}));
+            poll_until(Duration::from_secs(10), "the revocation", || {
+                let r = request(subject.envoy.port, "GET", "/bench", &[("x-api-key", key.as_bytes())]).ok()?;
+                (r.status == 401).then_some(())
+            });
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        out.push((keys.len(), median(times)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
