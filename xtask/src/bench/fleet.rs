@@ -4,12 +4,12 @@
 //! limit. The section goes between the soak's and the stores' markers, so neither a full
 //! `cargo xtask bench` nor `bench --stores` rewrites it.
 
+use crate::Result;
 use keyward_testkit::fleet::{drive, Shape, Stack, Tally, ENVOYS};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-type Result<T = ()> = std::result::Result<T, String>;
 
 pub const FLEET_MARKER: &str = "<!-- fleet: written by `cargo xtask bench --fleet` -->";
 const LIMIT: u32 = 50;

@@ -22,11 +22,11 @@ mod subjects;
 pub(crate) use report::{git_commit, machine};
 pub(crate) use subjects::{control_plane, keys};
 
+use crate::Result;
 use keyward_testkit::{auth_server, TempDir};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-type Result<T = ()> = std::result::Result<T, String>;
 
 /// Where BENCHMARKS.md's soak section starts; a bench run rewrites everything above it.
 pub const SOAK_MARKER: &str = "<!-- soak: written by `cargo xtask soak`, kept by `cargo xtask bench` -->";
@@ -59,7 +59,7 @@ impl Plan {
 
 pub fn run(opts: &Options) -> Result {
     let plan = Plan::new(opts.quick);
-    let dir = TempDir::new("bench").map_err(|e| e.to_string())?;
+    let dir = TempDir::new("bench")?;
     let t_total = Instant::now();
     eprintln!("bench: generating keys");
     let small = keys(plan.sizes[0], "a");
@@ -67,7 +67,7 @@ pub fn run(opts: &Options) -> Result {
     let large = keys(plan.sizes[2], "c");
     let up = subjects::upstream()?;
     let up_port = up.port;
-    let authz = auth_server(small.iter().cloned().collect()).map_err(|e| e.to_string())?;
+    let authz = auth_server(small.iter().cloned().collect())?;
     let started = subjects::start_all(dir.path(), up_port, authz.port(), [&small, &mid, &large])?;
     let samples = runs::rounds(&started.subjects, &plan, dir.path())?;
 

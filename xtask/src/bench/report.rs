@@ -4,7 +4,8 @@
 use super::rate_error::rate_error_rows;
 use super::runs::{median, Sample, Scale};
 use super::subjects::Subject;
-use super::{Plan, Result, SOAK_MARKER};
+use super::{Plan, SOAK_MARKER};
+use crate::Result;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,8 @@
 //! revocation reaches Envoy.
 
 use super::subjects::{bootstrap, control_plane, start, wasm, Subject};
-use super::{Plan, Result};
+use super::Plan;
+use crate::Result;
 use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, Keyward};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -36,9 +37,9 @@ end
 "#;
     let throughput = dir.join("throughput.lua");
     let paced = dir.join("paced.lua");
-    std::fs::write(&throughput, common).map_err(|e| e.to_string())?;
+    std::fs::write(&throughput, common)?;
     let pacing = "\nlocal pace = tonumber(os.getenv(\"KW_DELAY_MS\"))\ndelay = function() return pace end\n";
-    std::fs::write(&paced, format!("{common}{pacing}")).map_err(|e| e.to_string())?;
+    std::fs::write(&paced, format!("{common}{pacing}"))?;
     Ok((throughput, paced))
 }
 
@@ -54,7 +55,7 @@ fn wrk(script: &Path, keys: &Path, port: u16, connections: u32, secs: u32, delay
     let out = cmd.output().map_err(|e| format!("cannot run wrk: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find_map(|l| l.strip_prefix("KWJSON ")).ok_or_else(|| format!("wrk said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
-    serde_json::from_str(line).map_err(|e| e.to_string())
+    Ok(serde_json::from_str(line)?)
 }
 
 fn measure(s: &Subject, plan: &Plan, scripts: &(PathBuf, PathBuf)) -> Result<Sample> {
@@ -64,7 +65,7 @@ fn measure(s: &Subject, plan: &Plan, scripts: &(PathBuf, PathBuf)) -> Result<Sam
     let requests = t["requests"].as_f64().unwrap_or(0.0);
     let non2xx = t["non2xx"].as_u64().unwrap_or(0) + t["errors"].as_u64().unwrap_or(0);
     if requests == 0.0 || non2xx > 0 {
-        return Err(format!("{}: {non2xx} failed requests of {requests}: {t}", s.name));
+        return Err(format!("{}: {non2xx} failed requests of {requests}: {t}", s.name).into());
     }
     let rps = requests / (t["duration_us"].as_f64().unwrap_or(1.0) / 1e6);
     let connections = 8;

@@ -2,7 +2,7 @@
 //! wasm floor, api_key_auth, Lua, ext_authz, and keyward fed three key sets), the upstream they
 //! proxy to, and the deterministic keys they are loaded with.
 
-use super::Result;
+use crate::Result;
 use keyward_core::{keyformat, Digest};
 use keyward_testkit::{listener_bootstrap, loopback_cluster, poll_until, Envoy, EnvoyOptions, Keyward};
 use serde_json::{json, Value};
@@ -95,7 +95,7 @@ pub(super) fn start(config: Value, concurrency: u32, cpus: &str) -> Result<Envoy
     opts.concurrency = concurrency;
     opts.pin_cpus = Some(cpus.to_string());
     opts.extra_args = vec!["--component-log-level".into(), "wasm:info".into()];
-    Envoy::try_start(&opts).map_err(|f| format!("Envoy did not start ({:?}):\n{}", f.status, f.log))
+    Envoy::try_start(&opts).map_err(|f| format!("Envoy did not start ({:?}):\n{}", f.status, f.log).into())
 }
 
 /// One configuration under test.
@@ -111,7 +111,7 @@ fn write_keys(dir: &Path, name: &str, keys: &[String], max: usize) -> Result<Pat
     let path = dir.join(format!("{name}.keys"));
     let step = keys.len().div_ceil(max).max(1);
     let body: String = keys.iter().step_by(step).map(|k| format!("{k}\n")).collect();
-    std::fs::write(&path, body).map_err(|e| e.to_string())?;
+    std::fs::write(&path, body)?;
     Ok(path)
 }
 
@@ -127,7 +127,7 @@ pub(crate) fn control_plane(keys: &[String], rate: Option<&str>) -> Result<(Keyw
             args.extend(["--rate", r]);
         }
         let lines: String = keys.iter().map(|k| format!("{k}\n")).collect();
-        let out: Value = serde_json::from_str(&keyward.cli_stdin(&args, &lines)).map_err(|e| e.to_string())?;
+        let out: Value = serde_json::from_str(&keyward.cli_stdin(&args, &lines))?;
         ids = out["ids"].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
     }
     Ok((keyward, ids))
