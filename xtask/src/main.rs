@@ -5,6 +5,7 @@ mod browser;
 mod error;
 mod postgres;
 mod soak;
+mod wrk;
 
 pub use error::{Error, Result};
 use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};

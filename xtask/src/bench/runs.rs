@@ -4,11 +4,11 @@
 
 use super::subjects::{bootstrap, control_plane, start, wasm, Subject};
 use super::Plan;
+use crate::wrk::{Load, Wrk};
 use crate::Result;
 use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, Keyward};
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use serde_json::json;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,59 +19,25 @@ pub(super) struct Sample {
     pub p99_us: f64,
 }
 
-fn wrk_scripts(dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let common = r#"
-local keys = {}
-for line in io.lines(os.getenv("KW_KEYS")) do keys[#keys + 1] = line end
-local i = math.random(#keys)
-request = function()
-  i = i % #keys + 1
-  return wrk.format("GET", "/bench", {["x-api-key"] = keys[i]})
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("KWJSON {\"requests\":%d,\"duration_us\":%d,\"errors\":%d,\"non2xx\":%d,\"p50\":%d,\"p99\":%d}\n",
-    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50), latency:percentile(99)))
-end
-"#;
-    let throughput = dir.join("throughput.lua");
-    let paced = dir.join("paced.lua");
-    std::fs::write(&throughput, common)?;
-    let pacing = "\nlocal pace = tonumber(os.getenv(\"KW_DELAY_MS\"))\ndelay = function() return pace end\n";
-    std::fs::write(&paced, format!("{common}{pacing}"))?;
-    Ok((throughput, paced))
+/// wrk on CPU 1 (the Envoy under test has CPU 0), one thread, presenting `s`'s keys.
+fn load(s: &Subject, connections: u32, secs: u32, delay_ms: Option<u32>) -> Load<'_> {
+    Load { port: s.envoy.port, path: "/bench", keys: &s.keys_file, threads: 1, connections, secs: secs.into(), delay_ms, cpus: Some("1") }
 }
 
-fn wrk(script: &Path, keys: &Path, port: u16, connections: u32, secs: u32, delay_ms: Option<u32>) -> Result<Value> {
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", "1", "wrk", "-t1", &format!("-c{connections}"), &format!("-d{secs}s"), "-s"])
-        .arg(script)
-        .arg(format!("http://127.0.0.1:{port}/bench"))
-        .env("KW_KEYS", keys);
-    if let Some(d) = delay_ms {
-        cmd.env("KW_DELAY_MS", d.to_string());
-    }
-    let out = cmd.output().map_err(|e| format!("cannot run wrk: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find_map(|l| l.strip_prefix("KWJSON ")).ok_or_else(|| format!("wrk said: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok(serde_json::from_str(line)?)
-}
-
-fn measure(s: &Subject, plan: &Plan, scripts: &(PathBuf, PathBuf)) -> Result<Sample> {
+fn measure(s: &Subject, plan: &Plan, wrk: &Wrk) -> Result<Sample> {
     let cpu0 = s.envoy.cpu_seconds();
-    let t = wrk(&scripts.0, &s.keys_file, s.envoy.port, 16, plan.throughput_secs, None)?;
+    let t = wrk.run(&load(s, 16, plan.throughput_secs, None))?;
     let cpu1 = s.envoy.cpu_seconds();
-    let requests = t["requests"].as_f64().unwrap_or(0.0);
-    let non2xx = t["non2xx"].as_u64().unwrap_or(0) + t["errors"].as_u64().unwrap_or(0);
+    let requests = t.requests as f64;
+    let non2xx = t.non2xx + t.errors;
     if requests == 0.0 || non2xx > 0 {
         return Err(format!("{}: {non2xx} failed requests of {requests}: {t}", s.name).into());
     }
-    let rps = requests / (t["duration_us"].as_f64().unwrap_or(1.0) / 1e6);
+    let rps = requests / (t.duration_us as f64 / 1e6);
     let connections = 8;
     let delay_ms = connections * 1000 / plan.moderate_rate;
-    let l = wrk(&scripts.1, &s.keys_file, s.envoy.port, connections, plan.latency_secs, Some(delay_ms))?;
-    Ok(Sample { rps, cpu_us: (cpu1 - cpu0) * 1e6 / requests, p50_us: l["p50"].as_f64().unwrap_or(0.0), p99_us: l["p99"].as_f64().unwrap_or(0.0) })
+    let l = wrk.run(&load(s, connections, plan.latency_secs, Some(delay_ms)))?;
+    Ok(Sample { rps, cpu_us: (cpu1 - cpu0) * 1e6 / requests, p50_us: l.p50_us as f64, p99_us: l.p99_us as f64 })
 }
 
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
@@ -84,12 +50,12 @@ pub(super) fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// A warm-up run of each configuration, then `plan.rounds` rounds, each measuring every
-/// configuration once, starting one further along each round. wrk's scripts go to `dir`.
+/// configuration once, starting one further along each round. wrk's script goes to `dir`.
 pub(super) fn rounds(subjects: &[Subject], plan: &Plan, dir: &Path) -> Result<Vec<Vec<Sample>>> {
-    let scripts = wrk_scripts(dir)?;
+    let wrk = Wrk::new(dir)?;
     eprintln!("bench: warm-up");
     for s in subjects {
-        wrk(&scripts.0, &s.keys_file, s.envoy.port, 16, 1, None)?;
+        wrk.run(&load(s, 16, 1, None))?;
     }
     let n = subjects.len();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); n];
@@ -97,7 +63,7 @@ pub(super) fn rounds(subjects: &[Subject], plan: &Plan, dir: &Path) -> Result<Ve
         eprintln!("bench: round {} of {}", round + 1, plan.rounds);
         for k in 0..n {
             let i = (round + k) % n;
-            samples[i].push(measure(&subjects[i], plan, &scripts)?);
+            samples[i].push(measure(&subjects[i], plan, &wrk)?);
         }
     }
     Ok(samples)
