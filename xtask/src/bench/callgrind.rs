@@ -1,9 +1,9 @@
 //! `cargo xtask bench --instructions` and the last table of a full run: instructions Envoy
 //! executes per request, counted by valgrind's callgrind.
 
-use super::subjects::{bootstrap, wasm};
+use super::subjects::bootstrap;
 use crate::Result;
-use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, EnvoyOptions, Keyward, TempDir};
+use keyward_testkit::{loopback_cluster, named_wasm_filter, poll_until, request, wasm_filter, Envoy, EnvoyOptions, Keyward, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -16,12 +16,12 @@ pub(super) fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &V
     eprintln!("bench: instructions per request (callgrind)");
     let feed = |serve: &Keyward| {
         let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
-        bootstrap("bench-cg", vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
+        bootstrap("bench-cg", vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
     };
     let small = sets[0].1;
     let mut configs = vec![
         ("1 no auth filter".to_string(), bootstrap("cg", vec![], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
-        ("2 no-op wasm (floor)".to_string(), bootstrap("cg", vec![wasm("noop", noop, &json!({}))], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
+        ("2 no-op wasm (floor)".to_string(), bootstrap("cg", vec![named_wasm_filter("noop", noop, &json!({}))], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
     ];
     for (i, (serve, set)) in sets.into_iter().enumerate() {
         // The propagation measurement revoked the first five keys of each set.

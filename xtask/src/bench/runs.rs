@@ -2,11 +2,11 @@
 //! then latency at a paced rate, with Envoy's CPU time), memory at scale, and how fast a
 //! revocation reaches Envoy.
 
-use super::subjects::{bootstrap, control_plane, start, wasm, Subject};
+use super::subjects::{bootstrap, control_plane, start, Subject};
 use super::Plan;
 use crate::wrk::{Load, Wrk};
 use crate::Result;
-use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, Keyward};
+use keyward_testkit::{loopback_cluster, poll_until, request, wasm_filter, Envoy, Keyward};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -88,7 +88,7 @@ pub(super) fn scale(small: &[String], mid: &[String], large: &[String], up_port:
         for (slot, concurrency) in [1u32, 2].into_iter().enumerate() {
             let node = format!("scale-{}-{concurrency}", set.len());
             let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
-            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
+            let boot = bootstrap(&node, vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let envoy = start(boot, concurrency, if concurrency == 1 { "0" } else { "0,1" })?;
             poll_until(Duration::from_secs(900), "the snapshot to be applied", || {
                 let status = serve.api_get("/v1/status");

@@ -4,7 +4,7 @@
 
 use crate::Result;
 use keyward_core::{keyformat, Digest};
-use keyward_testkit::{listener_bootstrap, loopback_cluster, poll_until, Envoy, EnvoyOptions, Keyward};
+use keyward_testkit::{listener_bootstrap, loopback_cluster, named_wasm_filter, poll_until, wasm_filter, Envoy, EnvoyOptions, Keyward};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,21 +25,6 @@ pub(crate) fn keys(n: usize, salt: &str) -> Vec<String> {
 pub(super) fn bootstrap(node: &str, filters: Vec<Value>, clusters: Vec<Value>) -> Value {
     let routes = json!([{"name": "bench", "match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]);
     listener_bootstrap(node, routes, filters, clusters)
-}
-
-pub(super) fn wasm(name: &str, file: &Path, config: &Value) -> Value {
-    json!({
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": name, "root_id": name,
-                "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": file.display().to_string()}}},
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": config.to_string()},
-                "failure_policy": "FAIL_RELOAD"
-            }
-        }
-    })
 }
 
 fn api_key_auth(keys: &[String]) -> Value {
@@ -163,7 +148,7 @@ pub(super) fn start_all(dir: &Path, up_port: u16, authz_port: u16, sets: [&Vec<S
     };
     eprintln!("bench: starting the five reference configurations");
     subjects.push(plain("1 no auth filter", vec![], vec![])?);
-    subjects.push(plain("2 no-op wasm (floor)", vec![wasm("noop", &noop_wasm(), &json!({}))], vec![])?);
+    subjects.push(plain("2 no-op wasm (floor)", vec![named_wasm_filter("noop", &noop_wasm(), &json!({}))], vec![])?);
     subjects.push(plain("3 api_key_auth", vec![api_key_auth(small)], vec![])?);
     subjects.push(plain("4 Lua lookup", vec![lua(small)], vec![])?);
     subjects.push(plain("5 ext_authz (HTTP)", vec![ext_authz()], vec![loopback_cluster("authz", authz_port)])?);
@@ -184,7 +169,7 @@ pub(super) fn start_all(dir: &Path, up_port: u16, authz_port: u16, sets: [&Vec<S
                 config["rules"] = json!([{"methods": ["GET"], "scopes": ["read:all"]}]);
                 config["rate_limit_burst"] = json!("limit");
             }
-            let boot = bootstrap(&node, vec![wasm("keyward", &keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
+            let boot = bootstrap(&node, vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let started = Instant::now();
             let envoy = start(boot, 1, "0")?;
             let ready = started.elapsed().as_secs_f64();
@@ -210,7 +195,7 @@ pub(super) fn start_all(dir: &Path, up_port: u16, authz_port: u16, sets: [&Vec<S
 fn reference_bootstraps(keys: &[String], noop: &Path) -> Vec<(&'static str, Value)> {
     vec![
         ("no filter", bootstrap("v", vec![], vec![loopback_cluster("upstream", 1)])),
-        ("noop", bootstrap("v", vec![wasm("noop", noop, &json!({}))], vec![loopback_cluster("upstream", 1)])),
+        ("noop", bootstrap("v", vec![named_wasm_filter("noop", noop, &json!({}))], vec![loopback_cluster("upstream", 1)])),
         ("api_key_auth", bootstrap("v", vec![api_key_auth(keys)], vec![loopback_cluster("upstream", 1)])),
         ("lua", bootstrap("v", vec![lua(keys)], vec![loopback_cluster("upstream", 1)])),
         ("ext_authz", bootstrap("v", vec![ext_authz()], vec![loopback_cluster("upstream", 1), loopback_cluster("authz", 2)])),
