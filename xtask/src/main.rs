@@ -178,10 +178,27 @@ fn fault_target_dir() -> PathBuf {
     workspace_root().join("target/fault")
 }
 
+/// Names the filter built into `release_dir` `keyward.wasm`, the name every consumer expects
+/// (the tests, envoy/*.yaml, the images). The library is named `keyward_filter`, so cargo writes
+/// `keyward_filter.wasm`; it is copied unless `keyward.wasm` is newer (a build from before the
+/// rename, which cargo wrote as `keyward.wasm` itself).
+fn name_keyward_wasm(release_dir: &Path) -> Result<PathBuf> {
+    let built = release_dir.join("keyward_filter.wasm");
+    let wasm = release_dir.join("keyward.wasm");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let Some(built_at) = modified(&built) {
+        if modified(&wasm).is_none_or(|at| at <= built_at) {
+            std::fs::copy(&built, &wasm).map_err(|e| format!("copying {} to {}: {e}", built.display(), wasm.display()))?;
+        }
+    }
+    Ok(wasm)
+}
+
 fn build_wasm() -> Result<PathBuf> {
     ensure_wasm_target()?;
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter"]))?;
     let wasm = wasm_default_path();
+    name_keyward_wasm(wasm.parent().unwrap_or(&workspace_root()))?;
     let size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
     eprintln!("xtask: built {} ({size} bytes)", wasm.display());
     Ok(wasm)
@@ -459,6 +476,7 @@ fn test(extra: &[String]) -> Result {
     let wasm = build_wasm()?;
     // The same module with a trap a request can trigger, for the VM-crash fault test only.
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter", "--features", "fault-injection", "--target-dir"]).arg(fault_target_dir()))?;
+    let fault_wasm = name_keyward_wasm(&fault_target_dir().join("wasm32-wasip1/release"))?;
     let keyward = build_keyward()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
     // The tests' PostgreSQL: the user's own if KEYWARD_TEST_POSTGRES names one, else a throwaway
@@ -477,7 +495,7 @@ fn test(extra: &[String]) -> Result {
     };
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
-        .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"))
+        .env("KEYWARD_FAULT_WASM", &fault_wasm)
         .env("KEYWARD_TEST_POSTGRES", &pg_url)
         .env("REDIS_SERVER_BIN", &redis);
     for (var, path) in browser.env() {
@@ -684,4 +702,35 @@ fn up(mode: UpMode) -> Result {
     }
     drop(echo);
     Err(format!("Envoy exited: {status}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// Writes each (file, contents, age in seconds) into a fresh directory, names the filter,
+    /// and returns what `keyward.wasm` then holds.
+    fn named(files: &[(&str, &str, u64)]) -> Option<String> {
+        let dir = keyward_testkit::TempDir::new("name-wasm").unwrap();
+        for (name, body, age) in files {
+            let path = dir.path().join(name);
+            std::fs::write(&path, body).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - Duration::from_secs(*age)).unwrap();
+        }
+        let wasm = name_keyward_wasm(dir.path()).unwrap();
+        std::fs::read_to_string(wasm).ok()
+    }
+
+    #[test]
+    fn the_filter_is_named_keyward_wasm_whatever_its_library_name() {
+        let check = |files: &[(&str, &str, u64)], expected: Option<&str>| assert_eq!(named(files).as_deref(), expected, "{files:?}");
+        check(&[("keyward_filter.wasm", "new", 0)], Some("new"));
+        check(&[("keyward.wasm", "old name", 0)], Some("old name"));
+        check(&[("keyward_filter.wasm", "rebuilt", 10), ("keyward.wasm", "earlier copy", 60)], Some("rebuilt"));
+        // Built under the old name after a build under the new one: the stale file is not copied.
+        check(&[("keyward_filter.wasm", "stale", 60), ("keyward.wasm", "fresh", 0)], Some("fresh"));
+        check(&[], None);
+    }
 }
