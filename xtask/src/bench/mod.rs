@@ -27,7 +27,6 @@ use keyward_testkit::{auth_server, TempDir};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-
 /// Where BENCHMARKS.md's soak section starts; a bench run rewrites everything above it.
 pub const SOAK_MARKER: &str = "<!-- soak: written by `cargo xtask soak`, kept by `cargo xtask bench` -->";
 
