@@ -72,7 +72,6 @@ const KUBERNETES_VALIDATE: &str = "1.37.0";
 pub const DEMO_KEY: &str = "kw_live_2wLmMb4OhfK98aDdIvEjZVMGw7IXdgRM_12yiIu";
 pub const DEMO_ADMIN_KEY: &str = "kw_live_HxbIczXrmapU9OsUV6vqDu5WMKuikETj_2B9jwk";
 
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-
 /// The superuser `initdb` creates; the URL names it.
 pub const SUPERUSER: &str = "kw";
 

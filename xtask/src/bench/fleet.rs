@@ -10,7 +10,6 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-
 pub const FLEET_MARKER: &str = "<!-- fleet: written by `cargo xtask bench --fleet` -->";
 const LIMIT: u32 = 50;
 const OFFERED: u32 = 100;

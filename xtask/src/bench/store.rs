@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// Where BENCHMARKS.md's store section starts; `bench --stores` rewrites from here to the end.
 pub const STORES_MARKER: &str = "<!-- stores: written by `cargo xtask bench --stores` -->";
 
