@@ -187,7 +187,11 @@ fn name_keyward_wasm(release_dir: &Path) -> Result<PathBuf> {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     if let Some(built_at) = modified(&built) {
         if modified(&wasm).is_none_or(|at| at <= built_at) {
-            std::fs::copy(&built, &wasm).map_err(|e| format!("copying {} to {}: {e}", built.display(), wasm.display()))?;
+            // Copied beside it, then renamed over it: an old keyward.wasm is cargo's hard link to
+            // its own copy in deps/, which writing through would change.
+            let part = release_dir.join("keyward.wasm.part");
+            std::fs::copy(&built, &part).map_err(|e| format!("copying {} to {}: {e}", built.display(), part.display()))?;
+            std::fs::rename(&part, &wasm).map_err(|e| format!("renaming {} to {}: {e}", part.display(), wasm.display()))?;
         }
     }
     Ok(wasm)
@@ -731,5 +735,19 @@ mod tests {
         // Built under the old name after a build under the new one: the stale file is not copied.
         check(&[("keyward_filter.wasm", "stale", 60), ("keyward.wasm", "fresh", 0)], Some("fresh"));
         check(&[], None);
+    }
+
+    #[test]
+    fn naming_the_filter_leaves_a_hard_link_to_the_old_keyward_wasm_alone() {
+        let dir = keyward_testkit::TempDir::new("name-wasm-link").unwrap();
+        let cargo_copy = dir.path().join("deps-keyward.wasm");
+        std::fs::write(&cargo_copy, "old build").unwrap();
+        std::fs::hard_link(&cargo_copy, dir.path().join("keyward.wasm")).unwrap();
+        let old = std::fs::File::options().write(true).open(&cargo_copy).unwrap();
+        old.set_modified(SystemTime::now() - Duration::from_secs(60)).unwrap();
+        std::fs::write(dir.path().join("keyward_filter.wasm"), "new build").unwrap();
+        let wasm = name_keyward_wasm(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(wasm).unwrap(), "new build");
+        assert_eq!(std::fs::read_to_string(&cargo_copy).unwrap(), "old build");
     }
 }
