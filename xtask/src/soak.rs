@@ -4,17 +4,16 @@
 //! `keyward.vm_memory_bytes` (the sum of every VM's linear memory) over time, checks on the way
 //! that revocations and new keys take effect, and says whether memory stayed flat once warm.
 
+use crate::Result;
 use crate::bench::{control_plane, keys};
+use crate::wrk::{Load, Summary, Wrk};
 use keyward_testkit::{request, send_raw, Echo, Envoy, EnvoyOptions, Keyward, TempDir, ADMIN_TOKEN};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-type Result<T = ()> = std::result::Result<T, String>;
 
 pub struct Options {
     pub minutes: f64,
@@ -38,7 +37,7 @@ fn post(port: u16, path: &str, body: &Value) -> Result<Value> {
     );
     let r = send_raw(port, raw.as_bytes()).map_err(|e| format!("POST {path}: {e}"))?;
     if r.status >= 300 {
-        return Err(format!("POST {path}: {} {}", r.status, String::from_utf8_lossy(&r.body)));
+        return Err(format!("POST {path}: {} {}", r.status, String::from_utf8_lossy(&r.body)).into());
     }
     Ok(r.json())
 }
@@ -81,43 +80,16 @@ fn churn(serve_port: u16, envoy_port: u16, stop: &AtomicBool, ops: &AtomicU64, e
     }
 }
 
-fn wrk(keys: &Path, port: u16, secs: u64) -> Result<Child> {
-    let dir = keys.parent().unwrap_or(Path::new("."));
-    let script = dir.join("soak.lua");
-    let lua = r#"
-local keys = {}
-for line in io.lines(os.getenv("KW_KEYS")) do keys[#keys + 1] = line end
-local i = math.random(#keys)
-request = function()
-  i = i % #keys + 1
-  return wrk.format("GET", "/soak", {["x-api-key"] = keys[i]})
-end
-done = function(summary, latency, requests)
-  io.write(string.format("KWJSON {\"requests\":%d,\"non2xx\":%d,\"errors\":%d}\n", summary.requests, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
-"#;
-    std::fs::write(&script, lua).map_err(|e| e.to_string())?;
-    Command::new("wrk")
-        .args(["-t2", "-c16", &format!("-d{secs}s"), "-s"])
-        .arg(&script)
-        .arg(format!("http://127.0.0.1:{port}/soak"))
-        .env("KW_KEYS", keys)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run wrk: {e}"))
-}
-
 pub fn run(opts: &Options) -> Result {
     let total = Duration::from_secs_f64(opts.minutes * 60.0);
     let interval = Duration::from_secs_f64((total.as_secs_f64() / 30.0).clamp(2.0, 60.0));
-    let dir = TempDir::new("soak").map_err(|e| e.to_string())?;
+    let dir = TempDir::new("soak")?;
     let load_keys = keys(1_000, "soak");
     let (serve, _ids): (Keyward, Vec<String>) = control_plane(&load_keys, None)?;
     serve.cli(&["agent", "create", "churn", "--scopes", "read:all"]);
     let keys_file = dir.path().join("load.keys");
-    std::fs::write(&keys_file, load_keys.iter().map(|k| format!("{k}\n")).collect::<String>()).map_err(|e| e.to_string())?;
-    let echo = Echo::start(0).map_err(|e| e.to_string())?;
+    std::fs::write(&keys_file, load_keys.iter().map(|k| format!("{k}\n")).collect::<String>())?;
+    let echo = Echo::start(0)?;
     let config = json!({
         "rules": [{"methods": ["GET"], "scopes": ["read:all"]}],
         "control_plane": {"cluster": "keyward", "feed_wait_secs": 15, "usage_report_secs": 5}
@@ -131,7 +103,7 @@ pub fn run(opts: &Options) -> Result {
     let start = Instant::now();
     while request(envoy.port, "GET", "/soak", &[("x-api-key", load_keys[0].as_bytes())]).map(|r| r.status).unwrap_or(0) != 200 {
         if start.elapsed() > Duration::from_secs(30) {
-            return Err(format!("the snapshot never arrived:\n{}", envoy.log()));
+            return Err(format!("the snapshot never arrived:\n{}", envoy.log()).into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -145,7 +117,16 @@ pub fn run(opts: &Options) -> Result {
         let (sp, ep) = (serve.port, envoy.port);
         std::thread::spawn(move || churn(sp, ep, &stop, &ops, &errors))
     };
-    let load = wrk(&keys_file, envoy.port, total.as_secs().max(1))?;
+    let load = Wrk::new(dir.path())?.start(&Load {
+        port: envoy.port,
+        path: "/soak",
+        keys: &keys_file,
+        threads: 2,
+        connections: 16,
+        secs: total.as_secs().max(1),
+        delay_ms: None,
+        cpus: None,
+    })?;
     let began = Instant::now();
     let mut samples = Vec::new();
     let sample = |envoy: &Envoy| Sample {
@@ -167,11 +148,10 @@ pub fn run(opts: &Options) -> Result {
         samples.push(s);
     }
     stop.store(true, Ordering::Relaxed);
-    let out = load.wait_with_output().map_err(|e| e.to_string())?;
+    // A summary wrk failed to print leaves its figures unknown, not the soak's report unwritten.
+    let summary = load.finish().inspect_err(|e| eprintln!("xtask: soak: no summary from wrk: {e}")).ok();
     let _ = churner.join();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary: Value = text.lines().find_map(|l| l.strip_prefix("KWJSON ")).and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
-    let report = report(opts, &samples, &summary, churn_errors.load(Ordering::Relaxed), &envoy);
+    let report = report(opts, &samples, summary.as_ref(), churn_errors.load(Ordering::Relaxed), &envoy);
     std::fs::write(&opts.out, &report).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     println!("{report}");
     eprintln!("xtask: wrote {}", opts.out.display());
@@ -179,7 +159,7 @@ pub fn run(opts: &Options) -> Result {
     Ok(())
 }
 
-fn report(opts: &Options, samples: &[Sample], wrk: &Value, churn_errors: u64, envoy: &Envoy) -> String {
+fn report(opts: &Options, samples: &[Sample], wrk: Option<&Summary>, churn_errors: u64, envoy: &Envoy) -> String {
     let mut r = String::new();
     let _ = writeln!(r, "## Soak: {:.0} minutes (`cargo xtask soak --minutes {}`)\n", opts.minutes, opts.minutes);
     let _ = writeln!(
@@ -228,12 +208,17 @@ fn report(opts: &Options, samples: &[Sample], wrk: &Value, churn_errors: u64, en
             if vm_flat { "flat" } else { "GREW" },
             (last.churn - w.churn) * 2 / 3,
             (last.heap_mib - w.heap_mib) * 1048576.0 / (((last.churn - w.churn) * 2 / 3).max(1) as f64),
-            wrk["requests"],
-            wrk["non2xx"],
-            wrk["errors"],
+            known(wrk, |w| w.requests),
+            known(wrk, |w| w.non2xx),
+            known(wrk, |w| w.errors),
             warnings.len(),
             distinct
         );
     }
     r
+}
+
+/// One of wrk's figures, or "?" when wrk printed no summary.
+fn known(wrk: Option<&Summary>, figure: fn(&Summary) -> u64) -> String {
+    wrk.map_or_else(|| "?".to_string(), |w| figure(w).to_string())
 }

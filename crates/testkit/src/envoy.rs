@@ -55,15 +55,21 @@ impl EnvoyOptions {
 
 /// The `envoy.filters.http.wasm` entry for `keyward.wasm`.
 pub fn wasm_filter(wasm: &Path, plugin_config: &Value) -> Value {
+    named_wasm_filter("keyward", wasm, plugin_config)
+}
+
+/// The `envoy.filters.http.wasm` entry for any proxy-wasm module, with `name` as its plugin
+/// name, root id and VM id (`cargo xtask bench` runs the no-op filter as "noop").
+pub fn named_wasm_filter(name: &str, wasm: &Path, plugin_config: &Value) -> Value {
     json!({
         "name": "envoy.filters.http.wasm",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "keyward",
-                "root_id": "keyward",
+                "name": name,
+                "root_id": name,
                 "vm_config": {
-                    "vm_id": "keyward",
+                    "vm_id": name,
                     "runtime": "envoy.wasm.runtime.v8",
                     "code": {"local": {"filename": wasm.display().to_string()}}
                 },

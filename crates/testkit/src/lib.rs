@@ -17,7 +17,7 @@ pub mod redis;
 pub use browser::{axe_core_default_path, axe_core_install_dir, Browser, AXE_CORE_VERSION};
 pub use deploy::{envoy_yamls, validate_envoy_yaml, ContainerFiles, CONTAINER_ROOT};
 pub use echo::{auth_server, Echo, Seen};
-pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, wasm_filter, Envoy, EnvoyOptions, Failed};
+pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, named_wasm_filter, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
 pub use keyward::{keyward_bin, Keyward, ADMIN_TOKEN};
 pub use redis::{redis_server_bin, Redis};

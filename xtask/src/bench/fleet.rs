@@ -4,12 +4,11 @@
 //! limit. The section goes between the soak's and the stores' markers, so neither a full
 //! `cargo xtask bench` nor `bench --stores` rewrites it.
 
+use crate::Result;
 use keyward_testkit::fleet::{drive, Shape, Stack, Tally, ENVOYS};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-type Result<T = ()> = std::result::Result<T, String>;
 
 pub const FLEET_MARKER: &str = "<!-- fleet: written by `cargo xtask bench --fleet` -->";
 const LIMIT: u32 = 50;
@@ -40,7 +39,7 @@ pub fn run(out: &Path, quick: bool) -> Result {
     let section = report(&rows, secs, started.elapsed());
     print!("{section}");
     let old = std::fs::read_to_string(out).unwrap_or_default();
-    let stores = old.find(crate::bench_store::STORES_MARKER).unwrap_or(old.len());
+    let stores = old.find(super::store::STORES_MARKER).unwrap_or(old.len());
     let start = old.find(FLEET_MARKER).unwrap_or(stores).min(stores);
     let new = format!("{}\n\n{}\n\n{}", old[..start].trim_end(), section.trim(), &old[stores..]);
     std::fs::write(out, format!("{}\n", new.trim())).map_err(|e| format!("{}: {e}", out.display()))?;

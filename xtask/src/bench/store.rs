@@ -8,6 +8,7 @@
 //! once per engine. The section goes below the soak's, after its own marker, so a full
 //! `cargo xtask bench` (which rewrites everything above the soak marker) keeps it.
 
+use crate::Result;
 use crate::postgres::Postgres;
 use keyward_core::Digest;
 use keyward_testkit::{keyward_bin, TempDir, ADMIN_TOKEN};
@@ -18,8 +19,6 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-type Result<T = ()> = std::result::Result<T, String>;
 
 /// Where BENCHMARKS.md's store section starts; `bench --stores` rewrites from here to the end.
 pub const STORES_MARKER: &str = "<!-- stores: written by `cargo xtask bench --stores` -->";
@@ -90,7 +89,7 @@ impl Stores {
         self.n += 1;
         match engine {
             Engine::Sqlite => Ok(format!("sqlite://{}", self.dir.path().join(format!("{tag}-{}.db", self.n)).display())),
-            Engine::Postgres => keyward_testkit::postgres::fresh_database(tag),
+            Engine::Postgres => Ok(keyward_testkit::postgres::fresh_database(tag)?),
         }
     }
 }
@@ -118,7 +117,7 @@ fn cli(url: &str, args: &[&str], stdin: Option<&Path>) -> Result<(Duration, u64)
     let (status, maxrss) = wait_with_rusage(child)?;
     let took = t.elapsed();
     if status != 0 {
-        return Err(format!("keyward {args:?} exited with status {status}"));
+        return Err(format!("keyward {args:?} exited with status {status}").into());
     }
     Ok((took, maxrss))
 }
@@ -137,11 +136,11 @@ fn wait_with_rusage(mut child: Child) -> Result<(i32, u64)> {
     // SAFETY: wait4 on our own unreaped child, with valid pointers to locals.
     let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
     if pid < 0 {
-        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+        return Err(format!("wait4: {}", std::io::Error::last_os_error()).into());
     }
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
     if code != 0 {
-        return Err(format!("exit {code}: {}", err.trim()));
+        return Err(format!("exit {code}: {}", err.trim()).into());
     }
     Ok((code, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
 }
@@ -183,10 +182,10 @@ impl Serve {
                 return Ok(serve);
             }
             if let Ok(Some(status)) = serve.child.try_wait() {
-                return Err(format!("keyward serve exited ({status}):\n{text}"));
+                return Err(format!("keyward serve exited ({status}):\n{text}").into());
             }
             if Instant::now() > deadline {
-                return Err(format!("keyward serve did not listen within 60 s:\n{text}"));
+                return Err(format!("keyward serve did not listen within 60 s:\n{text}").into());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -227,9 +226,9 @@ struct Conn {
 impl Conn {
     fn open(port: u16) -> Result<Conn> {
         let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(Duration::from_secs(900))).map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(900)))?;
+        let writer = stream.try_clone()?;
         Ok(Conn { reader: BufReader::with_capacity(1 << 16, stream), writer })
     }
 
@@ -294,7 +293,7 @@ fn create_over_api(port: u16, n: usize, clients: usize) -> Result<f64> {
                     for _ in 0..per {
                         let (status, body) = conn.send("POST", "/v1/keys?wait=false", Some(r#"{"agent":"bench"}"#))?;
                         if status != 201 {
-                            return Err(format!("POST /v1/keys: {status} {}", String::from_utf8_lossy(&body)));
+                            return Err(format!("POST /v1/keys: {status} {}", String::from_utf8_lossy(&body)).into());
                         }
                     }
                     Ok(())
@@ -407,7 +406,7 @@ fn snapshot(stores: &mut Stores, engine: Engine, n: usize, input: &Path, log: &P
         let (status, body) = conn.send("GET", &path, None)?;
         page_ms.push(t_page.elapsed().as_secs_f64() * 1000.0);
         if status != 200 {
-            return Err(format!("GET {path}: {status} {}", String::from_utf8_lossy(&body)));
+            return Err(format!("GET {path}: {status} {}", String::from_utf8_lossy(&body)).into());
         }
         s.feed_bytes += body.len() as u64;
         let page: Value = serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))?;
@@ -433,14 +432,14 @@ fn snapshot(stores: &mut Stores, engine: Engine, n: usize, input: &Path, log: &P
     let (status, body) = conn.send("GET", "/v1/snapshot", None)?;
     s.snapshot_secs = t.elapsed().as_secs_f64();
     if status != 200 {
-        return Err(format!("GET /v1/snapshot: {status} {}", String::from_utf8_lossy(&body[..body.len().min(500)])));
+        return Err(format!("GET /v1/snapshot: {status} {}", String::from_utf8_lossy(&body[..body.len().min(500)])).into());
     }
     s.snapshot_bytes = body.len() as u64;
     s.snapshot_keys = count(&body, b"\"digest\":");
     s.snapshot_peak_kib = proc_kib(pid, "VmHWM");
     drop(serve);
     if s.keys != n + 1 || s.snapshot_keys != n + 1 {
-        return Err(format!("{}: the feed gave {} keys and the snapshot {}, not {}", engine.name(), s.keys, s.snapshot_keys, n + 1));
+        return Err(format!("{}: the feed gave {} keys and the snapshot {}, not {}", engine.name(), s.keys, s.snapshot_keys, n + 1).into());
     }
     Ok(s)
 }
@@ -462,9 +461,9 @@ pub fn run(opts: &Options) -> Result {
     eprintln!("bench --stores: PostgreSQL {} at {}, started in {:.2} s", pg.version(), pg.url(), pg.started_in.as_secs_f64());
     // The testkit creates each fresh database on the server named here.
     std::env::set_var(keyward_testkit::postgres::ENV, pg.url());
-    let dir = TempDir::new("bench-stores").map_err(|e| e.to_string())?;
+    let dir = TempDir::new("bench-stores")?;
     let log = dir.path().join("serve.log");
-    let mut stores = Stores { dir: TempDir::new("bench-stores-db").map_err(|e| e.to_string())?, n: 0 };
+    let mut stores = Stores { dir: TempDir::new("bench-stores-db")?, n: 0 };
     let small_input = import_file(dir.path(), plan.import_small)?;
     let large_input = import_file(dir.path(), plan.import_large)?;
     reset_peak(std::process::id());

@@ -1,0 +1,130 @@
+//! `cargo xtask bench --instructions` and the last table of a full run: instructions Envoy
+//! executes per request, counted by valgrind's callgrind.
+
+use super::subjects::bootstrap;
+use crate::Result;
+use keyward_testkit::{loopback_cluster, named_wasm_filter, poll_until, request, wasm_filter, Envoy, EnvoyOptions, Keyward, TempDir};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The callgrind table's configurations: no filter, the no-op floor, and keyward fed 1,000 and
+/// 100,000 keys by `sets` (each a serve and the keys it holds; the first five may be revoked),
+/// and 1,000 keys with a per-key limit never reached (`rated`: the rate-limit path, admitted).
+pub(super) fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>); 2], rated: (&Keyward, &Vec<String>)) -> Result<Vec<(String, f64)>> {
+    eprintln!("bench: instructions per request (callgrind)");
+    let feed = |serve: &Keyward| {
+        let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
+        bootstrap("bench-cg", vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
+    };
+    let small = sets[0].1;
+    let mut configs = vec![
+        ("1 no auth filter".to_string(), bootstrap("cg", vec![], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
+        ("2 no-op wasm (floor)".to_string(), bootstrap("cg", vec![named_wasm_filter("noop", noop, &json!({}))], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
+    ];
+    for (i, (serve, set)) in sets.into_iter().enumerate() {
+        // The propagation measurement revoked the first five keys of each set.
+        configs.push((format!("{} keyward, {} keys", 6 + i, set.len()), feed(serve), set[5..].to_vec()));
+    }
+    configs.push((format!("9 keyward, {} keys, rate-limited", rated.1.len()), feed(rated.0), rated.1[5..].to_vec()));
+    instruction_counts(configs)
+}
+
+/// Requests measured per configuration under callgrind.
+const CG_REQUESTS: usize = 2_000;
+
+/// Sends `n` keep-alive GETs, each with the next key, and checks each answer is 200.
+fn keepalive_requests(port: u16, keys: &[String], n: usize) -> Result {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    for i in 0..n {
+        let key = &keys[i % keys.len()];
+        write!(writer, "GET /bench HTTP/1.1\r\nhost: bench\r\nx-api-key: {key}\r\n\r\n")?;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        if !status.contains(" 200 ") {
+            return Err(format!("request {i}: {}", status.trim()).into());
+        }
+    }
+    Ok(())
+}
+
+/// Instructions Envoy executes per request (all threads, user space), counted by callgrind over
+/// `CG_REQUESTS` keep-alive requests after a warm-up: deterministic to well under 1% on a noisy
+/// machine, where CPU time swings tenfold. It leaves out the kernel (sockets), which CPU time
+/// includes, so its ratios are larger than CPU-time ratios.
+fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
+    for (name, boot, keys) in configs {
+        let dir = TempDir::new("callgrind")?;
+        let file = dir.path().join("cg.out");
+        let mut opts = EnvoyOptions::new(json!({}), 0);
+        opts.bootstrap = Some(boot);
+        opts.concurrency = 1;
+        opts.pin_cpus = Some("0".into());
+        opts.wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file"].map(String::from).to_vec();
+        opts.wrapper.push(format!("--callgrind-out-file={}", file.display()));
+        let envoy = Envoy::try_start(&opts).map_err(|f| format!("{name} under valgrind did not start: {}", f.log))?;
+        poll_until(Duration::from_secs(900), "the keys under callgrind", || {
+            (request(envoy.port, "GET", "/bench", &[("x-api-key", keys[0].as_bytes())]).ok()?.status == 200).then_some(())
+        });
+        keepalive_requests(envoy.port, &keys, 300)?;
+        let pid = envoy.pid().to_string();
+        let control = |args: &[&str]| -> Result {
+            let out = Command::new("callgrind_control").args(args).arg(&pid).output().map_err(|e| format!("callgrind_control: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into())
+            }
+        };
+        let dumped = |n: u32| -> u64 {
+            let text = std::fs::read_to_string(format!("{}.{n}", file.display())).unwrap_or_default();
+            text.lines().filter_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:"))).filter_map(|v| v.trim().parse().ok()).max().unwrap_or(0)
+        };
+        // Phase 1: the requests. Phase 2: as long again with no requests, to subtract what the
+        // timers cost meanwhile (under valgrind a request takes ~50× longer, so a filter's
+        // periodic work would otherwise be charged to its requests ~50× over).
+        control(&["-i", "on"])?;
+        let t = Instant::now();
+        keepalive_requests(envoy.port, &keys, CG_REQUESTS)?;
+        let busy_secs = t.elapsed().as_secs_f64();
+        control(&["-i", "off"])?;
+        control(&["-d"])?;
+        control(&["-i", "on"])?;
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(busy_secs.max(2.0)));
+        let idle_secs = t.elapsed().as_secs_f64();
+        control(&["-i", "off"])?;
+        control(&["-d"])?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (busy, idle) = (dumped(1), dumped(2));
+        if busy == 0 {
+            return Err(format!("{name}: callgrind counted nothing").into());
+        }
+        let total = (busy as f64 - idle as f64 / idle_secs * busy_secs).max(0.0);
+        eprintln!("bench: {name}: {busy} instructions in {busy_secs:.1} s of requests, {idle} in {idle_secs:.1} s idle");
+        let per = total / CG_REQUESTS as f64;
+        eprintln!("bench: {name}: {per:.0} instructions per request");
+        out.push((name, per));
+        drop(envoy);
+    }
+    Ok(out)
+}
