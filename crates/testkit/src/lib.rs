@@ -72,7 +72,8 @@ pub fn fault_wasm_path() -> PathBuf {
         path.is_file(),
         "the fault-injection keyward.wasm is not at {}.\n\
          Run `cargo xtask test` (it builds it), or: cargo build --release --target wasm32-wasip1 \
-         -p keyward-filter --features fault-injection --target-dir target/fault",
+         -p keyward-filter --features fault-injection --target-dir target/fault, then copy \
+         keyward_filter.wasm to keyward.wasm beside it (the library is keyward_filter)",
         path.display()
     );
     path
@@ -84,8 +85,9 @@ pub fn wasm_path() -> PathBuf {
     assert!(
         path.is_file(),
         "keyward.wasm not found at {}.\n\
-         Run `cargo xtask test` (it builds it), or `cargo xtask wasm`, or\n\
-         `cargo build --release --target wasm32-wasip1 -p keyward-filter`, or set KEYWARD_WASM.",
+         Run `cargo xtask test` (it builds it), or `cargo xtask wasm`, or set KEYWARD_WASM.\n\
+         (A plain `cargo build --release --target wasm32-wasip1 -p keyward-filter` writes\n\
+         keyward_filter.wasm, the library's name: `cargo xtask wasm` also names it keyward.wasm.)",
         path.display()
     );
     path
