@@ -3,9 +3,9 @@
 
 use crate::fleet::RateCounts;
 use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
-use keyward_core::authorize::{self, Action, Context, Counted, FleetCount, Forward, Plan};
+use keyward_core::authorize::{self, counter, Action, Context, FleetCount, Forward, Plan};
 use keyward_core::ratelimit::Fleet;
-use keyward_core::response::{internal_error, CODES};
+use keyward_core::response::internal_error;
 use keyward_core::usage::Usage;
 use keyward_core::{Config, KeyLookup, Request};
 use std::cell::RefCell;
@@ -48,73 +48,35 @@ impl RouteCache {
     }
 }
 
-/// Counter ids, defined once per VM. They appear as `wasmcustom.keyward.*` in Envoy's `/stats`.
+/// Counter ids, defined once per VM from the core's [`counter::names`]. They appear as
+/// `wasmcustom.keyward.*` in Envoy's `/stats`.
 ///
 /// Requests add to `pending` in the VM; the root context's tick flushes it to Envoy, so a
 /// request makes no stats hostcall (counters lag by at most one tick).
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
+    ids: Vec<u32>,
     pending: RefCell<Vec<(u32, u64)>>,
-    allowed: u32,
-    public: u32,
-    fail_open: u32,
-    internal_errors: u32,
-    /// Indexed like [`CODES`].
-    denied: [u32; CODES.len()],
-    /// Requests by the number of CAS attempts their bucket update took: 1, 2, 3, 4 or more.
-    rl_attempts: [u32; 4],
-    /// Requests let through because the CAS retry bound was hit (fail open on contention).
-    rl_contention_allowed: u32,
-    /// Buckets written for the first time: flat once every key has been used.
-    rl_buckets_created: u32,
 }
 
 impl Metrics {
     pub fn define<H: Host>(host: &H) -> Result<Metrics, HostError> {
-        let counter = |name: &str| host.define_metric(MetricKind::Counter, name);
-        let mut denied = [0; CODES.len()];
-        for (slot, code) in denied.iter_mut().zip(CODES) {
-            *slot = counter(&format!("keyward.denied.{}", code.to_ascii_lowercase()))?;
-        }
-        Ok(Metrics {
-            pending: RefCell::default(),
-            allowed: counter("keyward.allowed")?,
-            public: counter("keyward.public")?,
-            fail_open: counter("keyward.fail_open")?,
-            internal_errors: counter("keyward.internal_errors")?,
-            denied,
-            rl_attempts: [
-                counter("keyward.rate_limit.cas_attempts_1")?,
-                counter("keyward.rate_limit.cas_attempts_2")?,
-                counter("keyward.rate_limit.cas_attempts_3")?,
-                counter("keyward.rate_limit.cas_attempts_4_or_more")?,
-            ],
-            rl_contention_allowed: counter("keyward.rate_limit.contention_allowed")?,
-            rl_buckets_created: counter("keyward.rate_limit.buckets_created")?,
-        })
+        let ids = counter::names().iter().map(|n| host.define_metric(MetricKind::Counter, n)).collect::<Result<_, _>>()?;
+        Ok(Metrics { ids, pending: RefCell::default() })
     }
 
     /// One request that failed closed.
     pub fn count_fault(&self) {
-        self.count(self.internal_errors);
+        self.count(counter::INTERNAL_ERRORS);
     }
 
     /// Counts one event, to be flushed on the next tick.
-    fn count(&self, metric: u32) {
+    fn count(&self, counter: usize) {
+        let Some(&metric) = self.ids.get(counter) else { return };
         let mut pending = self.pending.borrow_mut();
         match pending.iter_mut().find(|(id, _)| *id == metric) {
             Some((_, n)) => *n += 1,
             None => pending.push((metric, 1)),
-        }
-    }
-
-    fn counted(&self, counted: Counted) -> u32 {
-        match counted {
-            Counted::Allowed => self.allowed,
-            Counted::Public => self.public,
-            Counted::FailOpen => self.fail_open,
-            Counted::Fault => self.internal_errors,
-            Counted::Denied(i) => self.denied.get(i).copied().unwrap_or(self.internal_errors),
         }
     }
 
@@ -175,7 +137,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
     });
     flow.unwrap_or_else(|e| {
         host.log(LogLevel::Error, &format!("{e}; failing closed"));
-        vm.metrics.count(vm.metrics.internal_errors);
+        vm.metrics.count_fault();
         let _ = host.send_reply(&internal_error());
         Flow::Stop
     })
@@ -193,8 +155,9 @@ fn gather<H: Host>(host: &H, config: &Config, routes: &RouteCache) -> Result<Gat
 
 fn tally<H: Host>(host: &H, plan: &Plan<'_>, req: &Request<'_>, vm: &VmView<'_>) {
     let t = &plan.tally;
-    let m = vm.metrics;
-    m.count(m.counted(t.counted));
+    for counter in t.counters() {
+        vm.metrics.count(counter);
+    }
     if let Some(why) = &t.fault {
         host.log(LogLevel::Error, &format!("{why}; failing closed"));
     } else if vm.debug {
@@ -204,13 +167,6 @@ fn tally<H: Host>(host: &H, plan: &Plan<'_>, req: &Request<'_>, vm: &VmView<'_>)
         t.count_usage(usage, vm.now_secs);
     }
     if let Some(b) = &t.bucket {
-        m.count(m.rl_attempts[(b.attempts.max(1) as usize - 1).min(3)]);
-        if b.contended {
-            m.count(m.rl_contention_allowed);
-        }
-        if b.created {
-            m.count(m.rl_buckets_created);
-        }
         match (vm.rates, b.fleet) {
             (Some(rates), Some(FleetCount::Admitted { urgent })) => rates.admitted(&b.bucket, b.limit, urgent),
             (Some(rates), Some(FleetCount::Refused)) => rates.refused(&b.bucket, b.limit),

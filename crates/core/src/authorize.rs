@@ -69,6 +69,37 @@ impl Forward<'_> {
     }
 }
 
+/// The filter's counters, by index, and their names after the shell's stats prefix
+/// (`wasmcustom.` in the wasm shell): `keyward.allowed`, `keyward.denied.<code>`, ...
+pub mod counter {
+    use crate::response::CODES;
+
+    pub const ALLOWED: usize = 0;
+    pub const PUBLIC: usize = 1;
+    pub const FAIL_OPEN: usize = 2;
+    /// Requests that failed closed (500 `INTERNAL_ERROR`).
+    pub const INTERNAL_ERRORS: usize = 3;
+    /// Refusals, indexed like [`CODES`] from here.
+    pub const DENIED: usize = 4;
+    /// Rate-limited requests by the CAS attempts their bucket took: 1, 2, 3, 4 or more.
+    pub const CAS_ATTEMPTS: usize = DENIED + CODES.len();
+    /// Admitted because the CAS retry bound was hit (fail open on contention).
+    pub const CONTENTION_ALLOWED: usize = CAS_ATTEMPTS + 4;
+    /// Buckets written for the first time: flat once every key has been used.
+    pub const BUCKETS_CREATED: usize = CONTENTION_ALLOWED + 1;
+    pub const COUNT: usize = BUCKETS_CREATED + 1;
+
+    /// Every counter's name, by index.
+    pub fn names() -> Vec<String> {
+        let mut names: Vec<String> = ["allowed", "public", "fail_open", "internal_errors"].iter().map(|n| format!("keyward.{n}")).collect();
+        names.extend(CODES.iter().map(|c| format!("keyward.denied.{}", c.to_ascii_lowercase())));
+        names.extend(["1", "2", "3", "4_or_more"].iter().map(|n| format!("keyward.rate_limit.cas_attempts_{n}")));
+        names.push("keyward.rate_limit.contention_allowed".into());
+        names.push("keyward.rate_limit.buckets_created".into());
+        names
+    }
+}
+
 /// Which of the filter's counters a request adds to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
@@ -121,6 +152,22 @@ pub struct Tally<'s> {
 impl<'s> Tally<'s> {
     fn counted(counted: Counted) -> Tally<'s> {
         Tally { counted, key: None, bucket: None, fault: None }
+    }
+
+    /// The counters this request adds one to (indexes into [`counter::names`]).
+    pub fn counters(&self) -> impl Iterator<Item = usize> {
+        let outcome = match self.counted {
+            Counted::Allowed => counter::ALLOWED,
+            Counted::Public => counter::PUBLIC,
+            Counted::FailOpen => counter::FAIL_OPEN,
+            Counted::Fault => counter::INTERNAL_ERRORS,
+            Counted::Denied(i) => counter::DENIED + i,
+        };
+        let b = self.bucket.as_ref();
+        let attempts = b.map(|b| counter::CAS_ATTEMPTS + (b.attempts.max(1) as usize - 1).min(3));
+        let contended = b.filter(|b| b.contended).map(|_| counter::CONTENTION_ALLOWED);
+        let created = b.filter(|b| b.created).map(|_| counter::BUCKETS_CREATED);
+        [Some(outcome), attempts, contended, created].into_iter().flatten()
     }
 
     /// Adds the key's use to `usage` (allowed at `now_secs`).
@@ -509,6 +556,24 @@ mod tests {
             .map(|_| authorize(&c, &snapshot, &b, &req, &Context { now_us: &now_us, fleet: global }).tally.bucket.and_then(|t| t.fleet))
             .collect();
         assert_eq!(fleet, [Some(FleetCount::Admitted { urgent: false }), Some(FleetCount::Admitted { urgent: true }), Some(FleetCount::Refused)]);
+    }
+
+    #[test]
+    fn counters_are_named_once_and_a_tally_adds_to_its_own() {
+        let names = counter::names();
+        assert_eq!(names.len(), counter::COUNT);
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len());
+        assert_eq!((names[counter::DENIED + 8].as_str(), names[counter::CAS_ATTEMPTS + 3].as_str()), ("keyward.denied.rate_limited", "keyward.rate_limit.cas_attempts_4_or_more"));
+        let c = config(serde_json::json!({}));
+        let snapshot = c.snapshot.clone().unwrap();
+        let b = Buckets::default();
+        let named = |plan: Plan<'_>| plan.tally.counters().map(|i| names[i].clone()).collect::<Vec<_>>();
+        assert_eq!(named(plan_for(&c, &snapshot, &b, "/v1/x", &[("x-api-key", "limited-key")], false)), ["keyward.allowed", "keyward.rate_limit.cas_attempts_1", "keyward.rate_limit.buckets_created"]);
+        assert_eq!(named(plan_for(&c, &snapshot, &b, "/v1/x", &[("x-api-key", "revoked-key")], false)), ["keyward.denied.revoked_api_key"]);
+        assert_eq!(named(plan_for(&c, &Faulty, &b, "/v1/x", &[("x-api-key", "good-key")], false)), ["keyward.internal_errors"]);
     }
 
     #[test]
