@@ -3,11 +3,10 @@
 //! machine and runs the commands it returns, in order, answering those that ask for it. It
 //! decides nothing.
 
-use crate::fleet::RateCounts;
 use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
 use crate::shared::{self, ENVOY_ID_KEY, LEASE_KEY};
 use keyward_core::config::ControlPlane;
-use keyward_core::fetch::rates::SET_ATTEMPTS;
+use keyward_core::fetch::rates::{RateCounts, SET_ATTEMPTS};
 use keyward_core::fetch::{Answer, Call, Command, EnvoyView, Fetch, FeedView, Level, Metric, Queue, View};
 use keyward_core::ratelimit;
 use keyward_core::scope::Implications;

@@ -1,7 +1,7 @@
 //! The request path: gather what the core needs, call [`keyward_core::authorize`], count its
 //! tally, apply its plan. Nothing here decides anything the contract says.
 
-use crate::fleet::RateCounts;
+use keyward_core::fetch::rates::RateCounts;
 use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
 use keyward_core::authorize::{self, counter, Action, Context, FleetCount, Forward, Plan};
 use keyward_core::ratelimit::Fleet;

@@ -7,7 +7,6 @@
 
 pub mod fetcher;
 pub mod filter;
-pub mod fleet;
 pub mod host;
 mod http;
 mod root;

@@ -3,11 +3,11 @@
 
 use crate::fetcher::{self, FeedMetrics, Fetcher};
 use crate::filter::{Metrics, RouteCache, VmView};
-use crate::fleet::{self, RateCounts};
 use crate::host::{EnvoyHost, Host, LogLevel, MetricKind};
 use crate::http::Http;
 use crate::shared::{self, RecordCache};
 use keyward_core::fetch::State;
+use keyward_core::fetch::rates::RateCounts;
 use keyward_core::ratelimit::Fleet;
 use keyward_core::usage::Usage;
 use keyward_core::Config;
@@ -153,7 +153,7 @@ impl Root {
             }
             Err(e) => host.log(LogLevel::Warn, &format!("reading the shared state: {e}")),
         }
-        match fleet::read_fleet(host) {
+        match shared::read_fleet(host) {
             Ok(fleet) => vm.fleet.set(fleet),
             Err(e) => host.log(LogLevel::Warn, &format!("reading the fleet: {e}")),
         }

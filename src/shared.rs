@@ -16,7 +16,9 @@
 use crate::host::{Host, HostError};
 use keyward_core::decision::{KeyLookup, LookupError};
 use keyward_core::feed::Epochs;
+use keyward_core::fetch::rates::FLEET_KEY;
 use keyward_core::fetch::{State, Write};
+use keyward_core::ratelimit::Fleet;
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -64,6 +66,13 @@ pub fn write_epochs<H: Host>(host: &H, epochs: &Epochs) -> Result<(), HostError>
 pub fn read_state<H: Host>(host: &H) -> Result<State, HostError> {
     let (value, _) = host.shared_get(STATE_KEY)?;
     Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(State::decode)).unwrap_or_default())
+}
+
+/// The fleet this VM judges rate limits by (`keyward.fleet`, written by the lease holder from the
+/// control plane's answers; see `keyward_core::fetch::rates`), read on every tick.
+pub fn read_fleet<H: Host>(host: &H) -> Result<Fleet, HostError> {
+    let (value, _) = host.shared_get(FLEET_KEY)?;
+    Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(Fleet::decode)).unwrap_or_default())
 }
 
 /// Records read from shared data, kept per VM so a hot key costs no hostcall. The root context

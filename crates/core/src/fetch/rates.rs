@@ -1,7 +1,19 @@
-//! Rate limits across a fleet, the fetcher's pure side: what each worker admitted per bucket
-//! ([`RateCounts`]), its queue line ([`Admitted`]), and the lease holder's reports and answers
-//! ([`RateSync`]), whose shared-data writes are [`Command`]s. See the filter's `fleet` module
-//! for the whole scheme.
+//! Rate limits across a fleet of Envoys, the fetcher's side. No request waits on the network:
+//! a request reads and CASes only its bucket in shared data, as with one Envoy.
+//!
+//! - In global mode every worker counts what it admits per bucket ([`RateCounts`], in VM
+//!   memory; in split mode nothing is counted, the control plane needs no counts) and hands the
+//!   counts to the fetcher's VM on its tick through the `keyward.rates` queue ([`Admitted`]
+//!   lines), at once when a bucket has used half its budget here (the early push), else every
+//!   half sync interval.
+//! - The lease holder reports the buckets that moved to the control plane every `rate_sync_ms`
+//!   (and at least once a second) and gets back how many Envoys share each limit and, when the
+//!   control plane has a rate store, how many requests the *other* Envoys admitted in each
+//!   bucket's window ([`RateSync`]). Its answer becomes [`Command`]s: `keyward.fleet` (every VM
+//!   reads it on its tick) and each bucket's figure, trusted for a few sync intervals.
+//! - A request is then judged by [`crate::ratelimit::admit_in_fleet`]: against the whole limit
+//!   less the others' admissions while the figure is trusted, else against this Envoy's share
+//!   of the limit. A lost control plane or rate store leaves each Envoy its last share.
 
 use super::{Command, Write};
 use crate::feed::{BucketReport, RateAnswer, RateMode, RateReport, RATE_REPORT_MAX_BUCKETS};
