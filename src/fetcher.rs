@@ -7,7 +7,7 @@ use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
 use crate::shared::{self, ENVOY_ID_KEY, LEASE_KEY};
 use keyward_core::config::ControlPlane;
 use keyward_core::fetch::rates::{RateCounts, SET_ATTEMPTS};
-use keyward_core::fetch::{Answer, Call, Command, EnvoyView, Fetch, FeedView, Level, Metric, Queue, View};
+use keyward_core::fetch::{Answer, Call, Command, EnvoyView, Fetch, FeedView, Level, Metric, Queue, State, View};
 use keyward_core::ratelimit;
 use keyward_core::scope::Implications;
 use keyward_core::usage::Usage;
@@ -55,7 +55,12 @@ pub struct Fetcher {
 }
 
 fn read_feed<H: Host>(host: &H) -> Result<FeedView, String> {
-    let state = shared::read_state(host).map_err(|e| e.to_string())?;
+    // A state entry that cannot be decoded is read as none: the full snapshot asked for then
+    // rewrites it.
+    let state = match shared::read_state(host) {
+        Err(e) if e.status == crate::host::Status::ParseFailure => State::default(),
+        other => other.map_err(|e| e.to_string())?,
+    };
     let epochs = shared::read_epochs(host).map_err(|e| e.to_string())?;
     Ok(FeedView { state, epochs })
 }
@@ -105,8 +110,15 @@ impl Fetcher {
                     let commands = self.fetch.on_lease(now_ms, value.as_deref(), cas);
                     self.run(host, now_ms, commands);
                 }
-                Err(e) => return host.log(LogLevel::Warn, &format!("fetcher tick: {e}")),
+                Err(e) => {
+                    self.fetch.on_lease_unreadable(now_ms);
+                    return host.log(LogLevel::Warn, &format!("fetcher tick: {e}"));
+                }
             }
+        }
+        if self.fetch.leader() && (self.queues.usage_in.is_none() || self.queues.rates_in.is_none()) {
+            // A registration that failed when the lease was taken: again, until both hold.
+            self.run(host, now_ms, vec![Command::RegisterQueues]);
         }
         let wants = self.fetch.wants(now_ms);
         let view = View { feed: wants.feed.then(|| read_feed(host)), envoy: wants.envoy.then(|| read_envoy(host)) };
@@ -152,10 +164,14 @@ impl Fetcher {
                 Ok(held) => return self.fetch.lease_claimed(now_ms, held),
                 Err(e) => warn(e),
             },
-            Command::RegisterQueues => match (host.register_queue(Queue::Usage.name()), host.register_queue(Queue::Rates.name())) {
-                (Ok(usage), Ok(rates)) => (self.queues.usage_in, self.queues.rates_in) = (Some(usage), Some(rates)),
-                (Err(e), _) | (_, Err(e)) => warn(e),
-            },
+            Command::RegisterQueues => {
+                for (queue, id) in [(Queue::Usage, &mut self.queues.usage_in), (Queue::Rates, &mut self.queues.rates_in)] {
+                    match host.register_queue(queue.name()) {
+                        Ok(registered) => *id = Some(registered),
+                        Err(e) => warn(e),
+                    }
+                }
+            }
             Command::Send { queue, text } => {
                 let out = match queue {
                     Queue::Usage => &mut self.queues.usage_out,

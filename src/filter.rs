@@ -3,7 +3,7 @@
 
 use keyward_core::fetch::rates::RateCounts;
 use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
-use keyward_core::authorize::{self, counter, Action, Context, FleetCount, Forward, Plan};
+use keyward_core::authorize::{self, counter, Action, Context, Counted, FleetCount, Plan, Tally};
 use keyward_core::ratelimit::Fleet;
 use keyward_core::response::internal_error;
 use keyward_core::usage::Usage;
@@ -115,8 +115,11 @@ pub enum Flow {
 }
 
 /// Gathers, authorizes, counts, applies. A hostcall that fails fails the request closed.
+///
+/// A reply is counted before it is sent; a forwarded request once its changes are applied, so
+/// a request that fails closed half-way is counted only as a fault.
 pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, keys: &K, vm: &VmView<'_>) -> Flow {
-    let flow = gather(host, config, vm.routes).and_then(|(headers, tls_connection, route_scopes)| {
+    let flow = gather(host, config, vm.routes).map_err(|e| (e, false)).and_then(|(headers, tls_connection, route_scopes)| {
         let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| std::str::from_utf8(v).ok()).unwrap_or("");
         // The clock is read only for keys that can expire or are rate-limited; a failed read
         // fails them closed.
@@ -131,13 +134,23 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
             now: &clock,
         };
         let now_us = || host.now_micros().ok();
-        let plan = authorize::authorize(config, keys, &SharedBuckets(host), &req, &Context { now_us: &now_us, fleet: vm.fleet });
-        tally(host, &plan, &req, vm);
-        apply(host, plan.action)
+        let mut plan = authorize::authorize(config, keys, &SharedBuckets(host), &req, &Context { now_us: &now_us, fleet: vm.fleet });
+        count_bucket(vm, &plan.tally);
+        let replying = matches!(plan.action, Action::Reply(_));
+        if replying {
+            count(host, &plan, &req, vm);
+        }
+        let flow = apply(host, &mut plan.action).map_err(|e| (e, plan.tally.counted == Counted::Fault))?;
+        if !replying {
+            count(host, &plan, &req, vm);
+        }
+        Ok(flow)
     });
-    flow.unwrap_or_else(|e| {
+    flow.unwrap_or_else(|(e, counted)| {
         host.log(LogLevel::Error, &format!("{e}; failing closed"));
-        vm.metrics.count_fault();
+        if !counted {
+            vm.metrics.count_fault();
+        }
         let _ = host.send_reply(&internal_error());
         Flow::Stop
     })
@@ -153,11 +166,23 @@ fn gather<H: Host>(host: &H, config: &Config, routes: &RouteCache) -> Result<Gat
     Ok((headers, tls_connection, route_scopes))
 }
 
-fn tally<H: Host>(host: &H, plan: &Plan<'_>, req: &Request<'_>, vm: &VmView<'_>) {
-    let t = &plan.tally;
-    for counter in t.counters() {
+/// What the rate limiter did: its counters, and the fleet's admissions.
+fn count_bucket(vm: &VmView<'_>, t: &Tally<'_>) {
+    let Some(b) = &t.bucket else { return };
+    for counter in t.bucket_counters() {
         vm.metrics.count(counter);
     }
+    match (vm.rates, b.fleet) {
+        (Some(rates), Some(FleetCount::Admitted { urgent })) => rates.admitted(&b.bucket, b.limit, urgent),
+        (Some(rates), Some(FleetCount::Refused)) => rates.refused(&b.bucket, b.limit),
+        _ => {}
+    }
+}
+
+/// What was decided: its counter, the key's usage, the log line.
+fn count<H: Host>(host: &H, plan: &Plan<'_>, req: &Request<'_>, vm: &VmView<'_>) {
+    let t = &plan.tally;
+    vm.metrics.count(t.outcome_counter());
     if let Some(why) = &t.fault {
         host.log(LogLevel::Error, &format!("{why}; failing closed"));
     } else if vm.debug {
@@ -166,19 +191,12 @@ fn tally<H: Host>(host: &H, plan: &Plan<'_>, req: &Request<'_>, vm: &VmView<'_>)
     if let Some(usage) = vm.usage {
         t.count_usage(usage, vm.now_secs);
     }
-    if let Some(b) = &t.bucket {
-        match (vm.rates, b.fleet) {
-            (Some(rates), Some(FleetCount::Admitted { urgent })) => rates.admitted(&b.bucket, b.limit, urgent),
-            (Some(rates), Some(FleetCount::Refused)) => rates.refused(&b.bucket, b.limit),
-            _ => {}
-        }
-    }
 }
 
-fn apply<H: Host>(host: &H, action: Action<'_>) -> Result<Flow, HostError> {
+fn apply<H: Host>(host: &H, action: &mut Action<'_>) -> Result<Flow, HostError> {
     match action {
         Action::Reply(reply) => {
-            host.send_reply(&reply)?;
+            host.send_reply(reply)?;
             Ok(Flow::Stop)
         }
         Action::Forward(forward) => {
@@ -193,8 +211,7 @@ fn apply<H: Host>(host: &H, action: Action<'_>) -> Result<Flow, HostError> {
             for (name, value) in forward.identity_headers().into_iter().flatten() {
                 host.add_request_header(name, value.as_bytes())?;
             }
-            let Forward { response_headers, .. } = forward;
-            Ok(Flow::Continue(response_headers))
+            Ok(Flow::Continue(std::mem::take(&mut forward.response_headers)))
         }
     }
 }

@@ -146,6 +146,10 @@ mod tests {
             // No snapshot yet: 503, or forwarded with fail_open.
             let flow = request(&host, Some(&vm));
             assert_eq!((flow.clone(), status(&host)), if fail_open { (Flow::Continue(vec![]), None) } else { (Flow::Stop, Some(503)) });
+            // A state entry that cannot be decoded, before the first load.
+            host.set_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", "some-key")]);
+            host.shared_set(shared::STATE_KEY, b"garbage", None).unwrap();
+            assert_eq!((request(&host, Some(&vm)), status(&host)), (Flow::Stop, Some(500)), "fail_open {fail_open}");
             // Loaded, but the key's record is garbage.
             loaded(&host);
             host.shared_set(&shared::record_key(&Digest::of(b"some-key")), b"9\tgarbage", None).unwrap();
@@ -159,7 +163,7 @@ mod tests {
             assert_eq!((request(&host, Some(&vm)), status(&host)), (Flow::Stop, Some(500)));
             host.heal();
             vm.metrics.flush(&host).unwrap();
-            assert_eq!(host.metric("keyward.internal_errors"), Some(2));
+            assert_eq!(host.metric("keyward.internal_errors"), Some(3));
         }
     }
 
@@ -180,5 +184,8 @@ mod tests {
             host.heal();
             assert_eq!(status(&host), Some(500), "{op}");
         }
+        // Each counted once, as a fault: never as allowed too.
+        vm.metrics.flush(&host).unwrap();
+        assert_eq!((host.metric("keyward.allowed"), host.metric("keyward.internal_errors")), (Some(1), Some(3)));
     }
 }

@@ -62,10 +62,14 @@ pub fn write_epochs<H: Host>(host: &H, epochs: &Epochs) -> Result<(), HostError>
     write(host, &Write::epochs(epochs))
 }
 
-/// What the fetcher has applied, as every worker sees it (absent or garbled: nothing yet).
+/// What the fetcher has applied, as every worker sees it (absent: nothing yet). An entry that
+/// cannot be decoded is an error: a request fails closed, never open, on it.
 pub fn read_state<H: Host>(host: &H) -> Result<State, HostError> {
     let (value, _) = host.shared_get(STATE_KEY)?;
-    Ok(value.and_then(|v| std::str::from_utf8(&v).ok().and_then(State::decode)).unwrap_or_default())
+    match value {
+        None => Ok(State::default()),
+        Some(v) => std::str::from_utf8(&v).ok().and_then(State::decode).ok_or(HostError { op: "decoding keyward.state", status: crate::host::Status::ParseFailure }),
+    }
 }
 
 /// The fleet this VM judges rate limits by (`keyward.fleet`, written by the lease holder from the
@@ -187,13 +191,11 @@ pub struct SharedKeys<'h, H: Host> {
     cache: &'h RecordCache,
     /// Holds the record this request looked up, so the decision can borrow it.
     found: std::cell::OnceCell<Rc<KeyRecord>>,
-    /// Set when an entry could not be read or decoded.
-    pub fault: std::cell::Cell<bool>,
 }
 
 impl<'h, H: Host> SharedKeys<'h, H> {
     pub fn new(host: &'h H, usable: bool, cache: &'h RecordCache) -> Self {
-        SharedKeys { host, usable, cache, found: std::cell::OnceCell::new(), fault: std::cell::Cell::new(false) }
+        SharedKeys { host, usable, cache, found: std::cell::OnceCell::new() }
     }
 
     fn hand_out(&self, record: Rc<KeyRecord>) -> Cow<'_, KeyRecord> {
@@ -213,14 +215,10 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
         if let Some(hit) = self.cache.get(digest) {
             return Ok(Some(self.hand_out(hit)));
         }
-        let (value, _) = self.host.shared_get(&record_key(digest)).map_err(|_| {
-            self.fault.set(true);
-            LookupError::Fault
-        })?;
-        let fault = |_| {
-            self.fault.set(true);
-            LookupError::Fault
-        };
+        // A read that fails, or an entry that cannot be decoded, is a fault: the request fails
+        // closed whatever `fail_open` says.
+        let fault = |_| LookupError::Fault;
+        let (value, _) = self.host.shared_get(&record_key(digest)).map_err(fault)?;
         match value {
             None => Ok(None),
             Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode_entry) {
@@ -231,11 +229,8 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
                     self.cache.put(*digest, Rc::clone(&record));
                     Ok(Some(self.hand_out(record)))
                 }
-                None => {
-                    // Fail closed on an entry we cannot read; the fetcher only writes valid ones.
-                    self.fault.set(true);
-                    Err(LookupError::Fault)
-                }
+                // The fetcher writes only valid entries.
+                None => Err(LookupError::Fault),
             },
         }
     }
@@ -276,7 +271,6 @@ mod tests {
         cache.sync(&host, generation(&host).unwrap()).unwrap();
         let keys = SharedKeys::new(&host, true, &cache);
         assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Fault));
-        assert!(keys.fault.get());
         // Not loaded yet is the other kind.
         let keys = SharedKeys::new(&host, false, &cache);
         assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Unavailable));

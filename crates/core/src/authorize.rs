@@ -154,20 +154,29 @@ impl<'s> Tally<'s> {
         Tally { counted, key: None, bucket: None, fault: None }
     }
 
-    /// The counters this request adds one to (indexes into [`counter::names`]).
-    pub fn counters(&self) -> impl Iterator<Item = usize> {
-        let outcome = match self.counted {
+    /// The counter of what was decided (an index into [`counter::names`]).
+    pub fn outcome_counter(&self) -> usize {
+        match self.counted {
             Counted::Allowed => counter::ALLOWED,
             Counted::Public => counter::PUBLIC,
             Counted::FailOpen => counter::FAIL_OPEN,
             Counted::Fault => counter::INTERNAL_ERRORS,
             Counted::Denied(i) => counter::DENIED + i,
-        };
+        }
+    }
+
+    /// The rate limiter's counters this request adds one to.
+    pub fn bucket_counters(&self) -> impl Iterator<Item = usize> {
         let b = self.bucket.as_ref();
         let attempts = b.map(|b| counter::CAS_ATTEMPTS + (b.attempts.max(1) as usize - 1).min(3));
         let contended = b.filter(|b| b.contended).map(|_| counter::CONTENTION_ALLOWED);
         let created = b.filter(|b| b.created).map(|_| counter::BUCKETS_CREATED);
-        [Some(outcome), attempts, contended, created].into_iter().flatten()
+        [attempts, contended, created].into_iter().flatten()
+    }
+
+    /// Every counter this request adds one to.
+    pub fn counters(&self) -> impl Iterator<Item = usize> {
+        std::iter::once(self.outcome_counter()).chain(self.bucket_counters())
     }
 
     /// Adds the key's use to `usage` (allowed at `now_secs`).
@@ -186,8 +195,10 @@ impl<'s> Plan<'s> {
         Plan { action: Action::Reply(internal_error()), tally: Tally { fault: Some(why.into()), ..Tally::counted(Counted::Fault) } }
     }
 
-    /// One line for the debug log: what was decided, never the credential.
+    /// One line for the debug log: what was decided, never the credential (the path is logged
+    /// without its query, which may carry one).
     pub fn describe(&self, req: &Request<'_>) -> String {
+        let path = crate::rules::path_only(req.path);
         match (&self.action, &self.tally.counted) {
             (Action::Forward(f), _) if f.identity.is_some() => {
                 let (id, digest) = match &self.tally.key {
@@ -196,10 +207,10 @@ impl<'s> Plan<'s> {
                 };
                 format!("allowed key {id} digest {digest}")
             }
-            (_, Counted::Denied(i)) => format!("denied {} {} {}", crate::response::CODES.get(*i).copied().unwrap_or("?"), req.method, req.path),
+            (_, Counted::Denied(i)) => format!("denied {} {} {path}", crate::response::CODES.get(*i).copied().unwrap_or("?"), req.method),
             (_, Counted::Fault) => format!("failed closed: {}", self.tally.fault.as_deref().unwrap_or("a fault")),
-            (_, Counted::FailOpen) => format!("forwarded without keys (fail_open) {} {}", req.method, req.path),
-            _ => format!("public {} {}", req.method, req.path),
+            (_, Counted::FailOpen) => format!("forwarded without keys (fail_open) {} {path}", req.method),
+            _ => format!("public {} {path}", req.method),
         }
     }
 }
@@ -585,5 +596,17 @@ mod tests {
         let plan = authorize(&c, &snapshot, &Buckets::default(), &req, &Context { now_us: &|| None, fleet: Fleet::default() });
         let line = plan.describe(&req);
         assert!(line.starts_with("allowed key key_good digest ") && !line.contains("good-key"), "{line}");
+        // A query credential, refused, forwarded by fail_open, or on a public path.
+        for (config, keys, path) in [
+            (config(serde_json::json!({})), false, "/v1/x?api_key=revoked-key"),
+            (config(serde_json::json!({"fail_open": true})), false, "/v1/x?api_key=good-key"),
+            (config(serde_json::json!({})), true, "/public/x?api_key=good-key"),
+        ] {
+            let req = Request { method: "GET", path, authority: "a", headers: &[], tls_connection: false, route_scopes: None, now: &|| NOW };
+            let snapshot = config.snapshot.clone().unwrap();
+            let plan = if keys { authorize(&config, &snapshot, &Buckets::default(), &req, &Context { now_us: &|| None, fleet: Fleet::default() }) } else { authorize(&config, &NoKeys, &Buckets::default(), &req, &Context { now_us: &|| None, fleet: Fleet::default() }) };
+            let line = plan.describe(&req);
+            assert!(!line.contains("-key") && !line.contains('?'), "{line}");
+        }
     }
 }

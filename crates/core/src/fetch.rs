@@ -409,6 +409,11 @@ impl Fetch {
         vec![Command::ClaimLease { value: format!("{} {}", self.owner, now_ms + LEASE_MS), cas }]
     }
 
+    /// The lease entry could not be read: try again at the next check, holding what was held.
+    pub fn on_lease_unreadable(&mut self, now_ms: u64) {
+        self.last_lease_ms = now_ms;
+    }
+
     /// Whether this VM holds the lease now.
     pub fn lease_claimed(&mut self, now_ms: u64, held: bool) -> Vec<Command> {
         let was = std::mem::replace(&mut self.leader, held);

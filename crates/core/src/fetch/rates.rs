@@ -186,10 +186,10 @@ impl RateSync {
     pub fn apply(&mut self, sent: &RateReport, answer: &RateAnswer, now_ms: u64, sync_ms: u64) -> (Vec<Command>, u64) {
         let mut out = Vec::new();
         let fleet = Fleet { envoys: answer.envoys.max(1), global: answer.mode == RateMode::Global };
-        if self.fleet != Some(fleet) {
-            out.push(Command::Set(Write { key: FLEET_KEY.to_string(), value: fleet.encode() }));
-            self.fleet = Some(fleet);
-        }
+        // Written on every answer, not only on a change: a write that failed is made good by
+        // the next answer, and another VM may have written it meanwhile.
+        out.push(Command::Set(Write { key: FLEET_KEY.to_string(), value: fleet.encode() }));
+        self.fleet = Some(fleet);
         if !fleet.global {
             return (out, 0);
         }
