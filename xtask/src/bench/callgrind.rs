@@ -70,9 +70,17 @@ fn keepalive_requests(port: u16, keys: &[String], n: usize) -> Result {
 /// `CG_REQUESTS` keep-alive requests after a warm-up: deterministic to well under 1% on a noisy
 /// machine, where CPU time swings tenfold. It leaves out the kernel (sockets), which CPU time
 /// includes, so its ratios are larger than CPU-time ratios.
+///
+/// For investigations: `KEYWARD_BENCH_CG_ONLY=6,7` measures only those rows, and
+/// `KEYWARD_BENCH_CG_KEEP=DIR` keeps each row's callgrind dumps there for `callgrind_annotate`.
 fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<(String, f64)>> {
+    let only: Option<Vec<String>> = std::env::var("KEYWARD_BENCH_CG_ONLY").ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let keep = std::env::var_os("KEYWARD_BENCH_CG_KEEP").map(std::path::PathBuf::from);
     let mut out = Vec::new();
     for (name, boot, keys) in configs {
+        if only.as_ref().is_some_and(|only| !only.iter().any(|row| name.split(' ').next() == Some(row.as_str()))) {
+            continue;
+        }
         let dir = TempDir::new("callgrind")?;
         let file = dir.path().join("cg.out");
         let mut opts = EnvoyOptions::new(json!({}), 0);
@@ -116,6 +124,13 @@ fn instruction_counts(configs: Vec<(String, Value, Vec<String>)>) -> Result<Vec<
         control(&["-d"])?;
         std::thread::sleep(Duration::from_secs(1));
         let (busy, idle) = (dumped(1), dumped(2));
+        if let Some(keep) = &keep {
+            std::fs::create_dir_all(keep)?;
+            for n in [1, 2] {
+                let row = name.split(' ').next().unwrap_or("row");
+                std::fs::copy(format!("{}.{n}", file.display()), keep.join(format!("cg.{row}.{n}")))?;
+            }
+        }
         if busy == 0 {
             return Err(format!("{name}: callgrind counted nothing").into());
         }
