@@ -92,6 +92,51 @@ pub struct AppState {
     pub console_secure: bool,
     /// Fleet rate limits: the rate store (`--rate-store`), if any, and this replica's view.
     pub rates: crate::rates::Rates,
+    /// Feed pages read ahead: see [`FeedPrefetch`].
+    pub prefetch: FeedPrefetch,
+}
+
+/// A page read ahead, or being read: its continuation `(since, after)` and the page (`None` if
+/// the read failed).
+type Prefetched = ((u64, String), Arc<tokio::sync::OnceCell<Option<keyward_core::feed::FeedMessage>>>);
+
+/// Feed pages read ahead. Once a page with a cursor is answered, the next one is read in the
+/// background while the Envoy applies this one, so the two overlap instead of taking turns. A
+/// page read ahead is answered only while the store's version is still the one it was read at
+/// (else it is read again); a request that arrives while it is being read waits for it.
+#[derive(Default)]
+pub struct FeedPrefetch {
+    pages: Mutex<std::collections::VecDeque<Prefetched>>,
+}
+
+/// Pages held at most (about a megabyte each): a few Envoys taking a full snapshot at once.
+const PREFETCH_MAX: usize = 4;
+
+impl FeedPrefetch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Prefetched>> {
+        self.pages.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The page read ahead for `(since, after)`, taken out.
+    fn take(&self, since: u64, after: &str) -> Option<Arc<tokio::sync::OnceCell<Option<keyward_core::feed::FeedMessage>>>> {
+        let mut pages = self.lock();
+        let i = pages.iter().position(|((s, a), _)| *s == since && a == after)?;
+        pages.remove(i).map(|(_, cell)| cell)
+    }
+
+    /// A new slot for `(since, after)`, unless one is there already.
+    fn slot(&self, since: u64, after: &str) -> Option<Arc<tokio::sync::OnceCell<Option<keyward_core::feed::FeedMessage>>>> {
+        let mut pages = self.lock();
+        if pages.iter().any(|((s, a), _)| *s == since && a == after) {
+            return None;
+        }
+        if pages.len() >= PREFETCH_MAX {
+            pages.pop_front();
+        }
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        pages.push_back(((since, after.to_string()), Arc::clone(&cell)));
+        Some(cell)
+    }
 }
 
 /// Wrong tokens tolerated from one client address per window; then 429 until the window ends.
@@ -168,6 +213,7 @@ impl AppState {
             console: crate::console::ConsoleState::default(),
             console_secure: false,
             rates: crate::rates::Rates::default(),
+            prefetch: FeedPrefetch::default(),
         })
     }
 
@@ -821,13 +867,12 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     if reset {
         tracing::info!(envoy = %envoy, since = q.since, envoy_store = q.store.as_deref().unwrap_or("-"), store = %store_id, "feed reset: the whole snapshot replaces what the Envoy holds");
     }
-    let mut page = with_store(&state, "feed.page", move |s| {
-        let page = s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)?;
-        // Answered: connected for as long as it takes to ask again.
-        s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)?;
-        Ok(page)
-    })
-    .await?;
+    let mut page = feed_page(&state, since, after).await?;
+    // Answered: connected for as long as it takes to ask again.
+    with_store(&state, "feed.seen", move |s| s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)).await?;
+    if let Some(next) = &page.cursor {
+        read_ahead(&state, next.version, next.id.clone());
+    }
     if q.store.is_some() {
         page.store = Some(store_id);
         page.reset = reset;
@@ -835,6 +880,37 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
         page.store = None;
     }
     Ok(ok(StatusCode::OK, page))
+}
+
+/// A feed page: read ahead if it was (and the store has not moved since), else read now.
+async fn feed_page(state: &Arc<AppState>, since: u64, after: Option<String>) -> Result<keyward_core::feed::FeedMessage> {
+    if let Some(cell) = after.as_deref().and_then(|a| state.prefetch.take(since, a)) {
+        let current = cell.get_or_init(|| read_page(Arc::clone(state), since, after.clone())).await.as_ref().is_some_and(|p| p.version == *state.version.borrow());
+        if current {
+            // The background task is done with it: the page itself, else (still shared) a copy.
+            let page = match Arc::try_unwrap(cell) {
+                Ok(cell) => cell.into_inner().flatten(),
+                Err(cell) => cell.get().cloned().flatten(),
+            };
+            if let Some(page) = page {
+                return Ok(page);
+            }
+        }
+    }
+    with_store(state, "feed.page", move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await
+}
+
+async fn read_page(state: Arc<AppState>, since: u64, after: Option<String>) -> Option<keyward_core::feed::FeedMessage> {
+    with_store(&state, "feed.page", move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await.ok()
+}
+
+/// Reads the page after `(since, after)` in the background (see [`FeedPrefetch`]).
+fn read_ahead(state: &Arc<AppState>, since: u64, after: String) {
+    let Some(cell) = state.prefetch.slot(since, &after) else { return };
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        cell.get_or_init(|| read_page(Arc::clone(&state), since, Some(after))).await;
+    });
 }
 
 async fn feed_usage(State(state): State<Arc<AppState>>, body: Body) -> Result<Response> {

@@ -718,3 +718,46 @@ async fn null_is_refused_for_fields_that_cannot_be_cleared() {
     }
     assert_eq!(api.version(), before);
 }
+
+/// A snapshot of more than one page: each continuation is read ahead while the Envoy applies
+/// the page before, and answers exactly what a read at that moment would; once the store
+/// moves, a page read ahead is not answered (the continuation is read again, at the new version).
+#[tokio::test]
+async fn pages_read_ahead_answer_what_a_read_would_and_never_a_moved_store_s() {
+    let api = api();
+    api.agent("bulk", &["read:all"]).await;
+    let lines: Vec<String> = (0..keyward_control::store::FEED_PAGE * 2 + 10).map(|i| format!("sha256:{}", Digest::of(format!("bulk {i}").as_bytes()).to_hex())).collect();
+    let template = keyward_control::model::NewKey { agent: "bulk".into(), ..Default::default() };
+    api.state.store.lock().unwrap().import_batch(&template, &lines, false).unwrap();
+    api.state.refresh_version().unwrap();
+    let pages = |after: Option<(u64, String)>| {
+        let api = &api;
+        async move {
+            let path = match &after {
+                Some((v, id)) => format!("/v1/feed?envoy=edge-p&since={v}&after={id}&store="),
+                None => "/v1/feed?envoy=edge-p&since=0&store=".to_string(),
+            };
+            let (s, page) = api.call("GET", &path, None).await;
+            assert_eq!(s, StatusCode::OK, "{page}");
+            page
+        }
+    };
+    let cursor = |page: &Value| page["cursor"].as_object().map(|c| (c["version"].as_u64().unwrap(), c["id"].as_str().unwrap().to_string()));
+    let first = pages(None).await;
+    let c1 = cursor(&first).expect("more than one page");
+    // Give the read-ahead its time, then compare with a read made now, bypassing it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let direct = serde_json::to_value(api.state.store.lock().unwrap().feed_page(c1.0, Some(&c1.1), keyward_control::store::FEED_PAGE).unwrap()).unwrap();
+    let second = pages(Some(c1.clone())).await;
+    assert_eq!(second["keys"], direct["keys"], "the page read ahead is the page");
+    assert_eq!((second["version"].clone(), second["cursor"].clone()), (direct["version"].clone(), direct["cursor"].clone()));
+    // The third page was read ahead at this version; a change lands before it is asked for.
+    let c2 = cursor(&second).expect("a third page");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    api.agent("late", &["read:all"]).await;
+    let moved = api.version();
+    let third = pages(Some(c2)).await;
+    assert_eq!(third["version"].as_u64(), Some(moved), "read again at the new version: {}", third["version"]);
+    assert_eq!(third["complete"].as_bool(), Some(true));
+    assert_eq!(first["keys"].as_array().unwrap().len() + second["keys"].as_array().unwrap().len() + third["keys"].as_array().unwrap().len(), lines.len() + 2, "every key once: the imported, and the keys the two agents were made with");
+}
