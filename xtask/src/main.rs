@@ -203,7 +203,7 @@ fn build_wasm() -> Result<PathBuf> {
     let wasm = wasm_default_path();
     name_keyward_wasm(wasm.parent().unwrap_or(&workspace_root()))?;
     let size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
-    eprintln!("xtask: built {} ({size} bytes)", wasm.display());
+    eprintln!("xtask: built {} ({size} bytes; budget {} bytes)", wasm.display(), keyward_testkit::WASM_BUDGET_BYTES);
     Ok(wasm)
 }
 
