@@ -189,7 +189,7 @@ impl Store {
         let map = implication_map(&*tx)?;
         tx.commit()?;
         let imp = Implications::new(&map).map_err(Error::Internal)?;
-        let keys = rows.iter().map(|k| k.raw_record(&imp)).collect();
+        let keys = rows.into_iter().map(|k| k.into_raw_record(&imp)).collect();
         Ok(RawSnapshot { version, implications: Some(map), keys })
     }
 
@@ -244,7 +244,8 @@ impl Store {
         tx.commit()?;
         let imp = Implications::new(&map).map_err(Error::Internal)?;
         let complete = rows.len() <= limit;
-        let page = &rows[..rows.len().min(limit)];
+        let mut page = rows;
+        page.truncate(limit);
         let cursor = match (complete, page.last()) {
             (false, Some(last)) => Some(FeedCursor { version: u64::try_from(last.version).unwrap_or(0), id: last.id.clone() }),
             _ => None,
@@ -256,7 +257,7 @@ impl Store {
             implications: Some(map),
             store,
             reset: false,
-            keys: page.iter().map(|k| k.raw_record(&imp)).collect(),
+            keys: page.into_iter().map(|k| k.into_raw_record(&imp)).collect(),
         })
     }
 
