@@ -28,8 +28,8 @@ impl Dispatched {
     }
 }
 
-/// The fake host. Shared data, queues and the clock are shared by every clone of `Rc<FakeHost>`
-/// a test hands to several "VMs"; tests use one `FakeHost` per Envoy.
+/// The fake host: one per simulated Envoy. Several "VMs" in a test (two fetchers, two record
+/// caches) share one by reference, as Envoy's VMs share its shared data and queues.
 #[derive(Debug, Default)]
 pub struct FakeHost {
     pub headers: RefCell<Vec<(String, Vec<u8>)>>,
