@@ -112,6 +112,23 @@ impl Row {
         }
     }
 
+    /// Moves a text column out of the row (left `Null`): a row read into a struct whole spares
+    /// copying each string.
+    pub fn take_text(&mut self, i: usize) -> Result<String> {
+        match self.0.get_mut(i).map(|v| std::mem::replace(v, Value::Null)) {
+            Some(Value::Text(s)) => Ok(s),
+            Some(other) => Err(Error::Internal(format!("column {i}: expected text, found {other:?}"))),
+            None => Err(Error::Internal(format!("column {i} missing from a row"))),
+        }
+    }
+
+    pub fn take_opt_text(&mut self, i: usize) -> Result<Option<String>> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            _ => self.take_text(i).map(Some),
+        }
+    }
+
     pub fn int(&self, i: usize) -> Result<i64> {
         match self.at(i)? {
             Value::Int(n) => Ok(*n),

@@ -91,34 +91,35 @@ pub(crate) fn active(k: &str, now_param: &str) -> String {
 }
 
 impl KeyRow {
-    pub fn read(r: &Row) -> Result<KeyRow> {
+    /// Reads a row of [`KEY_COLUMNS`], taking its strings.
+    pub fn read(mut r: Row) -> Result<KeyRow> {
         Ok(KeyRow {
-            id: r.text(0)?,
-            agent_id: r.text(1)?,
-            agent_name: r.text(2)?,
-            agent_scopes: json_list(&r.text(3)?),
+            id: r.take_text(0)?,
+            agent_id: r.take_text(1)?,
+            agent_name: r.take_text(2)?,
+            agent_scopes: json_list(&r.take_text(3)?),
             agent_enabled: r.flag(4)?,
-            agent_rate: r.opt_text(5)?,
-            name: r.text(6)?,
-            display_prefix: r.text(7)?,
-            last4: r.text(8)?,
-            digest: r.text(9)?,
-            scopes: r.opt_text(10)?.map(|s| json_list(&s)),
-            path_prefixes: json_list(&r.text(11)?),
-            rate_limit: r.opt_text(12)?,
+            agent_rate: r.take_opt_text(5)?,
+            name: r.take_text(6)?,
+            display_prefix: r.take_text(7)?,
+            last4: r.take_text(8)?,
+            digest: r.take_text(9)?,
+            scopes: r.take_opt_text(10)?.map(|s| json_list(&s)),
+            path_prefixes: json_list(&r.take_text(11)?),
+            rate_limit: r.take_opt_text(12)?,
             created_at: r.int(13)?,
             expires_at: r.opt_int(14)?,
             revoked_at: r.opt_int(15)?,
             last_used_at: r.opt_int(16)?,
-            rotated_from: r.opt_text(17)?,
-            rotated_to: r.opt_text(18)?,
+            rotated_from: r.take_opt_text(17)?,
+            rotated_to: r.take_opt_text(18)?,
             imported: r.flag(19)?,
             rotated_at: r.opt_int(20)?,
             version: r.int(21)?,
-            lineage: r.text(22)?,
+            lineage: r.take_text(22)?,
             agent_burst: r.opt_u32(23)?,
             rate_burst: r.opt_u32(24)?,
-            agent_disabled_reason: r.opt_text(25)?,
+            agent_disabled_reason: r.take_opt_text(25)?,
         })
     }
 
@@ -202,13 +203,13 @@ pub(crate) fn find_agent(db: &dyn Db, name: &str) -> Result<AgentRow> {
 
 pub(crate) fn find_key(db: &dyn Db, id: &str) -> Result<KeyRow> {
     db.row(&format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE k.id = ?1"), p![id])?
-        .map(|r| KeyRow::read(&r))
+        .map(KeyRow::read)
         .transpose()?
         .ok_or_else(|| Error::NotFound { field: "id", what: "key", name: id.to_string() })
 }
 
 pub(crate) fn key_rows(db: &dyn Db, sql: &str, params: &[super::db::Value]) -> Result<Vec<KeyRow>> {
-    db.query(sql, params)?.iter().map(KeyRow::read).collect()
+    db.query(sql, params)?.into_iter().map(KeyRow::read).collect()
 }
 
 fn active_keys(db: &dyn Db, agent_id: &str, now: i64) -> Result<u64> {
