@@ -40,26 +40,11 @@ pub fn generation<H: Host>(host: &H) -> Result<u64, HostError> {
     Ok((u64::from(cas.unwrap_or(0)) << 1) | u64::from(applying))
 }
 
-/// See [`Write::begin_apply`]. Only the lease holder writes it.
-pub fn begin_apply<H: Host>(host: &H) -> Result<(), HostError> {
-    write(host, &Write::begin_apply())
-}
-
-/// See [`Write::end_apply`].
-pub fn end_apply<H: Host>(host: &H) -> Result<(), HostError> {
-    write(host, &Write::end_apply())
-}
-
 /// The live epochs. An entry that cannot be decoded is an error: every request fails closed.
 pub fn read_epochs<H: Host>(host: &H) -> Result<Epochs, HostError> {
     let (value, _) = host.shared_get(EPOCHS_KEY)?;
     let text = value.unwrap_or_default();
     std::str::from_utf8(&text).ok().and_then(Epochs::decode).ok_or(HostError { op: "decoding keyward.epochs", status: crate::host::Status::ParseFailure })
-}
-
-/// Only the fetcher, between [`begin_apply`] and [`end_apply`].
-pub fn write_epochs<H: Host>(host: &H, epochs: &Epochs) -> Result<(), HostError> {
-    write(host, &Write::epochs(epochs))
 }
 
 /// What the fetcher has applied, as every worker sees it (absent: nothing yet). An entry that
@@ -241,6 +226,19 @@ mod tests {
     use super::*;
     use crate::host::FakeHost;
     use keyward_core::KeyStatus;
+
+    // The fetcher's writes, as its `Command::Apply` carries them, one at a time.
+    fn begin_apply(host: &FakeHost) -> Result<(), HostError> {
+        write(host, &Write::begin_apply())
+    }
+
+    fn end_apply(host: &FakeHost) -> Result<(), HostError> {
+        write(host, &Write::end_apply())
+    }
+
+    fn write_epochs(host: &FakeHost, epochs: &Epochs) -> Result<(), HostError> {
+        write(host, &Write::epochs(epochs))
+    }
 
     fn record(id: &str, status: KeyStatus) -> KeyRecord {
         KeyRecord {

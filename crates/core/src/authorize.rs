@@ -174,11 +174,6 @@ impl<'s> Tally<'s> {
         [attempts, contended, created].into_iter().flatten()
     }
 
-    /// Every counter this request adds one to.
-    pub fn counters(&self) -> impl Iterator<Item = usize> {
-        std::iter::once(self.outcome_counter()).chain(self.bucket_counters())
-    }
-
     /// Adds the key's use to `usage` (allowed at `now_secs`).
     pub fn count_usage(&self, usage: &Usage, now_secs: i64) {
         match &self.key {
@@ -581,7 +576,7 @@ mod tests {
         let c = config(serde_json::json!({}));
         let snapshot = c.snapshot.clone().unwrap();
         let b = Buckets::default();
-        let named = |plan: Plan<'_>| plan.tally.counters().map(|i| names[i].clone()).collect::<Vec<_>>();
+        let named = |plan: Plan<'_>| std::iter::once(plan.tally.outcome_counter()).chain(plan.tally.bucket_counters()).map(|i| names[i].clone()).collect::<Vec<_>>();
         assert_eq!(named(plan_for(&c, &snapshot, &b, "/v1/x", &[("x-api-key", "limited-key")], false)), ["keyward.allowed", "keyward.rate_limit.cas_attempts_1", "keyward.rate_limit.buckets_created"]);
         assert_eq!(named(plan_for(&c, &snapshot, &b, "/v1/x", &[("x-api-key", "revoked-key")], false)), ["keyward.denied.revoked_api_key"]);
         assert_eq!(named(plan_for(&c, &Faulty, &b, "/v1/x", &[("x-api-key", "good-key")], false)), ["keyward.internal_errors"]);
