@@ -20,7 +20,7 @@ use crate::feed::{parse_page, Epochs, FeedAsk, FeedCursor, FeedError, RateAnswer
 use crate::scope::Implications;
 use crate::url::encode_component as encode;
 use crate::usage::{self, Usage, UsageCounts};
-use rates::{Admitted, AdmittedCounts, RateCounts, RateSync, RATES_QUEUE};
+use rates::{AdmittedCounts, RateCounts, RateSync, RATES_QUEUE};
 use std::time::Duration;
 
 /// How long a lease lasts without renewal.
@@ -449,12 +449,7 @@ impl Fetch {
             let half = u64::from(self.cp.rate_sync_ms / 2);
             if !self.rates_local.is_empty() && (self.rates_local_urgent || now_ms.saturating_sub(self.last_rates_flush_ms) >= half) {
                 self.last_rates_flush_ms = now_ms;
-                // `U` first: an early push.
-                let mut text = String::from(if self.rates_local_urgent { "U\n" } else { "" });
-                for (bucket, a) in &self.rates_local {
-                    text.push_str(&Admitted::line(bucket, a));
-                }
-                out.push(Command::Send { queue: Queue::Rates, text });
+                out.push(Command::Send { queue: Queue::Rates, text: rates::message(&self.rates_local, self.rates_local_urgent) });
             }
         }
         // Gather this worker's usage once a second.
@@ -500,8 +495,7 @@ impl Fetch {
         match queue {
             Queue::Usage => usage::merge(&mut self.pending, usage::parse_lines(text)),
             Queue::Rates => {
-                let urgent = text.starts_with("U\n");
-                let counts: AdmittedCounts = text.lines().filter_map(Admitted::parse_line).map(|(b, a)| (b.to_string(), a)).collect();
+                let (counts, urgent) = rates::parse_message(text);
                 self.rates.add(counts, urgent, now_ms);
             }
         }

@@ -60,6 +60,23 @@ impl Admitted {
 /// Admissions per bucket, keyed by bucket name.
 pub type AdmittedCounts = HashMap<String, Admitted>;
 
+/// A worker's hand-over on the `keyward.rates` queue: `U` first for an early push, then one
+/// [`Admitted::line`] per bucket.
+pub fn message(counts: &AdmittedCounts, urgent: bool) -> String {
+    let mut text = String::from(if urgent { "U\n" } else { "" });
+    for (bucket, a) in counts {
+        text.push_str(&Admitted::line(bucket, a));
+    }
+    text
+}
+
+/// Reads a [`message`]: its counts, and whether it is an early push. A line that cannot be
+/// read is skipped.
+pub fn parse_message(text: &str) -> (AdmittedCounts, bool) {
+    let counts = text.lines().filter_map(Admitted::parse_line).map(|(b, a)| (b.to_string(), a)).collect();
+    (counts, text.starts_with("U\n"))
+}
+
 pub fn merge(into: &mut AdmittedCounts, from: AdmittedCounts) {
     for (bucket, a) in from {
         let e = into.entry(bucket).or_insert(Admitted { admitted: 0, ..a });
@@ -236,6 +253,9 @@ mod tests {
         for bad in ["", "\t50\t1\t7", "k:a\t50\t1", "k:a\tx\t1\t7"] {
             assert_eq!(Admitted::parse_line(bad), None, "{bad:?}");
         }
+        let one = AdmittedCounts::from([("k:a".to_string(), a)]);
+        assert_eq!(parse_message(&message(&one, true)), (one.clone(), true), "an early push");
+        assert_eq!(parse_message(&message(&one, false)), (one, false));
         let mut total = AdmittedCounts::new();
         merge(&mut total, AdmittedCounts::from([("k:a".to_string(), a)]));
         merge(&mut total, AdmittedCounts::from([("k:a".to_string(), a)]));
