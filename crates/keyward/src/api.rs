@@ -885,7 +885,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
 /// A feed page: read ahead if it was (and the store has not moved since), else read now.
 async fn feed_page(state: &Arc<AppState>, since: u64, after: Option<String>) -> Result<keyward_core::feed::FeedMessage> {
     if let Some(cell) = after.as_deref().and_then(|a| state.prefetch.take(since, a)) {
-        let current = cell.get_or_init(|| read_page(Arc::clone(state), since, after.clone())).await.as_ref().is_some_and(|p| p.version == *state.version.borrow());
+        let current = cell.get_or_init(|| async { read_page(Arc::clone(state), since, after.clone()).await.ok() }).await.as_ref().is_some_and(|p| p.version == *state.version.borrow());
         if current {
             // The background task is done with it: the page itself, else (still shared) a copy.
             let page = match Arc::try_unwrap(cell) {
@@ -897,11 +897,11 @@ async fn feed_page(state: &Arc<AppState>, since: u64, after: Option<String>) -> 
             }
         }
     }
-    with_store(state, "feed.page", move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await
+    read_page(Arc::clone(state), since, after).await
 }
 
-async fn read_page(state: Arc<AppState>, since: u64, after: Option<String>) -> Option<keyward_core::feed::FeedMessage> {
-    with_store(&state, "feed.page", move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await.ok()
+async fn read_page(state: Arc<AppState>, since: u64, after: Option<String>) -> Result<keyward_core::feed::FeedMessage> {
+    with_store(&state, "feed.page", move |s| s.feed_page(since, after.as_deref(), crate::store::FEED_PAGE)).await
 }
 
 /// Reads the page after `(since, after)` in the background (see [`FeedPrefetch`]).
@@ -909,7 +909,7 @@ fn read_ahead(state: &Arc<AppState>, since: u64, after: String) {
     let Some(cell) = state.prefetch.slot(since, &after) else { return };
     let state = Arc::clone(state);
     tokio::spawn(async move {
-        cell.get_or_init(|| read_page(Arc::clone(&state), since, Some(after))).await;
+        cell.get_or_init(|| async { read_page(Arc::clone(&state), since, Some(after)).await.ok() }).await;
     });
 }
 
