@@ -5,6 +5,7 @@ use crate::digest::Digest;
 use crate::scope::Implications;
 use crate::snapshot::{compile_record, KeyRecord, RawKeyRecord};
 use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
 
 /// Where the next page of a delta starts: records after `(version, id)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +54,8 @@ pub struct FeedPage {
     pub store: Option<String>,
     /// This page starts the whole snapshot from version 0, which replaces what the filter holds.
     pub reset: bool,
-    pub records: Vec<(Digest, KeyRecord)>,
+    /// Each record's digest and its shared-data form ([`crate::KeyRecord::encode`]).
+    pub records: Vec<(Digest, String)>,
 }
 
 /// The longest store id the filter accepts.
@@ -71,6 +73,8 @@ pub enum FeedError {
     TooLarge { size: usize, max: usize },
     #[error("feed message is not valid JSON: {0}")]
     Json(String),
+    #[error("feed line {line}: {message}")]
+    Line { line: usize, message: String },
     #[error("feed record keys[{index}].{field}: {message}")]
     Record { index: usize, field: &'static str, message: String },
     #[error("feed message is inconsistent: {0}")]
@@ -79,31 +83,166 @@ pub enum FeedError {
     Implications(String),
 }
 
-/// Parses and validates a whole page. Nothing of a bad page may be applied. The page's own
-/// `implications`, when present, replace `implications` (the configuration's).
+/// The `format=` a filter asks for to be answered in the line form. Without it the control
+/// plane answers JSON (format 1), as it always has: a filter from before the line form gets
+/// what it understands.
+pub const LINES_FORMAT: &str = "2";
+/// The line form's media type.
+pub const LINES_CONTENT_TYPE: &str = "text/x-keyward-feed; version=2";
+/// The line form's first line, which tells it from JSON.
+const LINES_HEAD: &str = "keyward-feed 2";
+
+/// Parses and validates a whole page, in either form: the line form (it starts with
+/// `keyward-feed 2`) or JSON (an older control plane's). Nothing of a bad page may be applied.
+/// A JSON page's own `implications`, when present, replace `implications` (the
+/// configuration's); a line page's records carry their effective scopes.
 pub fn parse_page(bytes: &[u8], max_bytes: usize, implications: &Implications) -> Result<FeedPage, FeedError> {
     if bytes.len() > max_bytes {
         return Err(FeedError::TooLarge { size: bytes.len(), max: max_bytes });
     }
+    if bytes.starts_with(LINES_HEAD.as_bytes()) {
+        let text = std::str::from_utf8(bytes).map_err(|e| FeedError::Line { line: 1, message: format!("not UTF-8: {e}") })?;
+        return parse_lines(text);
+    }
     let msg: FeedMessage = serde_json::from_slice(bytes).map_err(|e| FeedError::Json(e.to_string()))?;
-    match (&msg.cursor, msg.complete) {
-        (Some(_), true) => return Err(FeedError::Inconsistent("a complete page carries a cursor")),
-        (None, false) => return Err(FeedError::Inconsistent("an incomplete page has no cursor")),
-        (Some(c), false) if c.version > msg.version => return Err(FeedError::Inconsistent("the cursor is ahead of the version")),
-        _ => {}
-    }
-    if msg.store.as_deref().is_some_and(|id| !valid_store_id(id)) {
-        return Err(FeedError::Inconsistent("the store id is not 1 to 64 letters, digits or underscores"));
-    }
     let own = msg.implications.as_ref().map(Implications::new).transpose().map_err(FeedError::Implications)?;
     let implications = own.as_ref().unwrap_or(implications);
     let records = msg
         .keys
         .iter()
         .enumerate()
-        .map(|(index, r)| compile_record(r, implications).map_err(|(field, message)| FeedError::Record { index, field, message }))
+        .map(|(index, r)| match compile_record(r, implications) {
+            Ok((digest, record)) => Ok((digest, record.encode())),
+            Err((field, message)) => Err(FeedError::Record { index, field, message }),
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(FeedPage { version: msg.version, complete: msg.complete, cursor: msg.cursor, store: msg.store, reset: msg.reset, records })
+    checked(FeedPage { version: msg.version, complete: msg.complete, cursor: msg.cursor, store: msg.store, reset: msg.reset, records })
+}
+
+/// What every page must be, whatever its form.
+fn checked(page: FeedPage) -> Result<FeedPage, FeedError> {
+    match (&page.cursor, page.complete) {
+        (Some(_), true) => return Err(FeedError::Inconsistent("a complete page carries a cursor")),
+        (None, false) => return Err(FeedError::Inconsistent("an incomplete page has no cursor")),
+        (Some(c), false) if c.version > page.version => return Err(FeedError::Inconsistent("the cursor is ahead of the version")),
+        _ => {}
+    }
+    if page.store.as_deref().is_some_and(|id| !valid_store_id(id)) {
+        return Err(FeedError::Inconsistent("the store id is not 1 to 64 letters, digits or underscores"));
+    }
+    Ok(page)
+}
+
+/// The line form (format 2): a head, the records, and `end`, each line ending in `\n`:
+///
+/// ```text
+/// keyward-feed 2
+/// version <version>
+/// complete                      (or: cursor <version> <key id>)
+/// store <store id>              (when the filter sent store=)
+/// reset                         (when this page starts a reset)
+/// keys <count>
+/// <digest, 64 hex digits>\t<the record's shared-data form>    (count lines)
+/// end
+/// ```
+///
+/// A record line is what the fetcher stores, so the filter checks it ([`KeyRecord::check_encoded`])
+/// instead of parsing and re-encoding it. `end` proves the page was not cut short.
+fn parse_lines(text: &str) -> Result<FeedPage, FeedError> {
+    let mut lines = text.split('\n').enumerate().map(|(i, l)| (i + 1, l));
+    let mut next = |want: &str| -> Result<(usize, &str), FeedError> {
+        lines.next().ok_or_else(|| FeedError::Line { line: 0, message: format!("the page ends before {want}") })
+    };
+    let bad = |line: usize, message: String| FeedError::Line { line, message };
+    let number = |line: usize, v: &str| -> Result<u64, FeedError> {
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(line, format!("{v:?} is not a number")));
+        }
+        v.parse().map_err(|_| bad(line, format!("{v:?} is not a number")))
+    };
+    let (_, head) = next("its head")?;
+    if head != LINES_HEAD {
+        return Err(bad(1, format!("expected {LINES_HEAD:?}")));
+    }
+    let (n, line) = next("the version")?;
+    let version = number(n, line.strip_prefix("version ").ok_or_else(|| bad(n, "expected \"version <n>\"".into()))?)?;
+    let (n, line) = next("complete or the cursor")?;
+    let (complete, cursor) = match line.strip_prefix("cursor ") {
+        _ if line == "complete" => (true, None),
+        Some(rest) => {
+            let (v, id) = rest.split_once(' ').ok_or_else(|| bad(n, "expected \"cursor <version> <key id>\"".into()))?;
+            if id.is_empty() {
+                return Err(bad(n, "the cursor has no key id".into()));
+            }
+            (false, Some(FeedCursor { version: number(n, v)?, id: id.to_string() }))
+        }
+        None => return Err(bad(n, "expected \"complete\" or \"cursor <version> <key id>\"".into())),
+    };
+    let (mut n, mut line) = next("the keys")?;
+    let mut store = None;
+    if let Some(id) = line.strip_prefix("store ") {
+        store = Some(id.to_string());
+        (n, line) = next("the keys")?;
+    }
+    let reset = line == "reset";
+    if reset {
+        (n, line) = next("the keys")?;
+    }
+    let count = number(n, line.strip_prefix("keys ").ok_or_else(|| bad(n, "expected \"keys <count>\"".into()))?)?;
+    // Never trust a count to size an allocation: a record line is over 64 bytes.
+    let mut records = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(text.len() / 64));
+    for index in 0..usize::try_from(count).unwrap_or(usize::MAX) {
+        let (n, line) = next("its last record")?;
+        let record = |field: &'static str, message: String| FeedError::Record { index, field, message };
+        let (hex, encoded) = line.split_once('\t').ok_or_else(|| bad(n, "expected \"<digest>\\t<record>\" or fewer keys".into()))?;
+        let digest = Digest::from_hex(hex).ok_or_else(|| record("digest", "must be 64 hex digits (the SHA-256 of the key)".into()))?;
+        KeyRecord::check_encoded(encoded).map_err(|(field, message)| record(field, message))?;
+        records.push((digest, encoded.to_string()));
+    }
+    let (n, line) = next("\"end\"")?;
+    if line != "end" {
+        return Err(bad(n, "expected \"end\" after the records".into()));
+    }
+    if !matches!(next("its last newline")?, (_, "")) || lines.next().is_some() {
+        return Err(bad(n + 1, "nothing may follow \"end\\n\"".into()));
+    }
+    checked(FeedPage { version, complete, cursor, store, reset, records })
+}
+
+impl FeedMessage {
+    /// This message in the line form (see [`parse_page`]). Its records are compiled with its
+    /// own implications (the control plane always sends its catalogue's), so a filter reading
+    /// either form stores the same records. A record that does not compile is an error here,
+    /// where a JSON page would be refused whole by every filter.
+    pub fn to_lines(&self) -> Result<String, FeedError> {
+        let own = self.implications.as_ref().map(Implications::new).transpose().map_err(FeedError::Implications)?;
+        let none = Implications::new(&Default::default()).map_err(FeedError::Implications)?;
+        let implications = own.as_ref().unwrap_or(&none);
+        let mut out = String::with_capacity(128 + self.keys.len() * 192);
+        let _ = writeln!(out, "{LINES_HEAD}\nversion {}", self.version);
+        match &self.cursor {
+            Some(c) => {
+                let _ = writeln!(out, "cursor {} {}", c.version, c.id);
+            }
+            None => out.push_str("complete\n"),
+        }
+        if let Some(store) = &self.store {
+            let _ = writeln!(out, "store {store}");
+        }
+        if self.reset {
+            out.push_str("reset\n");
+        }
+        let _ = writeln!(out, "keys {}", self.keys.len());
+        for (index, r) in self.keys.iter().enumerate() {
+            let (digest, record) = compile_record(r, implications).map_err(|(field, message)| FeedError::Record { index, field, message })?;
+            out.push_str(&digest.to_hex());
+            out.push('\t');
+            record.write_encoded(&mut out);
+            out.push('\n');
+        }
+        out.push_str("end\n");
+        Ok(out)
+    }
 }
 
 /// One store's records in the filter's shared data. Every record entry is tagged with the epoch
@@ -358,10 +497,15 @@ pub struct BucketAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::MAX_REASON_CHARS;
     use serde_json::json;
 
     fn page(v: serde_json::Value) -> Result<FeedPage, FeedError> {
         parse_page(v.to_string().as_bytes(), 1 << 20, &Implications::default())
+    }
+
+    fn scopes(entry: &str) -> String {
+        KeyRecord::decode(entry).unwrap().scopes_header
     }
 
     #[test]
@@ -369,7 +513,7 @@ mod tests {
         let d = Digest::of(b"k").to_hex();
         let p = page(json!({"version": 9, "complete": true, "keys": [{"digest": d, "id": "k1", "agent": "a", "scopes": ["admin"]}]})).unwrap();
         assert_eq!((p.version, p.complete, p.records.len()), (9, true, 1));
-        assert_eq!(p.records[0].1.scopes_header, "admin read:all write:all");
+        assert_eq!(scopes(&p.records[0].1), "admin read:all write:all");
         let p = page(json!({"version": 9, "complete": false, "cursor": {"version": 4, "id": "k1"}, "keys": []})).unwrap();
         assert_eq!(p.cursor, Some(FeedCursor { version: 4, id: "k1".into() }));
     }
@@ -383,7 +527,7 @@ mod tests {
             if let Some(i) = implications {
                 msg["implications"] = i;
             }
-            assert_eq!(page(msg).unwrap().records[0].1.scopes_header, want);
+            assert_eq!(scopes(&page(msg).unwrap().records[0].1), want);
         };
         check(None, "admin ops read:all write:all");
         check(Some(json!({"ops": ["deploy", "read:all"]})), "admin deploy ops read:all");
@@ -534,5 +678,108 @@ mod tests {
         check(json!({"version": "one", "complete": true, "keys": []}), "not valid JSON");
         let err = parse_page(&[b' '; 100], 10, &Implications::default()).unwrap_err();
         assert_eq!(err, FeedError::TooLarge { size: 100, max: 10 });
+    }
+
+    /// Messages as the control plane writes them, with every field of a record in use.
+    fn messages() -> Vec<FeedMessage> {
+        let record = |key: &[u8], v: serde_json::Value| {
+            let mut v = v;
+            v["digest"] = json!(Digest::of(key).to_hex());
+            serde_json::from_value::<RawKeyRecord>(v).unwrap()
+        };
+        let keys = vec![
+            record(b"a", json!({"id": "key_1", "agent": "billing team", "scopes": ["read:all", "admin"]})),
+            record(b"b", json!({"id": "key 2", "agent": "a", "status": "revoked", "expires_at": 1_900_000_000, "agent_enabled": false,
+                "path_prefixes": ["/v1/a", "/b"], "rate_limit": "10/min", "deprecated_at": -5, "rate_bucket": "a:agt_1", "rate_burst": 3,
+                "disabled_reason": "  Plan\tended <b>\u{e9}  "})),
+            record(b"c", json!({"id": "k\u{e9}y", "agent": "a", "rate_limit": "1/day", "expires_at": "2030-01-02T03:04:05Z"})),
+            record(b"d", json!({"id": "key_4", "agent": "a", "agent_enabled": false, "disabled_reason": "\n"})),
+        ];
+        let imp = [("billing".to_string(), vec!["invoices:read".to_string()])].into_iter().collect();
+        let base = FeedMessage { version: 12, complete: true, cursor: None, implications: Some(imp), store: None, reset: false, keys };
+        vec![
+            base.clone(),
+            FeedMessage { complete: false, cursor: Some(FeedCursor { version: 11, id: "key 2".into() }), store: Some("s_1".into()), reset: true, ..base.clone() },
+            FeedMessage { keys: vec![], implications: Some(Default::default()), ..base.clone() },
+            FeedMessage { implications: None, ..base },
+        ]
+    }
+
+    #[test]
+    fn the_line_form_is_read_as_the_json_is() {
+        for msg in messages() {
+            let lines = msg.to_lines().unwrap();
+            let from_lines = parse_page(lines.as_bytes(), 1 << 20, &Implications::default()).unwrap();
+            // JSON without implications gets the configuration's; the line form has the records'
+            // effective scopes, so compare with what the control plane sends: its own, or none.
+            let mut json = msg.clone();
+            json.implications.get_or_insert_with(Default::default);
+            let from_json = parse_page(&serde_json::to_vec(&json).unwrap(), 1 << 20, &Implications::default()).unwrap();
+            assert_eq!(from_lines, from_json, "{lines}");
+            for (_, entry) in &from_lines.records {
+                assert_eq!(KeyRecord::decode(entry).unwrap().encode(), *entry, "a stored record is canonical");
+            }
+        }
+        let lines = messages()[0].to_lines().unwrap();
+        assert!(lines.starts_with("keyward-feed 2\nversion 12\ncomplete\nkeys 4\n"), "{lines}");
+        let lines = messages()[1].to_lines().unwrap();
+        assert!(lines.starts_with("keyward-feed 2\nversion 12\ncursor 11 key 2\nstore s_1\nreset\nkeys 4\n"), "{lines}");
+        assert!(lines.ends_with("\nend\n"));
+    }
+
+    #[test]
+    fn a_line_page_cut_short_or_altered_is_refused_whole() {
+        let lines = messages()[1].to_lines().unwrap();
+        let parse = |s: &str| parse_page(s.as_bytes(), 1 << 20, &Implications::default());
+        // Every page cut short, anywhere, is refused: `end` and its newline close it.
+        for cut in 0..lines.len() {
+            if lines.is_char_boundary(cut) && cut >= 14 {
+                assert!(parse(&lines[..cut]).is_err(), "cut at {cut}: {:?}", &lines[..cut]);
+            }
+        }
+        let d = Digest::of(b"z").to_hex();
+        let valid = |record: &str| format!("keyward-feed 2\nversion 3\ncomplete\nkeys 1\n{d}\t{record}\nend\n");
+        let good = "2\tkey_1\tagent\ta\t\t1\tadmin read:all\t/v1\t10/60\t\tk:key_1\t\t";
+        assert_eq!(parse(&valid(good)).unwrap().records, vec![(Digest::of(b"z"), good.to_string())]);
+        let check = |page: String, want: &str| {
+            let err = parse(&page).unwrap_err().to_string();
+            assert!(err.contains(want), "{page:?}: {err}");
+        };
+        check(lines.replace("keys 4", "keys 5"), "or fewer keys");
+        check(lines.replace("keys 4", "keys 3"), "expected \"end\"");
+        check(format!("{lines}x"), "nothing may follow");
+        check(format!("{lines}\n"), "nothing may follow");
+        check(lines.replace("version 12", "version -1"), "not a number");
+        check(lines.replace("cursor 11", "cursor 13"), "ahead of the version");
+        check(lines.replace("store s_1", "store s-1"), "store id");
+        check(lines.replace("keyward-feed 2\n", "keyward-feed 2 \n"), "line 1");
+        check(valid(good).replace(&d, &d[1..]), "keys[0].digest");
+        for (bad, field) in [
+            ("1\tkey_1\tagent\ta\t\t1\t\t\t\t\t", "record"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t\t\t\t\t", "record"),
+            ("2\t\tagent\ta\t\t1\t\t\t\t\t\t\t", "id"),
+            ("2\tkey_1\tagent\tx\t\t1\t\t\t\t\t\t\t", "status"),
+            ("2\tkey_1\tagent\ta\t07\t1\t\t\t\t\t\t\t", "expires_at"),
+            ("2\tkey_1\tagent\ta\t-0\t1\t\t\t\t\t\t\t", "expires_at"),
+            ("2\tkey_1\tagent\ta\t+7\t1\t\t\t\t\t\t\t", "expires_at"),
+            ("2\tkey_1\tagent\ta\t\tyes\t\t\t\t\t\t\t", "agent_enabled"),
+            ("2\tkey_1\tagent\ta\t\t1\tread:all admin\t\t\t\t\t\t", "scopes"),
+            ("2\tkey_1\tagent\ta\t\t1\tadmin admin\t\t\t\t\t\t", "scopes"),
+            ("2\tkey_1\tagent\ta\t\t1\tadmin \t\t\t\t\t\t", "scopes"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t/a  /b\t\t\t\t\t", "path_prefixes"),
+            ("2\tkey_1\tagent\ta\t\t1\t\tv1\t\t\t\t\t", "path_prefixes"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t\t10/61\t\tk:key_1\t\t", "rate_limit"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t\t0/60\t\tk:key_1\t\t", "rate_limit"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t\t10/60\t\t\t\t", "rate_bucket"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t\t\t\tk:key_1\t\t", "rate_bucket"),
+            ("2\tkey_1\tagent\ta\t\t1\t\t\t\t\t\t0\t", "rate_burst"),
+            ("2\tkey_1\tagent\ta\t\t0\t\t\t\t\t\t\t reason", "disabled_reason"),
+            ("2\tkey_1\tagent\ta\t\t0\t\t\t\t\t\t\tcut\u{7}", "disabled_reason"),
+        ] {
+            check(valid(bad), &format!("keys[0].{field}"));
+        }
+        let long = format!("2\tkey_1\tagent\ta\t\t0\t\t\t\t\t\t\t{}", "é".repeat(MAX_REASON_CHARS + 1));
+        check(valid(&long), "keys[0].disabled_reason");
+        assert!(parse(&valid(&long.replace(&"é".repeat(MAX_REASON_CHARS + 1), &"é".repeat(MAX_REASON_CHARS)))).is_ok());
     }
 }

@@ -16,8 +16,9 @@ pub mod rates;
 
 use crate::config::ControlPlane;
 use crate::digest::Digest;
-use crate::feed::{parse_page, Epochs, FeedAsk, FeedCursor, FeedError, RateAnswer, RateMode, RateReport, UsageReport};
+use crate::feed::{parse_page, Epochs, FeedAsk, FeedCursor, FeedError, RateAnswer, RateMode, RateReport, UsageReport, LINES_FORMAT};
 use crate::scope::Implications;
+use crate::snapshot::tag_entry;
 use crate::url::encode_component as encode;
 use crate::usage::{self, Usage, UsageCounts};
 use rates::{AdmittedCounts, RateCounts, RateSync, RATES_QUEUE};
@@ -690,7 +691,7 @@ impl Fetch {
         let ask = epochs.ask(state.loaded, state.applied, state.cursor.as_ref());
         // Until a snapshot is loaded, or while a reset starts over, do not wait: ask now.
         let wait = if state.loaded && !ask.restart { self.cp.feed_wait_secs } else { 0 };
-        let mut path = format!("/v1/feed?envoy={}&wait={wait}&since={}", encode(&envoy), ask.since);
+        let mut path = format!("/v1/feed?envoy={}&wait={wait}&since={}&format={LINES_FORMAT}", encode(&envoy), ask.since);
         if let Some(after) = &ask.after {
             path.push_str(&format!("&after={}", encode(after)));
         }
@@ -723,7 +724,7 @@ impl Fetch {
             other => return Err(Fault::Other(format!("feed answered HTTP {}", other.unwrap_or("(no response)")))),
         }
         // Validate the whole page before writing any of it.
-        let page = parse_page(&answer.body, self.cp.max_feed_bytes, &self.implications)?;
+        let mut page = parse_page(&answer.body, self.cp.max_feed_bytes, &self.implications)?;
         let FeedView { state, epochs } = feed.unwrap_or_else(|| Err("the shared state was not read".to_string())).map_err(Fault::Other)?;
         let step = epochs.step(asked, &page)?;
         // The generation is odd while records (or the live epochs) are being written, and
@@ -735,7 +736,8 @@ impl Fetch {
         // (`since` = this version) is sent only after `end_apply` (see `applied`): from then on
         // every worker enforces this version on its next request.
         let live = |e: &Epochs| (e.committed.n, e.pending.as_ref().map(|p| p.epoch.n));
-        let bracket = !page.records.is_empty() || step.before.is_some() || live(&step.after) != live(&epochs);
+        let records = page.records.len();
+        let bracket = records > 0 || step.before.is_some() || live(&step.after) != live(&epochs);
         let mut out = Vec::new();
         let mut writes = Vec::new();
         if bracket {
@@ -756,11 +758,11 @@ impl Fetch {
         if let Some(before) = &step.before {
             writes.push(Write::epochs(before));
         }
-        for (digest, record) in &page.records {
-            writes.push(Write { key: record_key(digest), value: record.encode_entry(step.tag) });
+        for (digest, record) in std::mem::take(&mut page.records) {
+            writes.push(Write { key: record_key(&digest), value: tag_entry(step.tag, record) });
         }
         let mut state = state;
-        let changed = !page.records.is_empty() || state.applied != page.version || !state.loaded || step.after != epochs;
+        let changed = records > 0 || state.applied != page.version || !state.loaded || step.after != epochs;
         state.last_heard_ms = now_ms;
         if page.complete {
             state.loaded = true;
@@ -779,7 +781,7 @@ impl Fetch {
         out.push(Command::Apply(writes));
         self.applying = Some(Applying {
             version: page.version,
-            records: page.records.len(),
+            records,
             complete: page.complete,
             changed,
             wrote: FeedView { state, epochs: step.after },

@@ -150,86 +150,153 @@ impl KeyRecord {
     /// A compact, tab-separated form for Envoy shared data: cheap to decode on every request.
     /// Compiled records cannot contain tabs or spaces where they would be ambiguous.
     pub fn encode(&self) -> String {
-        let opt = |v: Option<i64>| v.map_or(String::new(), |t| t.to_string());
-        let rate = self.rate_limit.map_or(String::new(), |r| format!("{}/{}", r.count, r.period_secs));
-        format!(
-            "2\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
-            self.id,
-            self.agent,
-            if self.status == KeyStatus::Revoked { "r" } else { "a" },
-            opt(self.expires_at),
-            if self.agent_enabled { "1" } else { "0" },
-            self.scopes_header,
-            self.path_prefixes.join(" "),
-            rate,
-            opt(self.deprecated_at),
-            self.rate_bucket.as_deref().unwrap_or(""),
-            self.rate_burst.map_or(String::new(), |b| b.to_string()),
-            self.disabled_reason.as_deref().unwrap_or(""),
-        )
+        let mut out = String::with_capacity(96);
+        self.write_encoded(&mut out);
+        out
+    }
+
+    /// Appends [`KeyRecord::encode`]'s form to `out`.
+    pub fn write_encoded(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let int = |out: &mut String, v: Option<i64>| {
+            if let Some(v) = v {
+                let _ = write!(out, "{v}");
+            }
+        };
+        out.push_str("2\t");
+        out.push_str(&self.id);
+        out.push('\t');
+        out.push_str(&self.agent);
+        out.push_str(if self.status == KeyStatus::Revoked { "\tr\t" } else { "\ta\t" });
+        int(out, self.expires_at);
+        out.push_str(if self.agent_enabled { "\t1\t" } else { "\t0\t" });
+        out.push_str(&self.scopes_header);
+        out.push('\t');
+        for (i, p) in self.path_prefixes.iter().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.push_str(p);
+        }
+        out.push('\t');
+        if let Some(r) = self.rate_limit {
+            let _ = write!(out, "{}/{}", r.count, r.period_secs);
+        }
+        out.push('\t');
+        int(out, self.deprecated_at);
+        out.push('\t');
+        out.push_str(self.rate_bucket.as_deref().unwrap_or(""));
+        out.push('\t');
+        int(out, self.rate_burst.map(i64::from));
+        out.push('\t');
+        out.push_str(self.disabled_reason.as_deref().unwrap_or(""));
     }
 
     /// Decodes [`KeyRecord::encode`]'s output; `None` for anything else. Format 1 (without
     /// the burst and the reason) is still read: shared data outlives a module upgrade.
     pub fn decode(s: &str) -> Option<KeyRecord> {
-        let mut f = s.split('\t');
-        let format = f.next()?;
-        if format != "1" && format != "2" {
-            return None;
-        }
-        let id = f.next()?.to_string();
-        let agent = f.next()?.to_string();
-        let status = match f.next()? {
+        let [id, agent, status, expires_at, enabled, scopes_header, prefixes, rate, deprecated_at, bucket, burst, reason] = fields(s)?;
+        let status = match status {
             "a" => KeyStatus::Active,
             "r" => KeyStatus::Revoked,
             _ => return None,
         };
         let opt = |v: &str| -> Option<Option<i64>> { if v.is_empty() { Some(None) } else { v.parse().ok().map(Some) } };
-        let expires_at = opt(f.next()?)?;
-        let agent_enabled = f.next()? == "1";
-        let scopes_header = f.next()?.to_string();
-        let scopes = scopes_header.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
-        let path_prefixes = f.next()?.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect();
-        let rate_limit = match f.next()? {
+        let nonempty = |v: &str| (!v.is_empty()).then(|| v.to_string());
+        let rate_limit = match rate {
             "" => None,
             r => {
                 let (c, p) = r.split_once('/')?;
                 Some(RateLimit { count: c.parse().ok()?, period_secs: p.parse().ok()? })
             }
         };
-        let deprecated_at = opt(f.next()?)?;
-        let rate_bucket = match f.next()? {
+        let rate_burst = match burst {
             "" => None,
-            b => Some(b.to_string()),
+            b => Some(b.parse().ok()?),
         };
-        let (rate_burst, disabled_reason) = if format == "2" {
-            let burst = match f.next()? {
-                "" => None,
-                b => Some(b.parse().ok()?),
-            };
-            let reason = match f.next()? {
-                "" => None,
-                r => Some(r.to_string()),
-            };
-            (burst, reason)
-        } else {
-            (None, None)
-        };
-        if f.next().is_some() {
-            return None;
-        }
-        Some(KeyRecord { id, agent, status, expires_at, agent_enabled, scopes, scopes_header, path_prefixes, rate_limit, deprecated_at, rate_bucket, rate_burst, disabled_reason })
+        Some(KeyRecord {
+            id: id.to_string(),
+            agent: agent.to_string(),
+            status,
+            expires_at: opt(expires_at)?,
+            agent_enabled: enabled == "1",
+            scopes: scopes_header.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            scopes_header: scopes_header.to_string(),
+            path_prefixes: prefixes.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            rate_limit,
+            deprecated_at: opt(deprecated_at)?,
+            rate_bucket: nonempty(bucket),
+            rate_burst,
+            disabled_reason: nonempty(reason),
+        })
     }
 
-    /// The shared-data entry of a record written in feed epoch `epoch` (see `feed::Epochs`):
-    /// epoch 0, the only one before any reset, is [`KeyRecord::encode`] itself, so a module
-    /// that predates epochs still reads it; a later one is `e<epoch>\t` before it.
-    pub fn encode_entry(&self, epoch: u64) -> String {
-        if epoch == 0 {
-            self.encode()
-        } else {
-            format!("e{epoch}\t{}", self.encode())
+    /// Checks that `s` is a record exactly as [`compile_record`] and then [`KeyRecord::encode`]
+    /// write one (format 2, every number in its canonical form), without building it: a feed
+    /// page in the line form carries records encoded, and the fetcher stores them as they came.
+    /// The error is `(field name, message)`, as [`compile_record`]'s.
+    pub fn check_encoded(s: &str) -> Result<(), (&'static str, String)> {
+        if !s.starts_with("2\t") {
+            return Err(("record", "must be a format 2 record".into()));
         }
+        let [id, agent, status, expires_at, enabled, scopes, prefixes, rate, deprecated_at, bucket, burst, reason] =
+            fields(s).ok_or(("record", "must have 13 tab-separated fields".to_string()))?;
+        let bad = |field: &'static str, v: &str| Err((field, format!("{v:?} is not as the control plane writes it")));
+        if !plain(id) {
+            return Err(("id", PLAIN.into()));
+        }
+        if !plain(agent) {
+            return Err(("agent", PLAIN.into()));
+        }
+        if !matches!(status, "a" | "r") {
+            return bad("status", status);
+        }
+        if !(expires_at.is_empty() || canonical_int(expires_at)) {
+            return bad("expires_at", expires_at);
+        }
+        if !matches!(enabled, "0" | "1") {
+            return bad("agent_enabled", enabled);
+        }
+        if !scopes.is_empty() {
+            let mut last = "";
+            for scope in scopes.split(' ') {
+                if !valid_scope(scope) || scope <= last {
+                    return Err(("scopes", format!("{scopes:?} must be valid scopes, sorted, each once")));
+                }
+                last = scope;
+            }
+        }
+        if !prefixes.is_empty() && prefixes.split(' ').any(|p| !path_prefix_ok(p)) {
+            return Err(("path_prefixes", format!("{prefixes:?}: each must start with '/' and contain no spaces")));
+        }
+        match rate.split_once('/') {
+            None if rate.is_empty() => {
+                if !bucket.is_empty() {
+                    return bad("rate_bucket", bucket);
+                }
+            }
+            Some((count, period)) if canonical_int(count) && count != "0" && count.parse::<u32>().is_ok() && matches!(period, "1" | "60" | "3600" | "86400") => {
+                if bucket.is_empty() || bucket.chars().any(char::is_control) {
+                    return bad("rate_bucket", bucket);
+                }
+            }
+            _ => return bad("rate_limit", rate),
+        }
+        if !(deprecated_at.is_empty() || canonical_int(deprecated_at)) {
+            return bad("deprecated_at", deprecated_at);
+        }
+        if !(burst.is_empty() || (canonical_int(burst) && burst != "0" && burst.parse::<u32>().is_ok())) {
+            return bad("rate_burst", burst);
+        }
+        if reason.chars().any(char::is_control) || reason.chars().count() > MAX_REASON_CHARS || reason.trim() != reason {
+            return bad("disabled_reason", reason);
+        }
+        Ok(())
+    }
+
+    /// The shared-data entry of this record written in feed epoch `epoch` ([`tag_entry`]).
+    pub fn encode_entry(&self, epoch: u64) -> String {
+        tag_entry(epoch, self.encode())
     }
 
     /// Decodes [`KeyRecord::encode_entry`]'s output into its epoch and record; an untagged
@@ -266,6 +333,54 @@ pub fn under_prefix(path: &str, prefix: &str) -> bool {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+/// The shared-data entry of an encoded record written in feed epoch `epoch` (see
+/// `feed::Epochs`): epoch 0, the only one before any reset, is the record itself, so a module
+/// that predates epochs still reads it; a later one is `e<epoch>\t` before it.
+pub fn tag_entry(epoch: u64, encoded: String) -> String {
+    if epoch == 0 {
+        encoded
+    } else {
+        format!("e{epoch}\t{encoded}")
+    }
+}
+
+/// The 12 fields after the format of an encoded record; format 1's last two are empty.
+fn fields(s: &str) -> Option<[&str; 12]> {
+    let mut f = s.split('\t');
+    let n = match f.next()? {
+        "1" => 10,
+        "2" => 12,
+        _ => return None,
+    };
+    let mut out = [""; 12];
+    for slot in out.iter_mut().take(n) {
+        *slot = f.next()?;
+    }
+    f.next().is_none().then_some(out)
+}
+
+/// An integer as `to_string` writes one: digits, no leading zero, `-` only before a non-zero.
+fn canonical_int(s: &str) -> bool {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    !digits.is_empty()
+        && digits.len() <= 19
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && !(s.starts_with('-') && digits == "0")
+        && s.parse::<i64>().is_ok()
+}
+
+const PLAIN: &str = "must be 1 to 128 characters, without control characters";
+
+/// A key id or agent name: 1 to 128 bytes, no control characters.
+fn plain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control)
+}
+
+fn path_prefix_ok(p: &str) -> bool {
+    p.starts_with('/') && !p.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// The compiled snapshot the filter enforces.
@@ -310,17 +425,16 @@ pub fn compile_record(
 ) -> Result<(Digest, KeyRecord), (&'static str, String)> {
     let digest = Digest::from_hex(&r.digest)
         .ok_or(("digest", "must be 64 hex digits (the SHA-256 of the key)".to_string()))?;
-    let plain = |s: &str| !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control);
     if !plain(&r.id) {
-        return Err(("id", "must be 1 to 128 characters, without control characters".into()));
+        return Err(("id", PLAIN.into()));
     }
     if !plain(&r.agent) {
-        return Err(("agent", "must be 1 to 128 characters, without control characters".into()));
+        return Err(("agent", PLAIN.into()));
     }
     if let Some(bad) = r.scopes.iter().find(|s| !valid_scope(s)) {
         return Err(("scopes", format!("invalid scope {bad:?}")));
     }
-    if let Some(bad) = r.path_prefixes.iter().find(|p| !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control())) {
+    if let Some(bad) = r.path_prefixes.iter().find(|p| !path_prefix_ok(p)) {
         return Err(("path_prefixes", format!("{bad:?} must start with '/' and contain no spaces")));
     }
     let expires_at = match &r.expires_at {

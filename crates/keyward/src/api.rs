@@ -798,6 +798,9 @@ struct FeedQuery {
     store: Option<String>,
     #[serde(default)]
     wait: u64,
+    /// `2` for the line form (`keyward_core::feed::LINES_FORMAT`); absent or `1` for JSON, which
+    /// is what a filter from before the line form gets.
+    format: Option<String>,
 }
 
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
@@ -819,6 +822,11 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     if q.store.as_deref().is_some_and(|id| !id.is_empty() && !keyward_core::feed::valid_store_id(id)) {
         return Err(Error::Invalid { field: "store", message: "1 to 64 letters, digits or underscores".into() });
     }
+    let lines = match q.format.as_deref() {
+        None | Some("1") => false,
+        Some(keyward_core::feed::LINES_FORMAT) => true,
+        Some(_) => return Err(Error::Invalid { field: "format", message: "1 (JSON, the default) or 2 (the line form)".into() }),
+    };
     let mut rx = state.version.subscribe();
     let mut current = *rx.borrow_and_update();
     if q.since > current {
@@ -879,7 +887,13 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     } else {
         page.store = None;
     }
-    Ok(ok(StatusCode::OK, page))
+    if !lines {
+        return Ok(ok(StatusCode::OK, page));
+    }
+    // The store validated every record when it was written: one that does not compile is a bug
+    // here, which a JSON page would have made every filter refuse.
+    let body = page.to_lines().map_err(|e| Error::Internal(format!("feed page version {}: {e}", page.version)))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, keyward_core::feed::LINES_CONTENT_TYPE)], body).into_response())
 }
 
 /// A feed page: read ahead if it was (and the store has not moved since), else read now.

@@ -50,6 +50,14 @@ impl Api {
         self.call_with(method, path, body, Some(TOKEN)).await
     }
 
+    /// A GET answered with whatever it is: its status, content type and body.
+    async fn get_raw(&self, path: &str) -> (StatusCode, String, Vec<u8>) {
+        let req = Request::builder().method("GET").uri(path).header("authorization", format!("Bearer {TOKEN}"));
+        let resp = self.app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let (status, kind) = (resp.status(), resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string());
+        (status, kind, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+    }
+
     fn version(&self) -> u64 {
         self.state.store.lock().unwrap().snapshot_version().unwrap()
     }
@@ -670,6 +678,39 @@ async fn the_feed_names_its_store_and_resets_an_envoy_holding_another_store_s_re
     assert_eq!(status["envoys"][0]["applied_version"].as_u64(), Some(0), "a reset Envoy has applied nothing of this store: {status}");
     let got = api.call("GET", "/v1/feed?since=0&store=a%20b", None).await;
     assert_error(&got, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("store"));
+}
+
+/// The feed's two forms: a filter that asks for the line form (`format=2`) gets it; one that
+/// does not (every filter from before it) gets JSON, as before. Both carry the same records, as
+/// the filter stores them; a format the control plane does not know is refused, naming it.
+#[tokio::test]
+async fn an_older_filter_is_served_json_and_a_newer_one_the_line_form_of_the_same_page() {
+    use keyward_core::feed::{parse_page, LINES_CONTENT_TYPE};
+    use keyward_core::scope::Implications;
+    let api = api();
+    api.agent("crm", &["admin"]).await;
+    let (_, k) = api.call("POST", "/v1/keys", Some(json!({"agent": "crm", "name": "ci key", "scopes": ["read:all"], "rate": "10/min", "ttl": "1d", "path_prefixes": ["/v1/a"]}))).await;
+    assert!(k["key"]["id"].is_string(), "{k}");
+    let (s, v) = api.call("POST", "/v1/agents/crm/disable", Some(json!({"reason": "Plan ended: <b>\"é\"</b>"}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for query in ["since=0", "since=0&store=", "since=0&store=AnotherStore1"] {
+        let (s, kind, json) = api.get_raw(&format!("/v1/feed?{query}")).await;
+        assert_eq!((s, kind.as_str()), (StatusCode::OK, "application/json"), "{query}");
+        let (s1, kind1, json1) = api.get_raw(&format!("/v1/feed?{query}&format=1")).await;
+        assert_eq!((s1, kind1, &json1), (s, kind, &json), "format=1 is the default");
+        let (s, kind, lines) = api.get_raw(&format!("/v1/feed?{query}&format=2")).await;
+        assert_eq!((s, kind.as_str()), (StatusCode::OK, LINES_CONTENT_TYPE), "{query}");
+        let text = String::from_utf8(lines.clone()).unwrap();
+        assert!(text.starts_with("keyward-feed 2\n") && text.ends_with("\nend\n"), "{text}");
+        let other = Implications::new(&[("read:all".to_string(), vec!["x".to_string()])].into_iter().collect()).unwrap();
+        let from_json = parse_page(&json, 1 << 20, &other).unwrap();
+        let from_lines = parse_page(&lines, 1 << 20, &other).unwrap();
+        assert_eq!(from_lines, from_json, "{query}: {text}");
+        assert_eq!(from_lines.records.len(), 2, "{text}");
+        assert!(text.contains("\tPlan ended: <b>\"é\"</b>\n"), "the reason as stored: {text}");
+    }
+    let got = api.call("GET", "/v1/feed?since=0&format=json", None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("format"));
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! (`envoys`), their usage reports, and the `keyward serve` replicas they talk to.
 
 use super::db::{p, Db, Engine, Tx};
-use super::records::{active, find_agent, key_rows, KEY_COLUMNS};
+use super::records::{active, find_agent, key_rows, FEED_KEY_COLUMNS, KEY_COLUMNS};
 use super::scopes::implication_map;
 use super::{version_in, Store};
 use crate::error::{Error, Result};
@@ -236,7 +236,7 @@ impl Store {
         };
         let rows = key_rows(
             &*tx,
-            &format!("SELECT {KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE {cond} ORDER BY k.version, k.id LIMIT ?3"),
+            &format!("SELECT {FEED_KEY_COLUMNS} FROM keys k JOIN agents a ON a.id = k.agent_id WHERE {cond} ORDER BY k.version, k.id LIMIT ?3"),
             p![since, after, limit + 1],
         )?;
         let map = implication_map(&*tx)?;

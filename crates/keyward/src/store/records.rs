@@ -79,6 +79,13 @@ pub(crate) const KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enab
     k.rotated_from, k.rotated_to, k.imported, k.rotated_at, k.version, COALESCE(k.lineage, k.id), a.rate_burst, k.rate_burst, \
     a.disabled_reason";
 
+/// [`KEY_COLUMNS`] for a feed page: what a filter record needs, the rest constants. A page
+/// reads thousands of rows, and a record has no name, prefix, creation or use.
+pub(crate) const FEED_KEY_COLUMNS: &str = "k.id, k.agent_id, a.name, a.scopes, a.enabled, a.rate_limit, '', '', '', \
+    k.digest, k.scopes, k.path_prefixes, k.rate_limit, 0, k.expires_at, k.revoked_at, NULL, \
+    NULL, k.rotated_to, 0, k.rotated_at, k.version, COALESCE(k.lineage, k.id), a.rate_burst, k.rate_burst, \
+    a.disabled_reason";
+
 /// A live key at `?now`: not revoked, not the old key of a rotation, not expired. `{k}` is the
 /// keys table's alias (or the table itself).
 pub(crate) fn live(k: &str, now_param: &str) -> String {
