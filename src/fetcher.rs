@@ -255,11 +255,11 @@ mod tests {
         assert_eq!(polls.len(), 1, "only the holder polls");
         let poll = &polls[0];
         assert_eq!((poll.cluster.as_str(), poll.timeout), ("keyward", Duration::from_secs(10)));
-        assert_eq!(poll.header(":path"), Some("/v1/feed?envoy=node-1&wait=0&since=0&store="));
+        assert_eq!(poll.header(":path"), Some("/v1/feed?envoy=node-1&wait=0&since=0&format=2&store="));
         assert_eq!((poll.header(":method"), poll.header("authorization")), (Some("GET"), Some("Bearer t0k")));
 
         let digest = Digest::of(b"secret");
-        let body = serde_json::json!({"version": 3, "complete": true, "store": "A", "keys": [{"digest": digest.to_hex(), "id": "key_1", "agent": "a"}]}).to_string();
+        let body = format!("keyward-feed 2\nversion 3\ncomplete\nstore A\nkeys 1\n{}\t2\tkey_1\ta\ta\t\t1\t\t\t\t\t\t\t\nend\n", digest.to_hex());
         *host.response.borrow_mut() = CallResponse { status: Some("200".into()), body: body.clone().into_bytes() };
         a.on_http_call_response(&host, poll.token, body.len(), 10_005);
         assert!(host.shared_text(&shared::record_key(&digest)).is_some_and(|r| r.contains("key_1")));
@@ -268,7 +268,7 @@ mod tests {
         assert_eq!((host.metric("keyward.feed.pages_applied"), host.metric("keyward.feed.applied_version")), (Some(1), Some(3)));
         assert_eq!(host.logged("snapshot feed: applied 1 records, version 3").len(), 1);
         let next = get(&host);
-        assert_eq!(next[0].header(":path"), Some("/v1/feed?envoy=node-1&wait=30&since=3&store=A"));
+        assert_eq!(next[0].header(":path"), Some("/v1/feed?envoy=node-1&wait=30&since=3&format=2&store=A"));
         assert_eq!(next[0].timeout, Duration::from_secs(40));
 
         usage.allowed(&digest, "key_1", 100);
