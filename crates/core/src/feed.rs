@@ -3,7 +3,7 @@
 
 use crate::digest::Digest;
 use crate::scope::Implications;
-use crate::snapshot::{compile_record, KeyRecord, RawKeyRecord};
+use crate::snapshot::{compile_record, write_record_line, KeyRecord, RawKeyRecord};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
@@ -234,11 +234,7 @@ impl FeedMessage {
         }
         let _ = writeln!(out, "keys {}", self.keys.len());
         for (index, r) in self.keys.iter().enumerate() {
-            let (digest, record) = compile_record(r, implications).map_err(|(field, message)| FeedError::Record { index, field, message })?;
-            out.push_str(&digest.to_hex());
-            out.push('\t');
-            record.write_encoded(&mut out);
-            out.push('\n');
+            write_record_line(r, implications, &mut out).map_err(|(field, message)| FeedError::Record { index, field, message })?;
         }
         out.push_str("end\n");
         Ok(out)

@@ -66,14 +66,18 @@ impl Implications {
 
     /// The effective scopes of a set: the set plus everything it implies, sorted, unique.
     pub fn expand<'a>(&self, scopes: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-        let mut out = BTreeSet::new();
+        // Sorted and deduplicated as borrowed strings, then copied once each: a feed page
+        // expands thousands of records.
+        let mut out: Vec<&str> = Vec::new();
         for s in scopes {
             if let Some(implied) = self.closure.get(s) {
-                out.extend(implied.iter().cloned());
+                out.extend(implied.iter().map(String::as_str));
             }
-            out.insert(s.to_string());
+            out.push(s);
         }
-        out.into_iter().collect()
+        out.sort_unstable();
+        out.dedup();
+        out.into_iter().map(str::to_string).collect()
     }
 }
 

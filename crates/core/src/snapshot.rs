@@ -157,39 +157,21 @@ impl KeyRecord {
 
     /// Appends [`KeyRecord::encode`]'s form to `out`.
     pub fn write_encoded(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let int = |out: &mut String, v: Option<i64>| {
-            if let Some(v) = v {
-                let _ = write!(out, "{v}");
-            }
-        };
-        out.push_str("2\t");
-        out.push_str(&self.id);
-        out.push('\t');
-        out.push_str(&self.agent);
-        out.push_str(if self.status == KeyStatus::Revoked { "\tr\t" } else { "\ta\t" });
-        int(out, self.expires_at);
-        out.push_str(if self.agent_enabled { "\t1\t" } else { "\t0\t" });
-        out.push_str(&self.scopes_header);
-        out.push('\t');
-        for (i, p) in self.path_prefixes.iter().enumerate() {
-            if i > 0 {
-                out.push(' ');
-            }
-            out.push_str(p);
+        Fields {
+            id: &self.id,
+            agent: &self.agent,
+            status: self.status,
+            expires_at: self.expires_at,
+            agent_enabled: self.agent_enabled,
+            scopes: &self.scopes,
+            path_prefixes: &self.path_prefixes,
+            rate_limit: self.rate_limit,
+            deprecated_at: self.deprecated_at,
+            rate_bucket: self.rate_bucket.as_deref(),
+            rate_burst: self.rate_burst,
+            disabled_reason: self.disabled_reason.as_deref(),
         }
-        out.push('\t');
-        if let Some(r) = self.rate_limit {
-            let _ = write!(out, "{}/{}", r.count, r.period_secs);
-        }
-        out.push('\t');
-        int(out, self.deprecated_at);
-        out.push('\t');
-        out.push_str(self.rate_bucket.as_deref().unwrap_or(""));
-        out.push('\t');
-        int(out, self.rate_burst.map(i64::from));
-        out.push('\t');
-        out.push_str(self.disabled_reason.as_deref().unwrap_or(""));
+        .write(out);
     }
 
     /// Decodes [`KeyRecord::encode`]'s output; `None` for anything else. Format 1 (without
@@ -348,17 +330,26 @@ pub fn tag_entry(epoch: u64, encoded: String) -> String {
 
 /// The 12 fields after the format of an encoded record; format 1's last two are empty.
 fn fields(s: &str) -> Option<[&str; 12]> {
-    let mut f = s.split('\t');
-    let n = match f.next()? {
+    // By bytes: a tab is ASCII, so every cut is a character boundary; `str::split` searches
+    // with memchr, which costs more than it saves on fields this short.
+    let mut cuts = s.bytes().enumerate().filter(|(_, b)| *b == b'\t').map(|(i, _)| i).chain(std::iter::once(s.len()));
+    let mut start = 0;
+    let mut next = || -> Option<&str> {
+        let end = cuts.next()?;
+        let field = s.get(start..end)?;
+        start = end + 1;
+        Some(field)
+    };
+    let n = match next()? {
         "1" => 10,
         "2" => 12,
         _ => return None,
     };
     let mut out = [""; 12];
     for slot in out.iter_mut().take(n) {
-        *slot = f.next()?;
+        *slot = next()?;
     }
-    f.next().is_none().then_some(out)
+    next().is_none().then_some(out)
 }
 
 /// An integer as `to_string` writes one: digits, no leading zero, `-` only before a non-zero.
@@ -418,11 +409,99 @@ impl Snapshot {
     }
 }
 
-/// Compiles one wire record; the error is `(field name, message)`.
-pub fn compile_record(
-    r: &RawKeyRecord,
-    implications: &Implications,
-) -> Result<(Digest, KeyRecord), (&'static str, String)> {
+/// A record's fields, borrowed, in [`KeyRecord::encode`]'s order: what a compiled record and
+/// the feed's line form both write.
+struct Fields<'a> {
+    id: &'a str,
+    agent: &'a str,
+    status: KeyStatus,
+    expires_at: Option<i64>,
+    agent_enabled: bool,
+    scopes: &'a [String],
+    path_prefixes: &'a [String],
+    rate_limit: Option<RateLimit>,
+    deprecated_at: Option<i64>,
+    rate_bucket: Option<&'a str>,
+    rate_burst: Option<u32>,
+    disabled_reason: Option<&'a str>,
+}
+
+impl Fields<'_> {
+    fn write(&self, out: &mut String) {
+        let int = |out: &mut String, v: Option<i64>| {
+            if let Some(v) = v {
+                out.push_str(itoa::Buffer::new().format(v));
+            }
+        };
+        let list = |out: &mut String, items: &[String]| {
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(' ');
+                }
+                out.push_str(item);
+            }
+        };
+        out.push_str("2\t");
+        out.push_str(self.id);
+        out.push('\t');
+        out.push_str(self.agent);
+        out.push_str(if self.status == KeyStatus::Revoked { "\tr\t" } else { "\ta\t" });
+        int(out, self.expires_at);
+        out.push_str(if self.agent_enabled { "\t1\t" } else { "\t0\t" });
+        list(out, self.scopes);
+        out.push('\t');
+        list(out, self.path_prefixes);
+        out.push('\t');
+        if let Some(r) = self.rate_limit {
+            out.push_str(itoa::Buffer::new().format(r.count));
+            out.push('/');
+            out.push_str(itoa::Buffer::new().format(r.period_secs));
+        }
+        out.push('\t');
+        int(out, self.deprecated_at);
+        out.push('\t');
+        out.push_str(self.rate_bucket.unwrap_or(""));
+        out.push('\t');
+        int(out, self.rate_burst.map(i64::from));
+        out.push('\t');
+        out.push_str(self.disabled_reason.unwrap_or(""));
+    }
+}
+
+/// A wire record validated: what it owns once compiled, the rest still borrowed from it.
+struct Compiled<'a> {
+    raw: &'a RawKeyRecord,
+    digest: Digest,
+    expires_at: Option<i64>,
+    scopes: Vec<String>,
+    rate_limit: Option<RateLimit>,
+    /// The key's own bucket when it names none (`k:<id>`); `None` also without a limit.
+    own_bucket: Option<String>,
+    disabled_reason: Option<String>,
+}
+
+impl Compiled<'_> {
+    fn fields(&self) -> Fields<'_> {
+        let r = self.raw;
+        Fields {
+            id: &r.id,
+            agent: &r.agent,
+            status: r.status,
+            expires_at: self.expires_at,
+            agent_enabled: r.agent_enabled,
+            scopes: &self.scopes,
+            path_prefixes: &r.path_prefixes,
+            rate_limit: self.rate_limit,
+            deprecated_at: r.deprecated_at,
+            rate_bucket: self.rate_limit.and(self.own_bucket.as_deref().or(r.rate_bucket.as_deref())),
+            rate_burst: r.rate_burst,
+            disabled_reason: self.disabled_reason.as_deref(),
+        }
+    }
+}
+
+/// Validates a wire record; the error is `(field name, message)`.
+fn compile<'a>(r: &'a RawKeyRecord, implications: &Implications) -> Result<Compiled<'a>, (&'static str, String)> {
     let digest = Digest::from_hex(&r.digest)
         .ok_or(("digest", "must be 64 hex digits (the SHA-256 of the key)".to_string()))?;
     if !plain(&r.id) {
@@ -455,7 +534,7 @@ pub fn compile_record(
             return Err(("rate_bucket", format!("{b:?} must be 1 to 160 printable ASCII characters")));
         }
     }
-    let rate_bucket = rate_limit.map(|_| r.rate_bucket.clone().unwrap_or_else(|| format!("k:{}", r.id)));
+    let own_bucket = (rate_limit.is_some() && r.rate_bucket.is_none()).then(|| format!("k:{}", r.id));
     if r.rate_burst == Some(0) {
         return Err(("rate_burst", "must be at least 1".into()));
     }
@@ -468,22 +547,44 @@ pub fn compile_record(
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty());
     let scopes = implications.expand(r.scopes.iter().map(String::as_str));
+    Ok(Compiled { raw: r, digest, expires_at, scopes, rate_limit, own_bucket, disabled_reason })
+}
+
+/// Compiles one wire record; the error is `(field name, message)`.
+pub fn compile_record(
+    r: &RawKeyRecord,
+    implications: &Implications,
+) -> Result<(Digest, KeyRecord), (&'static str, String)> {
+    let c = compile(r, implications)?;
+    let rate_bucket = c.fields().rate_bucket.map(str::to_string);
     let record = KeyRecord {
         id: r.id.clone(),
         agent: r.agent.clone(),
         status: r.status,
-        expires_at,
+        expires_at: c.expires_at,
         agent_enabled: r.agent_enabled,
-        scopes_header: scopes.join(" "),
-        scopes,
+        scopes_header: c.scopes.join(" "),
+        scopes: c.scopes,
         path_prefixes: r.path_prefixes.clone(),
-        rate_limit,
+        rate_limit: c.rate_limit,
         deprecated_at: r.deprecated_at,
         rate_bucket,
         rate_burst: r.rate_burst,
-        disabled_reason,
+        disabled_reason: c.disabled_reason,
     };
-    Ok((digest, record))
+    Ok((c.digest, record))
+}
+
+/// Appends the feed's line for one wire record, `<digest>\t<record>` with the record as
+/// [`compile_record`] and then [`KeyRecord::encode`] would write it, without building the
+/// record; nothing is appended on an error, which is [`compile_record`]'s.
+pub fn write_record_line(r: &RawKeyRecord, implications: &Implications, out: &mut String) -> Result<(), (&'static str, String)> {
+    let c = compile(r, implications)?;
+    c.digest.write_hex(out);
+    out.push('\t');
+    c.fields().write(out);
+    out.push('\n');
+    Ok(())
 }
 
 #[cfg(test)]

@@ -270,6 +270,15 @@ fn sqlite_params(params: &[Value]) -> Vec<rusqlite::types::Value> {
         .collect()
 }
 
+/// A column's text: `from_utf8` first, which is much cheaper than `from_utf8_lossy` on valid
+/// text (a feed page converts tens of thousands of columns); lossy only when it is not.
+fn text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
 impl Db for Sqlite {
     fn engine(&self) -> Engine {
         Engine::Sqlite
@@ -292,9 +301,9 @@ impl Db for Sqlite {
                 row.push(match r.get_ref(i)? {
                     rusqlite::types::ValueRef::Null => Value::Null,
                     rusqlite::types::ValueRef::Integer(n) => Value::Int(n),
-                    rusqlite::types::ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                    rusqlite::types::ValueRef::Text(t) => Value::Text(text(t)),
                     rusqlite::types::ValueRef::Real(f) => Value::Int(f as i64),
-                    rusqlite::types::ValueRef::Blob(b) => Value::Text(String::from_utf8_lossy(b).into_owned()),
+                    rusqlite::types::ValueRef::Blob(b) => Value::Text(text(b)),
                 });
             }
             out.push(Row(row));
