@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(polls.len(), 1, "only the holder polls");
         let poll = &polls[0];
         assert_eq!((poll.cluster.as_str(), poll.timeout), ("keyward", Duration::from_secs(10)));
-        assert_eq!(poll.header(":path"), Some("/v1/feed?envoy=node-1&wait=0&since=0&format=2&store="));
+        assert_eq!(poll.header(":path"), Some("/v1/feed?envoy=node-1&wait=0&since=0&format=2&max_bytes=1048576&store="));
         assert_eq!((poll.header(":method"), poll.header("authorization")), (Some("GET"), Some("Bearer t0k")));
 
         let digest = Digest::of(b"secret");
@@ -268,7 +268,7 @@ mod tests {
         assert_eq!((host.metric("keyward.feed.pages_applied"), host.metric("keyward.feed.applied_version")), (Some(1), Some(3)));
         assert_eq!(host.logged("snapshot feed: applied 1 records, version 3").len(), 1);
         let next = get(&host);
-        assert_eq!(next[0].header(":path"), Some("/v1/feed?envoy=node-1&wait=30&since=3&format=2&store=A"));
+        assert_eq!(next[0].header(":path"), Some("/v1/feed?envoy=node-1&wait=30&since=3&format=2&max_bytes=1048576&store=A"));
         assert_eq!(next[0].timeout, Duration::from_secs(40));
 
         usage.allowed(&digest, "key_1", 100);

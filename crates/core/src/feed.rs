@@ -42,6 +42,10 @@ pub struct FeedMessage {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
     pub keys: Vec<RawKeyRecord>,
+    /// The version of each record, for the control plane to end a page early at one
+    /// ([`FeedMessage::to_lines`]); not sent.
+    #[serde(skip)]
+    pub versions: Vec<u64>,
 }
 
 /// A validated page, ready to apply.
@@ -210,17 +214,39 @@ fn parse_lines(text: &str) -> Result<FeedPage, FeedError> {
 }
 
 impl FeedMessage {
-    /// This message in the line form (see [`parse_page`]). Its records are compiled with its
-    /// own implications (the control plane always sends its catalogue's), so a filter reading
-    /// either form stores the same records. A record that does not compile is an error here,
-    /// where a JSON page would be refused whole by every filter.
-    pub fn to_lines(&self) -> Result<String, FeedError> {
+    /// This message in the line form (see [`parse_page`]), at most `max_bytes` long if its
+    /// records allow: a page ends early, with a cursor at its last record, rather than outgrow
+    /// the filter's `max_feed_bytes` (one record is always sent, so the feed moves on). Cutting
+    /// needs each record's version, `versions`; without them the page is never cut.
+    ///
+    /// Its records are compiled with its own implications (the control plane always sends its
+    /// catalogue's), so a filter reading either form stores the same records. A record that
+    /// does not compile is an error here, where a JSON page would be refused whole by every
+    /// filter.
+    pub fn to_lines(&self, max_bytes: usize) -> Result<String, FeedError> {
         let own = self.implications.as_ref().map(Implications::new).transpose().map_err(FeedError::Implications)?;
         let none = Implications::new(&Default::default()).map_err(FeedError::Implications)?;
         let implications = own.as_ref().unwrap_or(&none);
-        let mut out = String::with_capacity(128 + self.keys.len() * 192);
+        // The records first: the head says how many, and where the next page starts.
+        let mut records = String::with_capacity(self.keys.len() * 160);
+        let mut cursor = self.cursor.clone();
+        let mut count = 0;
+        let budget = max_bytes.saturating_sub(256);
+        for (index, r) in self.keys.iter().enumerate() {
+            let before = records.len();
+            write_record_line(r, implications, &mut records).map_err(|(field, message)| FeedError::Record { index, field, message })?;
+            if records.len() > budget && index > 0 {
+                if let Some(&version) = self.versions.get(index - 1) {
+                    records.truncate(before);
+                    cursor = Some(FeedCursor { version, id: self.keys[index - 1].id.clone() });
+                    break;
+                }
+            }
+            count += 1;
+        }
+        let mut out = String::with_capacity(128 + records.len());
         let _ = writeln!(out, "{LINES_HEAD}\nversion {}", self.version);
-        match &self.cursor {
+        match &cursor {
             Some(c) => {
                 let _ = writeln!(out, "cursor {} {}", c.version, c.id);
             }
@@ -232,10 +258,8 @@ impl FeedMessage {
         if self.reset {
             out.push_str("reset\n");
         }
-        let _ = writeln!(out, "keys {}", self.keys.len());
-        for (index, r) in self.keys.iter().enumerate() {
-            write_record_line(r, implications, &mut out).map_err(|(field, message)| FeedError::Record { index, field, message })?;
-        }
+        let _ = writeln!(out, "keys {count}");
+        out.push_str(&records);
         out.push_str("end\n");
         Ok(out)
     }
@@ -692,7 +716,7 @@ mod tests {
             record(b"d", json!({"id": "key_4", "agent": "a", "agent_enabled": false, "disabled_reason": "\n"})),
         ];
         let imp = [("billing".to_string(), vec!["invoices:read".to_string()])].into_iter().collect();
-        let base = FeedMessage { version: 12, complete: true, cursor: None, implications: Some(imp), store: None, reset: false, keys };
+        let base = FeedMessage { version: 12, complete: true, cursor: None, implications: Some(imp), store: None, reset: false, keys, versions: vec![] };
         vec![
             base.clone(),
             FeedMessage { complete: false, cursor: Some(FeedCursor { version: 11, id: "key 2".into() }), store: Some("s_1".into()), reset: true, ..base.clone() },
@@ -704,7 +728,7 @@ mod tests {
     #[test]
     fn the_line_form_is_read_as_the_json_is() {
         for msg in messages() {
-            let lines = msg.to_lines().unwrap();
+            let lines = msg.to_lines(usize::MAX).unwrap();
             let from_lines = parse_page(lines.as_bytes(), 1 << 20, &Implications::default()).unwrap();
             // JSON without implications gets the configuration's; the line form has the records'
             // effective scopes, so compare with what the control plane sends: its own, or none.
@@ -716,16 +740,16 @@ mod tests {
                 assert_eq!(KeyRecord::decode(entry).unwrap().encode(), *entry, "a stored record is canonical");
             }
         }
-        let lines = messages()[0].to_lines().unwrap();
+        let lines = messages()[0].to_lines(usize::MAX).unwrap();
         assert!(lines.starts_with("keyward-feed 2\nversion 12\ncomplete\nkeys 4\n"), "{lines}");
-        let lines = messages()[1].to_lines().unwrap();
+        let lines = messages()[1].to_lines(usize::MAX).unwrap();
         assert!(lines.starts_with("keyward-feed 2\nversion 12\ncursor 11 key 2\nstore s_1\nreset\nkeys 4\n"), "{lines}");
         assert!(lines.ends_with("\nend\n"));
     }
 
     #[test]
     fn a_line_page_cut_short_or_altered_is_refused_whole() {
-        let lines = messages()[1].to_lines().unwrap();
+        let lines = messages()[1].to_lines(usize::MAX).unwrap();
         let parse = |s: &str| parse_page(s.as_bytes(), 1 << 20, &Implications::default());
         // Every page cut short, anywhere, is refused: `end` and its newline close it.
         for cut in 0..lines.len() {
@@ -777,5 +801,33 @@ mod tests {
         let long = format!("2\tkey_1\tagent\ta\t\t0\t\t\t\t\t\t\t{}", "é".repeat(MAX_REASON_CHARS + 1));
         check(valid(&long), "keys[0].disabled_reason");
         assert!(parse(&valid(&long.replace(&"é".repeat(MAX_REASON_CHARS + 1), &"é".repeat(MAX_REASON_CHARS)))).is_ok());
+    }
+
+    /// A page ends early rather than outgrow the filter's limit, at a record boundary, with a
+    /// cursor at its last record; one record always goes, so the feed moves on.
+    #[test]
+    fn a_line_page_ends_early_at_the_byte_limit_with_a_cursor_at_its_last_record() {
+        let mut msg = messages()[0].clone();
+        msg.versions = vec![7, 8, 9, 11];
+        let whole = msg.to_lines(usize::MAX).unwrap();
+        let parse = |s: &str| parse_page(s.as_bytes(), 1 << 20, &Implications::default()).unwrap();
+        let all = parse(&whole).records;
+        for max in [whole.len(), whole.len() - 1, 700, 600, 500, 1] {
+            let cut = msg.to_lines(max).unwrap();
+            let page = parse(&cut);
+            let n = page.records.len();
+            assert_eq!(page.records, all[..n], "max {max}: the first records, as they are");
+            assert!(n >= 1, "max {max}: one record always goes");
+            assert!(cut.len() <= max || n == 1, "max {max}: {} bytes, {n} records", cut.len());
+            if n < all.len() {
+                assert_eq!((page.complete, page.cursor.clone()), (false, Some(FeedCursor { version: msg.versions[n - 1], id: msg.keys[n - 1].id.clone() })), "max {max}");
+            } else {
+                assert_eq!((page.complete, page.cursor), (true, None), "max {max}");
+            }
+        }
+        assert_eq!(parse(&msg.to_lines(1).unwrap()).records.len(), 1);
+        // Without the versions, a page is never cut.
+        msg.versions.clear();
+        assert_eq!(msg.to_lines(1).unwrap(), whole);
     }
 }

@@ -691,7 +691,7 @@ impl Fetch {
         let ask = epochs.ask(state.loaded, state.applied, state.cursor.as_ref());
         // Until a snapshot is loaded, or while a reset starts over, do not wait: ask now.
         let wait = if state.loaded && !ask.restart { self.cp.feed_wait_secs } else { 0 };
-        let mut path = format!("/v1/feed?envoy={}&wait={wait}&since={}&format={LINES_FORMAT}", encode(&envoy), ask.since);
+        let mut path = format!("/v1/feed?envoy={}&wait={wait}&since={}&format={LINES_FORMAT}&max_bytes={}", encode(&envoy), ask.since, self.cp.max_feed_bytes);
         if let Some(after) = &ask.after {
             path.push_str(&format!("&after={}", encode(after)));
         }

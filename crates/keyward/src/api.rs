@@ -801,6 +801,8 @@ struct FeedQuery {
     /// `2` for the line form (`keyward_core::feed::LINES_FORMAT`); absent or `1` for JSON, which
     /// is what a filter from before the line form gets.
     format: Option<String>,
+    /// The filter's `max_feed_bytes`: a line page ends early rather than outgrow it.
+    max_bytes: Option<usize>,
 }
 
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
@@ -892,7 +894,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     }
     // The store validated every record when it was written: one that does not compile is a bug
     // here, which a JSON page would have made every filter refuse.
-    let body = page.to_lines().map_err(|e| Error::Internal(format!("feed page version {}: {e}", page.version)))?;
+    let body = page.to_lines(q.max_bytes.unwrap_or(usize::MAX)).map_err(|e| Error::Internal(format!("feed page version {}: {e}", page.version)))?;
     Ok(([(axum::http::header::CONTENT_TYPE, keyward_core::feed::LINES_CONTENT_TYPE)], body).into_response())
 }
 

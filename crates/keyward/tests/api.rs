@@ -711,6 +711,24 @@ async fn an_older_filter_is_served_json_and_a_newer_one_the_line_form_of_the_sam
     }
     let got = api.call("GET", "/v1/feed?since=0&format=json", None).await;
     assert_error(&got, StatusCode::BAD_REQUEST, "VALIDATION_ERROR", Some("format"));
+    // A filter's max_feed_bytes (max_bytes=) ends a line page early, with a cursor: its pages
+    // carry every record once, in order.
+    let (_, _, whole) = api.get_raw("/v1/feed?since=0&format=2").await;
+    let whole = parse_page(&whole, 1 << 20, &Implications::default()).unwrap();
+    let (mut since, mut after, mut got) = (0, String::new(), Vec::new());
+    loop {
+        let (s, _, body) = api.get_raw(&format!("/v1/feed?since={since}{after}&format=2&max_bytes=300")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(body.len() <= 300 || got.is_empty(), "{}", String::from_utf8_lossy(&body));
+        let page = parse_page(&body, 1 << 20, &Implications::default()).unwrap();
+        assert_eq!(page.records.len(), 1, "one record fits in 300 bytes");
+        got.extend(page.records);
+        match page.cursor {
+            Some(c) => (since, after) = (c.version, format!("&after={}", c.id)),
+            None => break,
+        }
+    }
+    assert_eq!(got, whole.records);
 }
 
 #[tokio::test]

@@ -257,6 +257,7 @@ impl Store {
             implications: Some(map),
             store,
             reset: false,
+            versions: page.iter().map(|k| u64::try_from(k.version).unwrap_or(0)).collect(),
             keys: page.into_iter().map(|k| k.into_raw_record(&imp)).collect(),
         })
     }
