@@ -29,11 +29,11 @@ fn judge<H: Host>(host: &H, vm: &VmState) -> Result<Flow, HostError> {
     };
     // The snapshot's age is judged against the tick's clock: no clock read per request.
     let now_ms = u64::try_from(vm.now_secs.get()).unwrap_or(0).saturating_mul(1000) + 999;
-    let mut usable = vm.state.borrow().usable(now_ms, cp.max_snapshot_age_secs);
-    if !usable {
-        // Before the first load, look again on every request: the first snapshot counts at once.
+    let mut keys = vm.state.borrow().keys(now_ms, cp.max_snapshot_age_secs);
+    if !keys.usable() {
+        // Until the first load ends, look again on every request: each page of it counts at once.
         let fresh = shared::read_state(host)?;
-        usable = fresh.usable(host.now_millis()?, cp.max_snapshot_age_secs);
+        keys = fresh.keys(host.now_millis()?, cp.max_snapshot_age_secs);
         if !fresh.same_snapshot(&vm.state.borrow()) {
             vm.records.clear();
         }
@@ -41,7 +41,7 @@ fn judge<H: Host>(host: &H, vm: &VmState) -> Result<Flow, HostError> {
     }
     // One small read per request keeps refusals monotonic across workers (see RecordCache).
     vm.records.sync(host, shared::generation(host)?)?;
-    let keys = SharedKeys::new(host, usable, &vm.records);
+    let keys = SharedKeys::new(host, keys, &vm.records);
     Ok(filter::on_request(host, c, &keys, &vm.view(true)))
 }
 

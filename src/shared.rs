@@ -17,7 +17,7 @@ use crate::host::{Host, HostError};
 use keyward_core::decision::{KeyLookup, LookupError};
 use keyward_core::feed::Epochs;
 use keyward_core::fetch::rates::FLEET_KEY;
-use keyward_core::fetch::{State, Write};
+use keyward_core::fetch::{Keys, State, Write};
 use keyward_core::ratelimit::Fleet;
 use keyward_core::{Digest, KeyRecord};
 use std::borrow::Cow;
@@ -172,15 +172,15 @@ impl RecordCache {
 /// Per-request key lookup: the VM's cache, else one `get` of one shared-data entry.
 pub struct SharedKeys<'h, H: Host> {
     host: &'h H,
-    usable: bool,
+    keys: Keys,
     cache: &'h RecordCache,
     /// Holds the record this request looked up, so the decision can borrow it.
     found: std::cell::OnceCell<Rc<KeyRecord>>,
 }
 
 impl<'h, H: Host> SharedKeys<'h, H> {
-    pub fn new(host: &'h H, usable: bool, cache: &'h RecordCache) -> Self {
-        SharedKeys { host, usable, cache, found: std::cell::OnceCell::new() }
+    pub fn new(host: &'h H, keys: Keys, cache: &'h RecordCache) -> Self {
+        SharedKeys { host, keys, cache, found: std::cell::OnceCell::new() }
     }
 
     fn hand_out(&self, record: Rc<KeyRecord>) -> Cow<'_, KeyRecord> {
@@ -194,9 +194,12 @@ impl<'h, H: Host> SharedKeys<'h, H> {
 
 impl<H: Host> KeyLookup for SharedKeys<'_, H> {
     fn lookup(&self, digest: &Digest) -> Result<Option<Cow<'_, KeyRecord>>, LookupError> {
-        if !self.usable {
-            return Err(LookupError::Unavailable);
-        }
+        // Not found while the first snapshot loads: it may be on a page still to come.
+        let absent = match self.keys {
+            Keys::None => return Err(LookupError::Unavailable),
+            Keys::Partial => Err(LookupError::Unavailable),
+            Keys::Whole => Ok(None),
+        };
         if let Some(hit) = self.cache.get(digest) {
             return Ok(Some(self.hand_out(hit)));
         }
@@ -205,10 +208,10 @@ impl<H: Host> KeyLookup for SharedKeys<'_, H> {
         let fault = |_| LookupError::Fault;
         let (value, _) = self.host.shared_get(&record_key(digest)).map_err(fault)?;
         match value {
-            None => Ok(None),
+            None => absent,
             Some(bytes) => match std::str::from_utf8(&bytes).ok().and_then(KeyRecord::decode_entry) {
                 // An older store's record, which a reset has replaced: absent, never cached.
-                Some((epoch, _)) if !self.cache.live(self.host, epoch).map_err(fault)? => Ok(None),
+                Some((epoch, _)) if !self.cache.live(self.host, epoch).map_err(fault)? => absent,
                 Some((_, record)) => {
                     let record = Rc::new(record);
                     self.cache.put(*digest, Rc::clone(&record));
@@ -267,11 +270,32 @@ mod tests {
         let digest = Digest::of(b"key");
         host.shared_set(&record_key(&digest), b"9\tgarbage", None).unwrap();
         cache.sync(&host, generation(&host).unwrap()).unwrap();
-        let keys = SharedKeys::new(&host, true, &cache);
+        let keys = SharedKeys::new(&host, Keys::Whole, &cache);
         assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Fault));
         // Not loaded yet is the other kind.
-        let keys = SharedKeys::new(&host, false, &cache);
+        let keys = SharedKeys::new(&host, Keys::None, &cache);
         assert_eq!(keys.lookup(&digest).err(), Some(LookupError::Unavailable));
+    }
+
+    /// While the first snapshot loads, a key written is judged, and one not written yet (or
+    /// an older store's) is unavailable, never unknown: it may be on a page still to come.
+    #[test]
+    fn a_partial_snapshot_answers_found_keys_and_never_calls_a_missing_one_unknown() {
+        let host = FakeHost::new();
+        let cache = RecordCache::default();
+        let (written, missing) = (Digest::of(b"written"), Digest::of(b"missing"));
+        let record = KeyRecord::decode("2\tkey_1\tagent\ta\t\t1\t\t\t\t\t\t\t").unwrap();
+        host.shared_set(&record_key(&written), record.encode().as_bytes(), None).unwrap();
+        cache.sync(&host, generation(&host).unwrap()).unwrap();
+        let partial = SharedKeys::new(&host, Keys::Partial, &cache);
+        assert_eq!(partial.lookup(&written).unwrap().map(|r| r.id.clone()), Some("key_1".into()));
+        assert_eq!(partial.lookup(&missing).err(), Some(LookupError::Unavailable));
+        let whole = SharedKeys::new(&host, Keys::Whole, &cache);
+        assert_eq!(whole.lookup(&missing).unwrap(), None, "unknown once the whole snapshot is loaded");
+        // A record of a dead epoch reads as absent: unavailable too.
+        host.shared_set(&record_key(&missing), record.encode_entry(7).as_bytes(), None).unwrap();
+        let partial = SharedKeys::new(&host, Keys::Partial, &cache);
+        assert_eq!(partial.lookup(&missing).err(), Some(LookupError::Unavailable));
     }
 
     /// Two workers' caches and the fetcher, interleaved as threads may be: once one worker has
@@ -283,7 +307,7 @@ mod tests {
         let digest = Digest::of(b"key");
         let status = |cache: &RecordCache| {
             cache.sync(&host, generation(&host).unwrap()).unwrap();
-            SharedKeys::new(&host, true, cache).lookup(&digest).unwrap().map(|r| r.status)
+            SharedKeys::new(&host, Keys::Whole, cache).lookup(&digest).unwrap().map(|r| r.status)
         };
         begin_apply(&host).unwrap();
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();
@@ -323,7 +347,7 @@ mod tests {
         let (k1, k2, k3) = (Digest::of(b"k1"), Digest::of(b"k2"), Digest::of(b"k3"));
         let status = |cache: &RecordCache, d: &Digest| {
             cache.sync(&host, generation(&host).unwrap()).unwrap();
-            SharedKeys::new(&host, true, cache).lookup(d).unwrap().map(|r| r.id.clone())
+            SharedKeys::new(&host, Keys::Whole, cache).lookup(d).unwrap().map(|r| r.id.clone())
         };
         let both = |d: &Digest| (status(&a, d), status(&b, d));
         let some = |id: &str| (Some(id.to_string()), Some(id.to_string()));
@@ -361,7 +385,7 @@ mod tests {
         begin_apply(&host).unwrap();
         write_epochs(&host, &Epochs { committed: Epoch { n: 1, store: Some("B".into()) }, pending: Some(Reset { epoch: Epoch { n: 2, store: Some("C".into()) }, cursor: None }) }).unwrap();
         write(&k2, "k2", 2);
-        assert_eq!(SharedKeys::new(&host, true, &c).lookup(&k2).unwrap().map(|r| r.id.clone()), Some("k2".into()), "read as of an older generation");
+        assert_eq!(SharedKeys::new(&host, Keys::Whole, &c).lookup(&k2).unwrap().map(|r| r.id.clone()), Some("k2".into()), "read as of an older generation");
         // A garbled epochs entry fails every request closed.
         host.shared_set(EPOCHS_KEY, b"garbage", None).unwrap();
         assert!(RecordCache::default().sync(&host, generation(&host).unwrap()).is_err());
@@ -374,16 +398,16 @@ mod tests {
         let digest = Digest::of(b"a-new-key");
         cache.sync(&host, generation(&host).unwrap()).unwrap();
         let status = |keys: &SharedKeys<'_, FakeHost>| keys.lookup(&digest).unwrap().map(|r| r.status);
-        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), None, "unknown before the feed wrote it");
+        assert_eq!(status(&SharedKeys::new(&host, Keys::Whole, &cache)), None, "unknown before the feed wrote it");
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Active).encode().as_bytes(), None).unwrap();
-        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Active), "absence was not cached");
+        assert_eq!(status(&SharedKeys::new(&host, Keys::Whole, &cache)), Some(KeyStatus::Active), "absence was not cached");
         let reads = host.shared_reads.get();
-        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Active));
+        assert_eq!(status(&SharedKeys::new(&host, Keys::Whole, &cache)), Some(KeyStatus::Active));
         assert_eq!(host.shared_reads.get(), reads, "a cached record costs no shared-data read");
         // A change is seen once the tick drops the cache.
         host.shared_set(&record_key(&digest), record("key_1", KeyStatus::Revoked).encode().as_bytes(), None).unwrap();
         cache.clear();
-        assert_eq!(status(&SharedKeys::new(&host, true, &cache)), Some(KeyStatus::Revoked));
-        assert!(SharedKeys::new(&host, false, &cache).lookup(&digest).is_err(), "no snapshot: unavailable");
+        assert_eq!(status(&SharedKeys::new(&host, Keys::Whole, &cache)), Some(KeyStatus::Revoked));
+        assert!(SharedKeys::new(&host, Keys::None, &cache).lookup(&digest).is_err(), "no snapshot: unavailable");
     }
 }

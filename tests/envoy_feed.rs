@@ -423,6 +423,76 @@ fn malformed_or_oversized_feed_messages_are_rejected_and_the_last_good_snapshot_
     assert!(!log.contains("plaintext"), "a rejected page's content reached the log");
 }
 
+/// A feed whose first GET gets `first`, and every later one `rest`, once `release` is set.
+fn held_feed(first: Vec<u8>, rest: Vec<u8>, release: std::sync::Arc<AtomicBool>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut served = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                }
+            }
+            if buf.starts_with(b"POST") {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
+                continue;
+            }
+            assert!(String::from_utf8_lossy(&buf).contains("format=2"), "the filter asks for the line form");
+            served += 1;
+            let body = if served == 1 {
+                &first
+            } else {
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if served > 2 {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                &rest
+            };
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", keyward_core::feed::LINES_CONTENT_TYPE, body.len());
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(body);
+        }
+    });
+    port
+}
+
+/// Start serving sooner: once a page of the first snapshot is written, a key on it is served,
+/// and a key not written yet answers 503 (it may be on a page to come), never 401; once the
+/// snapshot is whole, an unknown key is 401.
+#[test]
+fn a_first_snapshot_serves_its_written_keys_and_calls_no_missing_key_unknown_before_its_last_page() {
+    let line = |key: &str, id: &str| format!("{}\t2\t{id}\tfeed\ta\t\t1\tread:all\t\t\t\t\t\t\n", keyward_core::Digest::of(key.as_bytes()).to_hex());
+    let first = format!("keyward-feed 2\nversion 2\ncursor 1 key_a\nkeys 1\n{}end\n", line("partial-key-aaaa", "key_a"));
+    let rest = format!("keyward-feed 2\nversion 2\ncomplete\nkeys 1\n{}end\n", line("partial-key-bbbb", "key_b"));
+    let release = std::sync::Arc::new(AtomicBool::new(false));
+    let port = held_feed(first.into_bytes(), rest.into_bytes(), std::sync::Arc::clone(&release));
+    let echo = Echo::start(0).unwrap();
+    let mut opts = EnvoyOptions::new(feed_config(json!({})), echo.port());
+    opts.control_plane_port = Some(port);
+    let envoy = Envoy::start(&opts);
+    let get = |key: &str| envoy.get("/v1/x", &[("x-api-key", key.as_bytes())]);
+    poll_until(Duration::from_secs(10), "the first page's key", || (get("partial-key-aaaa").status == 200).then_some(()));
+    // Every worker, many times: the next page is held, so nothing changes meanwhile.
+    for _ in 0..20 {
+        assert_eq!(get("partial-key-aaaa").status, 200, "a key on a written page is served");
+        assert_denied(&get("partial-key-bbbb"), 503, "KEYS_UNAVAILABLE", b"partial-key-bbbb", "a key on a page to come");
+        assert_denied(&get("never-issued-key-xyz"), 503, "KEYS_UNAVAILABLE", b"never-issued-key-xyz", "unknown only once whole");
+    }
+    release.store(true, Ordering::SeqCst);
+    poll_until(Duration::from_secs(10), "the last page's key", || (get("partial-key-bbbb").status == 200).then_some(()));
+    assert_eq!(get("partial-key-aaaa").status, 200);
+    assert_denied(&get("never-issued-key-xyz"), 401, "INVALID_API_KEY", b"never-issued-key-xyz", "the whole snapshot is loaded");
+}
+
 /// One keep-alive connection's requests for `key` until `stop`: (sent, answered, status).
 fn hammer(port: u16, key: &str, stop: &AtomicBool, refusals: &AtomicU64) -> Vec<(Instant, Instant, u16)> {
     use std::io::{BufRead, BufReader, Read, Write};

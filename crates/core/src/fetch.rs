@@ -126,7 +126,42 @@ impl State {
 
     /// Whether requests may use the shared keys now.
     pub fn usable(&self, now_ms: u64, max_age_secs: Option<u32>) -> bool {
-        self.loaded && max_age_secs.is_none_or(|max| now_ms.saturating_sub(self.last_heard_ms) <= u64::from(max) * 1000)
+        self.loaded && self.fresh(now_ms, max_age_secs)
+    }
+
+    /// How requests may use the shared keys now: the whole snapshot; part of the first one,
+    /// while it loads; or none.
+    pub fn keys(&self, now_ms: u64, max_age_secs: Option<u32>) -> Keys {
+        match (self.loaded, &self.cursor) {
+            _ if !self.fresh(now_ms, max_age_secs) => Keys::None,
+            (true, _) => Keys::Whole,
+            (false, Some(_)) => Keys::Partial,
+            (false, None) => Keys::None,
+        }
+    }
+
+    fn fresh(&self, now_ms: u64, max_age_secs: Option<u32>) -> bool {
+        max_age_secs.is_none_or(|max| now_ms.saturating_sub(self.last_heard_ms) <= u64::from(max) * 1000)
+    }
+}
+
+/// Which keys a request may be judged against ([`State::keys`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// The snapshot is loaded: a key absent from it is unknown (401).
+    Whole,
+    /// The first snapshot is loading, and at least one page of it is written: a key found is
+    /// judged, and a key not found yet is unavailable (503), never unknown, since it may be on
+    /// a page still to come. A found key's record is as current as the page it came on, and
+    /// any later change to it has a higher version, so it comes on a later page of this load.
+    Partial,
+    /// Nothing to judge by (503, or `fail_open`).
+    None,
+}
+
+impl Keys {
+    pub fn usable(self) -> bool {
+        self == Keys::Whole
     }
 }
 
@@ -1151,5 +1186,21 @@ mod tests {
         assert!(s.usable(40_000, Some(30)));
         assert!(!s.usable(40_001, Some(30)));
         assert!(!State::default().usable(0, None));
+    }
+
+    #[test]
+    fn the_first_snapshot_serves_in_part_once_a_page_of_it_is_written() {
+        let cursor = Some(FeedCursor { version: 1, id: "key_9".into() });
+        let check = |loaded: bool, cursor: Option<FeedCursor>, now_ms: u64, want: Keys| {
+            let s = State { loaded, applied: 0, last_heard_ms: 10_000, cursor };
+            assert_eq!(s.keys(now_ms, Some(30)), want, "{s:?} at {now_ms}");
+            assert_eq!(s.usable(now_ms, Some(30)), want == Keys::Whole);
+        };
+        check(false, None, 10_000, Keys::None);
+        check(false, cursor.clone(), 10_000, Keys::Partial);
+        check(false, cursor.clone(), 40_001, Keys::None);
+        check(true, None, 10_000, Keys::Whole);
+        check(true, cursor, 10_000, Keys::Whole);
+        check(true, None, 40_001, Keys::None);
     }
 }
