@@ -359,8 +359,9 @@ fn max_snapshot_age_fails_closed_when_the_feed_goes_quiet(engine: Engine) {
     poll_until(Duration::from_secs(20), "fresh again", || (stack.get(&secret).status == 200).then_some(()));
 }
 
-/// A feed that answers from a script: each request gets the next body (the last repeats).
-fn scripted_feed(bodies: Vec<Vec<u8>>) -> u16 {
+/// A feed on a local port: the n-th GET (from 0) is answered `body(its request head, n)`, in the
+/// line form's media type or JSON's by its first bytes; usage and rate reports get `{}`.
+fn fake_feed(mut body: impl FnMut(&str, usize) -> Vec<u8> + Send + 'static) -> u16 {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -376,22 +377,29 @@ fn scripted_feed(bodies: Vec<Vec<u8>>) -> u16 {
                     Ok(k) => buf.extend_from_slice(&chunk[..k]),
                 }
             }
-            // Usage reports do not consume the script.
             if buf.starts_with(b"POST") {
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
                 continue;
             }
-            let body = &bodies[n.min(bodies.len() - 1)];
+            let body = body(&String::from_utf8_lossy(&buf), n);
             n += 1;
-            if n > bodies.len() {
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+            let kind = if body.starts_with(b"keyward-feed") { keyward_core::feed::LINES_CONTENT_TYPE } else { "application/json" };
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
             let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(body);
+            let _ = conn.write_all(&body);
         }
     });
     port
+}
+
+/// A feed that answers from a script: each request gets the next body (the last repeats).
+fn scripted_feed(bodies: Vec<Vec<u8>>) -> u16 {
+    fake_feed(move |_, n| {
+        if n >= bodies.len() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        bodies[n.min(bodies.len() - 1)].clone()
+    })
 }
 
 #[test]
@@ -425,44 +433,19 @@ fn malformed_or_oversized_feed_messages_are_rejected_and_the_last_good_snapshot_
 
 /// A feed whose first GET gets `first`, and every later one `rest`, once `release` is set.
 fn held_feed(first: Vec<u8>, rest: Vec<u8>, release: std::sync::Arc<AtomicBool>) -> u16 {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut served = 0;
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                }
-            }
-            if buf.starts_with(b"POST") {
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}");
-                continue;
-            }
-            assert!(String::from_utf8_lossy(&buf).contains("format=2"), "the filter asks for the line form");
-            served += 1;
-            let body = if served == 1 {
-                &first
-            } else {
-                while !release.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if served > 2 {
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                &rest
-            };
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", keyward_core::feed::LINES_CONTENT_TYPE, body.len());
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(body);
+    fake_feed(move |head, n| {
+        assert!(head.contains("format=2"), "the filter asks for the line form: {head}");
+        if n == 0 {
+            return first.clone();
         }
-    });
-    port
+        while !release.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if n > 1 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        rest.clone()
+    })
 }
 
 /// Start serving sooner: once a page of the first snapshot is written, a key on it is served,
