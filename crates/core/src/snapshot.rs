@@ -163,7 +163,7 @@ impl KeyRecord {
             status: self.status,
             expires_at: self.expires_at,
             agent_enabled: self.agent_enabled,
-            scopes: &self.scopes,
+            scopes: Scopes::Header(&self.scopes_header),
             path_prefixes: &self.path_prefixes,
             rate_limit: self.rate_limit,
             deprecated_at: self.deprecated_at,
@@ -417,13 +417,20 @@ struct Fields<'a> {
     status: KeyStatus,
     expires_at: Option<i64>,
     agent_enabled: bool,
-    scopes: &'a [String],
+    scopes: Scopes<'a>,
     path_prefixes: &'a [String],
     rate_limit: Option<RateLimit>,
     deprecated_at: Option<i64>,
     rate_bucket: Option<&'a str>,
     rate_burst: Option<u32>,
     disabled_reason: Option<&'a str>,
+}
+
+/// A record's scopes as written: a decoded record's header as it was read (so a record read
+/// from shared data re-encodes to itself), or a compiled record's list.
+enum Scopes<'a> {
+    Header(&'a str),
+    List(&'a [String]),
 }
 
 impl Fields<'_> {
@@ -448,7 +455,10 @@ impl Fields<'_> {
         out.push_str(if self.status == KeyStatus::Revoked { "\tr\t" } else { "\ta\t" });
         int(out, self.expires_at);
         out.push_str(if self.agent_enabled { "\t1\t" } else { "\t0\t" });
-        list(out, self.scopes);
+        match self.scopes {
+            Scopes::Header(header) => out.push_str(header),
+            Scopes::List(scopes) => list(out, scopes),
+        }
         out.push('\t');
         list(out, self.path_prefixes);
         out.push('\t');
@@ -489,7 +499,7 @@ impl Compiled<'_> {
             status: r.status,
             expires_at: self.expires_at,
             agent_enabled: r.agent_enabled,
-            scopes: &self.scopes,
+            scopes: Scopes::List(&self.scopes),
             path_prefixes: &r.path_prefixes,
             rate_limit: self.rate_limit,
             deprecated_at: r.deprecated_at,
@@ -707,6 +717,16 @@ mod tests {
         for bad in ["", "3\tx", "1\tid", "2\ti\ta\ta\t\t1\t\t\t\t\t\tx\t", "2\ti\ta\ta\t\t1\t\t\t\t\t\t\t\tx", "1\ti\ta\tx\t\t1\t\t\t\t\t", "1\ti\ta\ta\tsoon\t1\t\t\t\t\t", "1\ti\ta\ta\t\t1\t\t\t5\t\t\t", "1\ti\ta\ta\t\t1\t\t\t\t\t\tx"] {
             assert_eq!(KeyRecord::decode(bad), None, "{bad:?}");
         }
+    }
+
+    /// Whatever header a record was read with is written back as it was (fuzz regression: a
+    /// format 1 record whose scopes had doubled spaces re-encoded to another header).
+    #[test]
+    fn a_decoded_record_re_encodes_its_scopes_header_as_read() {
+        let v1 = "1\tkey_x\tagent\tr\t1900000000\t0\ta\n\n:  1:all\t/v1/a1 /v2\t09/1\t1800000000\tk:key_x";
+        let record = KeyRecord::decode(v1).unwrap();
+        assert_eq!(KeyRecord::decode(&record.encode()), Some(record.clone()));
+        assert_eq!(KeyRecord::decode_entry(&record.encode_entry(3)), Some((3, record)));
     }
 
     /// Epoch 0 is today's untagged record, so a module from before epochs reads it; a later
