@@ -2,8 +2,9 @@
 //! tally, apply its plan. Nothing here decides anything the contract says.
 
 use keyward_core::fetch::rates::RateCounts;
-use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
+use crate::host::{HeaderMap, Host, HostError, LogLevel, MetricKind, SharedBuckets, Status};
 use keyward_core::authorize::{self, counter, Action, Context, Counted, FleetCount, Plan, Tally};
+use keyward_core::decision::reads_header;
 use keyward_core::ratelimit::Fleet;
 use keyward_core::response::internal_error;
 use keyward_core::usage::Usage;
@@ -119,8 +120,8 @@ pub enum Flow {
 /// A reply is counted before it is sent; a forwarded request once its changes are applied, so
 /// a request that fails closed half-way is counted only as a fault.
 pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, keys: &K, vm: &VmView<'_>) -> Flow {
-    let flow = gather(host, config, vm.routes).map_err(|e| (e, false)).and_then(|(headers, tls_connection, route_scopes)| {
-        let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| std::str::from_utf8(v).ok()).unwrap_or("");
+    let flow = gather(host, config, vm.routes).map_err(|e| (e, false)).and_then(|Gathered { map, headers, tls_connection, route_scopes }| {
+        let pseudo = |name: &str| map.get(name).and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("");
         // The clock is read only for keys that can expire or are rate-limited; a failed read
         // fails them closed.
         let clock = || host.now_micros().map_or(i64::MAX, |us| i64::try_from(us / 1_000_000).unwrap_or(i64::MAX));
@@ -156,14 +157,36 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
     })
 }
 
-type Gathered = (Vec<(String, Vec<u8>)>, bool, Option<Vec<u8>>);
+/// What a request is judged on, read from the host.
+struct Gathered {
+    /// The whole header map: the pseudo-headers are read from it in place.
+    map: HeaderMap,
+    /// The headers the core reads (`reads_header`), copied out, in order, duplicates kept.
+    headers: Vec<(String, Vec<u8>)>,
+    tls_connection: bool,
+    route_scopes: Option<Vec<u8>>,
+}
 
 /// The request's headers, and the properties the configuration asks for.
+///
+/// The header map is read whole, once: the contract removes every client-sent `x-keyward-*`
+/// header, whatever its name, and tells one credential header sent twice from two different
+/// ones, and neither shows through single-header reads (Envoy's `proxy_get_header_map_value`
+/// returns only the first value). Only the headers the core reads are copied out of it.
 fn gather<H: Host>(host: &H, config: &Config, routes: &RouteCache) -> Result<Gathered, HostError> {
-    let headers = host.request_headers()?;
+    let map = host.request_headers()?;
+    let mut headers = Vec::new();
+    for (name, value) in map.iter() {
+        // Envoy's codecs admit only token characters in names; a name that is not UTF-8 fails
+        // the request closed rather than being skipped unseen.
+        let name = std::str::from_utf8(name).map_err(|_| HostError { op: "a request header name", status: Status::ParseFailure })?;
+        if reads_header(config, name) {
+            headers.push((name.to_string(), value.to_vec()));
+        }
+    }
     let tls_connection = config.require_tls && host.property(&TLS_VERSION)?.is_some();
     let route_scopes = if config.route_metadata { routes.scopes(host)? } else { None };
-    Ok((headers, tls_connection, route_scopes))
+    Ok(Gathered { map, headers, tls_connection, route_scopes })
 }
 
 /// What the rate limiter did: its counters, and the fleet's admissions.
