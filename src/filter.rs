@@ -11,6 +11,7 @@ use keyward_core::usage::Usage;
 use keyward_core::{Config, KeyLookup, Request};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 const ROUTE_SCOPES: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "keyward", "scopes"];
 const ROUTE_NAME: [&str; 2] = ["xds", "route_name"];
@@ -21,9 +22,12 @@ const ROUTE_CACHE_MAX: usize = 1024;
 /// Route metadata scopes by route name, per VM, cleared on every tick. Reading the route's
 /// metadata walks a protobuf on Envoy's side and was the dearest hostcall of a request; a route's
 /// name is cheap. Unnamed routes are never cached: their name does not tell them apart.
+///
+/// Scopes are kept as the text the core reads (`None` when absent or not UTF-8, as the core
+/// would ignore them), so a hit copies nothing.
 #[derive(Debug, Default)]
 pub struct RouteCache {
-    entries: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    entries: RefCell<HashMap<Vec<u8>, Option<Rc<str>>>>,
 }
 
 impl RouteCache {
@@ -31,15 +35,16 @@ impl RouteCache {
         self.entries.borrow_mut().clear();
     }
 
-    fn scopes<H: Host>(&self, host: &H) -> Result<Option<Vec<u8>>, HostError> {
+    fn scopes<H: Host>(&self, host: &H) -> Result<Option<Rc<str>>, HostError> {
+        let read = || -> Result<Option<Rc<str>>, HostError> { Ok(host.property(&ROUTE_SCOPES)?.and_then(|v| String::from_utf8(v).ok()).map(Rc::from)) };
         let name = host.property(&ROUTE_NAME)?.filter(|n| !n.is_empty());
         let Some(name) = name else {
-            return host.property(&ROUTE_SCOPES);
+            return read();
         };
         if let Some(hit) = self.entries.borrow().get(&name) {
             return Ok(hit.clone());
         }
-        let scopes = host.property(&ROUTE_SCOPES)?;
+        let scopes = read()?;
         let mut entries = self.entries.borrow_mut();
         if entries.len() >= ROUTE_CACHE_MAX {
             entries.clear();
@@ -131,7 +136,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
             authority: pseudo(":authority"),
             headers: &headers,
             tls_connection,
-            route_scopes: route_scopes.as_deref().and_then(|v| std::str::from_utf8(v).ok()),
+            route_scopes: route_scopes.as_deref(),
             now: &clock,
         };
         let now_us = || host.now_micros().ok();
@@ -164,7 +169,7 @@ struct Gathered {
     /// The headers the core reads (`reads_header`), copied out, in order, duplicates kept.
     headers: Vec<(String, Vec<u8>)>,
     tls_connection: bool,
-    route_scopes: Option<Vec<u8>>,
+    route_scopes: Option<Rc<str>>,
 }
 
 /// The request's headers, and the properties the configuration asks for.
