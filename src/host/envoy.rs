@@ -1,4 +1,5 @@
-//! The real host: Envoy, through `proxy_wasm::hostcalls`. The only module that calls them.
+//! The real host: Envoy, through `proxy_wasm::hostcalls` and one ABI import of its own (the
+//! header-map read). The only module that calls either.
 
 use super::{CallResponse, HeaderMap, Host, HostError, MetricKind};
 use keyward_core::ratelimit::Versioned;
