@@ -2,14 +2,16 @@
 //! tally, apply its plan. Nothing here decides anything the contract says.
 
 use keyward_core::fetch::rates::RateCounts;
-use crate::host::{Host, HostError, LogLevel, MetricKind, SharedBuckets};
+use crate::host::{HeaderMap, Host, HostError, LogLevel, MetricKind, SharedBuckets, Status};
 use keyward_core::authorize::{self, counter, Action, Context, Counted, FleetCount, Plan, Tally};
+use keyward_core::decision::reads_header;
 use keyward_core::ratelimit::Fleet;
 use keyward_core::response::internal_error;
 use keyward_core::usage::Usage;
 use keyward_core::{Config, KeyLookup, Request};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 const ROUTE_SCOPES: [&str; 5] = ["xds", "route_metadata", "filter_metadata", "keyward", "scopes"];
 const ROUTE_NAME: [&str; 2] = ["xds", "route_name"];
@@ -20,9 +22,12 @@ const ROUTE_CACHE_MAX: usize = 1024;
 /// Route metadata scopes by route name, per VM, cleared on every tick. Reading the route's
 /// metadata walks a protobuf on Envoy's side and was the dearest hostcall of a request; a route's
 /// name is cheap. Unnamed routes are never cached: their name does not tell them apart.
+///
+/// Scopes are kept as the text the core reads (`None` when absent or not UTF-8, as the core
+/// would ignore them), so a hit copies nothing.
 #[derive(Debug, Default)]
 pub struct RouteCache {
-    entries: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    entries: RefCell<HashMap<Vec<u8>, Option<Rc<str>>>>,
 }
 
 impl RouteCache {
@@ -30,15 +35,16 @@ impl RouteCache {
         self.entries.borrow_mut().clear();
     }
 
-    fn scopes<H: Host>(&self, host: &H) -> Result<Option<Vec<u8>>, HostError> {
+    fn scopes<H: Host>(&self, host: &H) -> Result<Option<Rc<str>>, HostError> {
+        let read = || -> Result<Option<Rc<str>>, HostError> { Ok(host.property(&ROUTE_SCOPES)?.and_then(|v| String::from_utf8(v).ok()).map(Rc::from)) };
         let name = host.property(&ROUTE_NAME)?.filter(|n| !n.is_empty());
         let Some(name) = name else {
-            return host.property(&ROUTE_SCOPES);
+            return read();
         };
         if let Some(hit) = self.entries.borrow().get(&name) {
             return Ok(hit.clone());
         }
-        let scopes = host.property(&ROUTE_SCOPES)?;
+        let scopes = read()?;
         let mut entries = self.entries.borrow_mut();
         if entries.len() >= ROUTE_CACHE_MAX {
             entries.clear();
@@ -119,8 +125,8 @@ pub enum Flow {
 /// A reply is counted before it is sent; a forwarded request once its changes are applied, so
 /// a request that fails closed half-way is counted only as a fault.
 pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, keys: &K, vm: &VmView<'_>) -> Flow {
-    let flow = gather(host, config, vm.routes).map_err(|e| (e, false)).and_then(|(headers, tls_connection, route_scopes)| {
-        let pseudo = |name: &str| headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| std::str::from_utf8(v).ok()).unwrap_or("");
+    let flow = gather(host, config, vm.routes).map_err(|e| (e, false)).and_then(|Gathered { map, headers, tls_connection, route_scopes }| {
+        let pseudo = |name: &str| map.get(name).and_then(|v| std::str::from_utf8(v).ok()).unwrap_or("");
         // The clock is read only for keys that can expire or are rate-limited; a failed read
         // fails them closed.
         let clock = || host.now_micros().map_or(i64::MAX, |us| i64::try_from(us / 1_000_000).unwrap_or(i64::MAX));
@@ -130,7 +136,7 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
             authority: pseudo(":authority"),
             headers: &headers,
             tls_connection,
-            route_scopes: route_scopes.as_deref().and_then(|v| std::str::from_utf8(v).ok()),
+            route_scopes: route_scopes.as_deref(),
             now: &clock,
         };
         let now_us = || host.now_micros().ok();
@@ -156,14 +162,36 @@ pub fn on_request<H: Host, K: KeyLookup + ?Sized>(host: &H, config: &Config, key
     })
 }
 
-type Gathered = (Vec<(String, Vec<u8>)>, bool, Option<Vec<u8>>);
+/// What a request is judged on, read from the host.
+struct Gathered {
+    /// The whole header map: the pseudo-headers are read from it in place.
+    map: HeaderMap,
+    /// The headers the core reads (`reads_header`), copied out, in order, duplicates kept.
+    headers: Vec<(String, Vec<u8>)>,
+    tls_connection: bool,
+    route_scopes: Option<Rc<str>>,
+}
 
 /// The request's headers, and the properties the configuration asks for.
+///
+/// The header map is read whole, once: the contract removes every client-sent `x-keyward-*`
+/// header, whatever its name, and tells one credential header sent twice from two different
+/// ones, and neither shows through single-header reads (Envoy's `proxy_get_header_map_value`
+/// returns only the first value). Only the headers the core reads are copied out of it.
 fn gather<H: Host>(host: &H, config: &Config, routes: &RouteCache) -> Result<Gathered, HostError> {
-    let headers = host.request_headers()?;
+    let map = host.request_headers()?;
+    let mut headers = Vec::new();
+    for (name, value) in map.iter() {
+        // Envoy's codecs admit only token characters in names; a name that is not UTF-8 fails
+        // the request closed rather than being skipped unseen.
+        let name = std::str::from_utf8(name).map_err(|_| HostError { op: "a request header name", status: Status::ParseFailure })?;
+        if reads_header(config, name) {
+            headers.push((name.to_string(), value.to_vec()));
+        }
+    }
     let tls_connection = config.require_tls && host.property(&TLS_VERSION)?.is_some();
     let route_scopes = if config.route_metadata { routes.scopes(host)? } else { None };
-    Ok((headers, tls_connection, route_scopes))
+    Ok(Gathered { map, headers, tls_connection, route_scopes })
 }
 
 /// What the rate limiter did: its counters, and the fleet's admissions.

@@ -40,8 +40,9 @@ pub struct CallResponse {
 
 pub trait Host {
     // The request and its response.
-    /// Every request header, names lowercase, raw values, duplicates kept.
-    fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError>;
+    /// The request's header map, read whole in one hostcall: names lowercase, raw values,
+    /// duplicates kept, in order. Nothing is copied out of it until asked for.
+    fn request_headers(&self) -> Result<HeaderMap, HostError>;
     /// Sets (`Some`) or removes (`None`, all copies) a request header.
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
     /// Adds a request header value (after any the request already has).
@@ -90,6 +91,84 @@ pub trait Host {
     fn plugin_configuration(&self) -> Result<Vec<u8>, HostError>;
 }
 
+/// A header map as proxy-wasm serializes it: the pair count (u32, little-endian), each pair's
+/// name and value lengths (u32 each), then each name and each value followed by a NUL.
+///
+/// Pairs are read in place: a request copies out only the headers the core reads (see
+/// `keyward_core::decision::reads_header`), not one allocation per header as the SDK's
+/// `get_map_bytes` makes. The layout is checked whole when the map is made, so reading it
+/// cannot fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderMap {
+    raw: Vec<u8>,
+}
+
+impl HeaderMap {
+    /// The map Envoy wrote, if its layout holds (an empty buffer is an empty map).
+    pub fn parse(raw: Vec<u8>) -> Option<HeaderMap> {
+        let map = HeaderMap { raw };
+        let count = map.count()?;
+        let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+        for i in 0..count {
+            let (name, value) = map.lengths(i)?;
+            data = data.checked_add(name)?.checked_add(value)?.checked_add(2)?;
+        }
+        (data <= map.raw.len() || map.raw.is_empty()).then_some(map)
+    }
+
+    fn count(&self) -> Option<usize> {
+        if self.raw.is_empty() {
+            return Some(0);
+        }
+        Some(u32::from_le_bytes(self.raw.get(..4)?.try_into().ok()?) as usize)
+    }
+
+    fn lengths(&self, i: usize) -> Option<(usize, usize)> {
+        let at = 4 + i * 8;
+        let word = |at: usize| -> Option<usize> { Some(u32::from_le_bytes(self.raw.get(at..at + 4)?.try_into().ok()?) as usize) };
+        Some((word(at)?, word(at + 4)?))
+    }
+
+    /// Every pair, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let count = self.count().unwrap_or(0);
+        let mut data = 4 + count * 8;
+        (0..count).map_while(move |i| {
+            let (n, v) = self.lengths(i)?;
+            let name = self.raw.get(data..data + n)?;
+            let value = self.raw.get(data + n + 1..data + n + 1 + v)?;
+            data += n + v + 2;
+            Some((name, value))
+        })
+    }
+
+    /// The first value of `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter().find(|(n, _)| *n == name.as_bytes()).map(|(_, v)| v)
+    }
+
+    /// Serializes pairs as Envoy does (for the fake host and tests).
+    pub fn from_pairs<N: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(N, V)]) -> HeaderMap {
+        let mut raw = Vec::new();
+        if pairs.is_empty() {
+            return HeaderMap { raw };
+        }
+        let len = |b: &[u8]| u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes();
+        raw.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
+        for (n, v) in pairs {
+            raw.extend_from_slice(&len(n.as_ref()));
+            raw.extend_from_slice(&len(v.as_ref()));
+        }
+        for (n, v) in pairs {
+            for part in [n.as_ref(), v.as_ref()] {
+                raw.extend_from_slice(part);
+                raw.push(0);
+            }
+        }
+        HeaderMap { raw }
+    }
+}
+
 /// Rate-limit buckets in Envoy shared data, through the host boundary.
 pub struct SharedBuckets<'h, H: Host + ?Sized>(pub &'h H);
 
@@ -107,6 +186,29 @@ impl<H: Host + ?Sized> BucketStore for SharedBuckets<'_, H> {
 
 #[cfg(test)]
 mod tests {
+    use super::HeaderMap;
+
+    /// A header map reads back what was written, duplicates and empty values included; a
+    /// buffer whose lengths overrun it, or that is too short for its count, is refused.
+    #[test]
+    fn header_maps_read_in_place_and_refuse_a_broken_layout() {
+        let pairs: Vec<(&str, &[u8])> = vec![(":path", b"/v1"), ("x-api-key", b"one"), ("x-empty", b""), ("x-api-key", b"two")];
+        let map = HeaderMap::from_pairs(&pairs);
+        let parsed = HeaderMap::parse(map.raw.clone()).unwrap();
+        assert_eq!(parsed.iter().collect::<Vec<_>>(), pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect::<Vec<_>>());
+        assert_eq!((parsed.get("x-api-key"), parsed.get("x-empty"), parsed.get("x-none")), (Some(&b"one"[..]), Some(&b""[..]), None));
+        assert_eq!(HeaderMap::parse(Vec::new()).unwrap().iter().count(), 0);
+        for cut in 1..map.raw.len() {
+            assert_eq!(HeaderMap::parse(map.raw[..cut].to_vec()), None, "cut at {cut}");
+        }
+        let mut huge = map.raw.clone();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderMap::parse(huge), None);
+        let mut many = map.raw.clone();
+        many[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderMap::parse(many), None);
+    }
+
     /// The boundary holds: no file of the shell but `host/envoy.rs` calls proxy-wasm's hostcalls.
     /// (The same check by hand: `grep -rn hostcalls:: src | grep -v src/host/envoy.rs`.)
     #[test]

@@ -94,7 +94,7 @@ mod fault_injection {
     use crate::host::Host;
 
     pub fn maybe_trap<H: Host>(host: &H) {
-        let trap = host.request_headers().is_ok_and(|h| h.iter().any(|(n, v)| n == "x-keyward-fault" && v == b"trap"));
+        let trap = host.request_headers().is_ok_and(|h| h.iter().any(|(n, v)| n == b"x-keyward-fault" && v == b"trap"));
         if trap {
             #[cfg(target_arch = "wasm32")]
             core::arch::wasm32::unreachable();
@@ -177,7 +177,7 @@ mod tests {
         assert_eq!(request(&host, Some(&vm)), Flow::Continue(vec![]));
         assert_eq!((host.request_header("x-api-key"), host.request_header("x-keyward-agent")), (None, Some("a".into())), "credential out, identity in");
         assert_eq!(host.request_header("x-keyward-key-id").as_deref(), Some("key_1"));
-        for op in ["get_map_bytes", "add_map_value", "set_map_value"] {
+        for op in ["get_header_map_pairs", "add_map_value", "set_map_value"] {
             host.set_request(&[(":method", "GET"), (":path", "/v1/x"), ("x-api-key", key)]);
             host.fail(op);
             assert_eq!(request(&host, Some(&vm)), Flow::Stop, "{op}");

@@ -106,6 +106,10 @@ fn catalogue() -> Vec<Case> {
         allowed("x-api-key in mixed case", raw("GET", "/v1/x", &[("x-Api-KeY", r)], b""), "/v1/x"),
         allowed("the same key twice", raw("GET", "/v1/x", &[("x-api-key", r), ("x-api-key", r)], b""), "/v1/x"),
         case("two different keys", raw("GET", "/v1/x", &[("x-api-key", r), ("x-api-key", ADMIN.as_bytes())], b""), 401, Some("MALFORMED_API_KEY")),
+        // Envoy's `request.headers` property joins two copies with a comma: one line holding
+        // the same text is still malformed, so a filter reading that property could not tell
+        // this from "the same key twice" (issue 17).
+        case("the same key twice in one line", raw("GET", "/v1/x", &[("x-api-key", format!("{READER},{READER}").as_bytes())], b""), 401, Some("MALFORMED_API_KEY")),
         case("Bearer and x-api-key disagree", raw("GET", "/v1/x", &[("authorization", format!("Bearer {ADMIN}").as_bytes()), ("x-api-key", r)], b""), 401, Some("MALFORMED_API_KEY")),
         case("NUL byte in the key", raw("GET", "/v1/x", &[("x-api-key", b"catalogue\0reader")], b""), 400, None),
         case("control byte 0x01 in the key (Envoy's codec refuses)", raw("GET", "/v1/x", &[("x-api-key", b"catalogue\x01reader-key")], b""), 400, None),

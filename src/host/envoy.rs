@@ -1,6 +1,7 @@
-//! The real host: Envoy, through `proxy_wasm::hostcalls`. The only module that calls them.
+//! The real host: Envoy, through `proxy_wasm::hostcalls` and one ABI import of its own (the
+//! header-map read). The only module that calls either.
 
-use super::{CallResponse, Host, HostError, MetricKind};
+use super::{CallResponse, HeaderMap, Host, HostError, MetricKind};
 use keyward_core::ratelimit::Versioned;
 use keyward_core::LocalReply;
 use proxy_wasm::hostcalls;
@@ -14,9 +15,29 @@ fn err(op: &'static str) -> impl Fn(Status) -> HostError {
     move |status| HostError { op, status }
 }
 
+// The ABI call under the SDK's `get_map_bytes`, declared as the SDK declares it: the SDK
+// copies every name and value into its own allocation (and unwraps a name that is not UTF-8);
+// `HeaderMap` reads the one buffer Envoy wrote in place.
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_pairs(map_type: MapType, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> Status;
+}
+
 impl Host for EnvoyHost {
-    fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
-        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(err("get_map_bytes"))
+    fn request_headers(&self) -> Result<HeaderMap, HostError> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: Envoy writes the pointer and size of a buffer it allocated through the SDK's
+        // `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes); taking it back as a
+        // `Vec` of that length and capacity frees it as the SDK's own `get_map_bytes` does.
+        let raw = unsafe {
+            match proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) {
+                Status::Ok if data.is_null() => Vec::new(),
+                Status::Ok => Vec::from_raw_parts(data, size, size),
+                status => return Err(HostError { op: "get_header_map_pairs", status }),
+            }
+        };
+        HeaderMap::parse(raw).ok_or(HostError { op: "get_header_map_pairs", status: Status::ParseFailure })
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {

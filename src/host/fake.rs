@@ -1,7 +1,7 @@
 //! An in-memory host for unit tests: shared data with Envoy's CAS tokens, queues, callouts,
 //! metrics, a log, a settable clock, and a request. Any hostcall can be made to fail.
 
-use super::{CallResponse, Host, HostError, MetricKind, Status};
+use super::{CallResponse, HeaderMap, Host, HostError, MetricKind, Status};
 use keyward_core::ratelimit::Versioned;
 use keyward_core::LocalReply;
 use proxy_wasm::types::LogLevel;
@@ -123,9 +123,9 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
-    fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
-        self.check("get_map_bytes")?;
-        Ok(self.headers.borrow().clone())
+    fn request_headers(&self) -> Result<HeaderMap, HostError> {
+        self.check("get_header_map_pairs")?;
+        Ok(HeaderMap::from_pairs(&self.headers.borrow()))
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {

@@ -435,6 +435,59 @@ mod tests {
         authorize(config, keys, buckets, &req, &Context { now_us: &now_us, fleet: Fleet::default() })
     }
 
+    /// A shell may copy out of the host only the headers `reads_header` names (issue 17): for
+    /// every request of the table, under configurations that read more or other headers, the
+    /// plan made from those alone is the plan made from every header, field for field.
+    #[test]
+    fn the_headers_the_core_reads_give_the_same_plan_as_every_header_issue_17() {
+        use crate::decision::reads_header;
+        let noise = [("user-agent", "curl/8"), ("accept", "*/*"), ("x-request-id", "r-1"), ("x-forwarded-proto", "https"), ("x-keywardish", "1")];
+        let requests: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            ("/v1/x", vec![("x-api-key", "good-key")]),
+            ("/v1/x", vec![("x-api-key", "good-key"), ("x-api-key", "good-key")]),
+            ("/v1/x", vec![("x-api-key", "good-key"), ("x-api-key", "revoked-key")]),
+            ("/v1/x", vec![("x-api-key", "good-key,good-key")]),
+            ("/v1/x", vec![("authorization", "Bearer good-key"), ("x-api-key", "good-key")]),
+            ("/v1/x", vec![("authorization", "Basic Zm9vOmJhcg=="), ("x-api-key", "good-key")]),
+            ("/v1/x", vec![("x-token", "good-key")]),
+            ("/v1/x", vec![("x-keyward-agent", "root"), ("x-api-key", "good-key"), ("x-keyward-anything", "1")]),
+            ("/v1/x?api_key=good-key", vec![("x-keyward-scopes", "admin")]),
+            ("/v1/x", vec![("x-forwarded-proto", "http"), ("x-api-key", "good-key")]),
+            ("/v1/x", vec![("x-api-key", "limited-key")]),
+            ("/v1/x", vec![("x-api-key", "retiring-key")]),
+            ("/v1/x", vec![("x-api-key", "expired-key")]),
+            ("/admin/x", vec![("x-api-key", "good-key")]),
+            ("/public/docs", vec![("x-keyward-key-id", "spoof"), ("x-api-key", "nonsense")]),
+            ("/v1/x", vec![]),
+        ];
+        let configs = [
+            serde_json::json!({}),
+            serde_json::json!({"require_tls": true}),
+            serde_json::json!({"require_tls": true, "trust_forwarded_proto": true}),
+            serde_json::json!({"api_key_header": "x-token", "bearer_header": null}),
+            serde_json::json!({"strip_credential": false}),
+        ];
+        for extra in configs {
+            let c = config(extra.clone());
+            let snapshot = c.snapshot.clone().unwrap();
+            for (path, headers) in &requests {
+                for tls in [false, true] {
+                    // The noise around, before and after the request's own headers.
+                    let all: Vec<(&str, &str)> = noise[..2].iter().chain(headers).chain(&noise[2..]).copied().collect();
+                    let read: Vec<(&str, &str)> = all.iter().filter(|(n, _)| reads_header(&c, n)).copied().collect();
+                    let (every, narrowed) = (Buckets::default(), Buckets::default());
+                    let whole = plan_for(&c, &snapshot, &every, path, &all, tls);
+                    let narrow = plan_for(&c, &snapshot, &narrowed, path, &read, tls);
+                    assert_eq!(narrow, whole, "{extra} {path} {headers:?} tls {tls}");
+                    assert_eq!(*narrowed.0.borrow(), *every.0.borrow(), "{extra} {path} {headers:?}: the same buckets");
+                }
+            }
+            assert!(!reads_header(&c, "user-agent") && !reads_header(&c, ":path") && reads_header(&c, "x-keyward-agent"));
+        }
+        let trusting = config(serde_json::json!({"require_tls": true, "trust_forwarded_proto": true}));
+        assert!(reads_header(&trusting, "x-forwarded-proto") && !reads_header(&config(serde_json::json!({})), "x-forwarded-proto"));
+    }
+
     /// Every row of the contract, as a plan: the status, code and headers of each refusal, and
     /// what an allowed or public request forwards.
     #[test]

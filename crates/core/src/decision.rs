@@ -47,7 +47,8 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// `:authority`.
     pub authority: &'a str,
-    /// Every request header, lowercase names, raw values, duplicates kept.
+    /// The request headers, lowercase names, raw values, duplicates kept, in order: every
+    /// header, or only those [`reads_header`] accepts (the plan is the same either way).
     pub headers: &'a [(String, Vec<u8>)],
     /// Whether the downstream connection is TLS (`connection.tls_version` is present).
     pub tls_connection: bool,
@@ -56,6 +57,20 @@ pub struct Request<'a> {
     /// Unix seconds, from the filter's clock; called only for keys that can expire.
     pub now: &'a dyn Fn() -> i64,
 }
+
+/// Whether the core ever reads the request header `name` (lowercase) under `config`: the
+/// credential sources, `x-forwarded-proto` when it is trusted for `require_tls`, and every
+/// `x-keyward-*` header (removed before forwarding). A shell may hand [`Request::headers`] only
+/// these, and copy nothing else out of the host.
+pub fn reads_header(config: &Config, name: &str) -> bool {
+    let s = &config.sources;
+    name.starts_with(crate::authorize::IDENTITY_PREFIX)
+        || s.bearer_header.as_deref() == Some(name)
+        || s.api_key_header.as_deref() == Some(name)
+        || (config.require_tls && config.trust_forwarded_proto && name == FORWARDED_PROTO)
+}
+
+const FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 impl Request<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
@@ -191,7 +206,7 @@ pub fn judge_record(record: &KeyRecord, required: &[String], path: &str, now: &d
 fn is_tls(config: &Config, req: &Request<'_>) -> bool {
     req.tls_connection
         || (config.trust_forwarded_proto
-            && req.header("x-forwarded-proto").is_some_and(|v| v.eq_ignore_ascii_case(b"https")))
+            && req.header(FORWARDED_PROTO).is_some_and(|v| v.eq_ignore_ascii_case(b"https")))
 }
 
 #[cfg(test)]
