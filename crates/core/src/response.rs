@@ -6,7 +6,8 @@ use crate::config::Config;
 use crate::decision::Denial;
 use crate::snapshot::KeyRecord;
 use crate::time::format_rfc3339;
-use serde_json::{json, Value};
+#[cfg(test)]
+use serde_json::Value;
 
 /// A response the filter sends itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,45 +71,55 @@ impl Denial {
     /// Builds the full local reply for this denial.
     pub fn reply(&self, config: &Config) -> LocalReply {
         let realm = &config.realm;
-        let (message, details) = match self {
-            Denial::MissingKey => (missing_message(config), missing_details(config)),
-            Denial::MalformedKey { reason } => (format!("The API key is malformed: {reason}."), json!({})),
-            Denial::InvalidKey => ("The API key is not valid.".to_string(), json!({})),
-            Denial::RevokedKey { key_id } => ("The API key has been revoked.".to_string(), json!({ "key_id": key_id })),
-            Denial::ExpiredKey { expired_at, key_id } => {
-                let at = format_rfc3339(*expired_at);
-                // serde_json's map sorts its keys: `expired_at` before `key_id`, always.
-                (format!("The API key expired at {at}."), json!({ "expired_at": at, "key_id": key_id }))
+        // The body is written by hand to keep the contract's field order, in serde_json's
+        // compact form: its string escapes, and `details`' keys sorted, as its maps sort them.
+        let mut body = format!(r#"{{"success":false,"error":{{"code":"{}","message":"#, self.code());
+        match self {
+            Denial::MissingKey => push_json_str(&mut body, &missing_message(config)),
+            Denial::MalformedKey { reason } => push_json_str(&mut body, &format!("The API key is malformed: {reason}.")),
+            Denial::InvalidKey => push_json_str(&mut body, "The API key is not valid."),
+            Denial::RevokedKey { .. } => push_json_str(&mut body, "The API key has been revoked."),
+            Denial::ExpiredKey { expired_at, .. } => push_json_str(&mut body, &format!("The API key expired at {}.", format_rfc3339(*expired_at))),
+            Denial::AccessDisabled { reason } => {
+                push_json_str(&mut body, reason.as_deref().unwrap_or("API access is disabled for this key's agent."))
             }
-            Denial::AccessDisabled { reason } => (
-                reason.clone().unwrap_or_else(|| "API access is disabled for this key's agent.".to_string()),
-                json!({}),
-            ),
-            Denial::InsufficientScope { required } => (
-                "The API key lacks a scope this route requires.".to_string(),
-                json!({ "required_scopes": required }),
-            ),
-            Denial::PathRestricted { allowed } => (
-                "The API key is restricted to other paths.".to_string(),
-                json!({ "required_scopes": [], "allowed_path_prefixes": allowed }),
-            ),
-            Denial::TlsRequired => ("This API requires HTTPS.".to_string(), json!({})),
-            Denial::RateLimited { retry_after_secs } => (
-                format!("Rate limit exceeded; retry after {retry_after_secs} seconds."),
-                json!({ "retry_after_seconds": retry_after_secs }),
-            ),
-            Denial::KeysUnavailable { .. } => (
-                "API keys are not loaded yet; retry shortly.".to_string(),
-                json!({}),
-            ),
-        };
-        // Written by hand to keep the contract's field order (serde_json's maps sort keys).
-        let body = format!(
-            r#"{{"success":false,"error":{{"code":"{}","message":{},"details":{}}}}}"#,
-            self.code(),
-            Value::String(message),
-            details
-        );
+            Denial::InsufficientScope { .. } => push_json_str(&mut body, "The API key lacks a scope this route requires."),
+            Denial::PathRestricted { .. } => push_json_str(&mut body, "The API key is restricted to other paths."),
+            Denial::TlsRequired => push_json_str(&mut body, "This API requires HTTPS."),
+            Denial::RateLimited { retry_after_secs } => {
+                push_json_str(&mut body, &format!("Rate limit exceeded; retry after {retry_after_secs} seconds."))
+            }
+            Denial::KeysUnavailable { .. } => push_json_str(&mut body, "API keys are not loaded yet; retry shortly."),
+        }
+        body.push_str(r#","details":{"#);
+        match self {
+            Denial::MissingKey => {
+                let s = &config.sources;
+                // `details.header` (seed 003): the header a client should send its key in. The
+                // Bearer header when enabled (the seed's `Authorization`), else the API-key
+                // header; with neither, `details.query_param` names the query parameter instead.
+                match (s.bearer_header.as_ref().or(s.api_key_header.as_ref()), &s.query_param) {
+                    (Some(header), _) => push_json_field(&mut body, "header", header),
+                    (None, Some(q)) => push_json_field(&mut body, "query_param", q),
+                    (None, None) => {}
+                }
+            }
+            Denial::RevokedKey { key_id } => push_json_field(&mut body, "key_id", key_id),
+            Denial::ExpiredKey { expired_at, key_id } => {
+                push_json_field(&mut body, "expired_at", &format_rfc3339(*expired_at));
+                body.push(',');
+                push_json_field(&mut body, "key_id", key_id);
+            }
+            Denial::InsufficientScope { required } => push_json_list(&mut body, "required_scopes", required),
+            Denial::PathRestricted { allowed } => {
+                push_json_list(&mut body, "allowed_path_prefixes", allowed);
+                body.push(',');
+                push_json_list(&mut body, "required_scopes", &[]);
+            }
+            Denial::RateLimited { retry_after_secs } => body.push_str(&format!(r#""retry_after_seconds":{retry_after_secs}"#)),
+            Denial::MalformedKey { .. } | Denial::InvalidKey | Denial::AccessDisabled { .. } | Denial::TlsRequired | Denial::KeysUnavailable { .. } => {}
+        }
+        body.push_str("}}}");
         let mut headers = vec![
             ("content-type", "application/json".to_string()),
             ("cache-control", "no-store".to_string()),
@@ -173,18 +184,6 @@ pub fn deprecation_headers(record: &KeyRecord) -> Vec<(&'static str, String)> {
     headers
 }
 
-/// `details.header` (seed 003): the header a client should send its key in. The Bearer header
-/// when enabled (the seed's `Authorization`), else the API-key header; with neither,
-/// `details.query_param` names the query parameter instead.
-fn missing_details(config: &Config) -> Value {
-    let s = &config.sources;
-    match (s.bearer_header.as_ref().or(s.api_key_header.as_ref()), &s.query_param) {
-        (Some(header), _) => json!({ "header": header }),
-        (None, Some(q)) => json!({ "query_param": q }),
-        (None, None) => json!({}),
-    }
-}
-
 fn missing_message(config: &Config) -> String {
     let mut ways = Vec::new();
     if let Some(h) = &config.sources.bearer_header {
@@ -197,6 +196,58 @@ fn missing_message(config: &Config) -> String {
         ways.push(format!("the {q} query parameter"));
     }
     format!("No API key was presented. Send it in {}.", ways.join(" or "))
+}
+
+/// Appends `s` as a JSON string, escaped as serde_json escapes it: `"`, `\\`, and control
+/// characters (`\b \t \n \f \r`, the rest as `\u00xx`); everything else as it is.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            0x0c => "\\f",
+            b'\r' => "\\r",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        plain = i + 1;
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
+}
+
+/// Appends `"name":"value"`.
+fn push_json_field(out: &mut String, name: &str, value: &str) {
+    push_json_str(out, name);
+    out.push(':');
+    push_json_str(out, value);
+}
+
+/// Appends `"name":["a","b"]`.
+fn push_json_list(out: &mut String, name: &str, values: &[String]) {
+    push_json_str(out, name);
+    out.push_str(":[");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(out, v);
+    }
+    out.push(']');
 }
 
 #[cfg(test)]
@@ -271,6 +322,34 @@ mod tests {
         check("{}", Denial::ExpiredKey { expired_at: 1_800_000_000, key_id: "key_01J".into() }, r#"{"success":false,"error":{"code":"EXPIRED_API_KEY","message":"The API key expired at 2027-01-15T08:00:00Z.","details":{"expired_at":"2027-01-15T08:00:00Z","key_id":"key_01J"}}}"#);
         check("{}", Denial::AccessDisabled { reason: None }, r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"API access is disabled for this key's agent.","details":{}}}"#);
         check("{}", Denial::AccessDisabled { reason: Some("Your plan does not include \"API\" access </script>".into()) }, r#"{"success":false,"error":{"code":"ACCESS_DISABLED","message":"Your plan does not include \"API\" access </script>","details":{}}}"#);
+    }
+
+    #[test]
+    fn details_with_two_fields_keep_serde_json_s_sorted_order() {
+        let config = Config::from_json(b"{}").unwrap();
+        assert_eq!(
+            Denial::PathRestricted { allowed: vec!["/v1/a".into(), "/v2".into()] }.reply(&config).body,
+            r#"{"success":false,"error":{"code":"INSUFFICIENT_SCOPE","message":"The API key is restricted to other paths.","details":{"allowed_path_prefixes":["/v1/a","/v2"],"required_scopes":[]}}}"#
+        );
+        assert_eq!(
+            Denial::RateLimited { retry_after_secs: 12 }.reply(&config).body,
+            r#"{"success":false,"error":{"code":"RATE_LIMITED","message":"Rate limit exceeded; retry after 12 seconds.","details":{"retry_after_seconds":12}}}"#
+        );
+        assert_eq!(
+            Denial::MalformedKey { reason: "the key is empty" }.reply(&config).body,
+            r#"{"success":false,"error":{"code":"MALFORMED_API_KEY","message":"The API key is malformed: the key is empty.","details":{}}}"#
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut all: String = (0u8..0x80).map(char::from).collect();
+        all.push_str("é\u{2028}😀");
+        for s in ["", "plain", "a\"b\\c", "</script>", all.as_str()] {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, Value::String(s.into()).to_string(), "{s:?}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Scopes and their implications (`admin` ⇒ `read:all`, `write:all` by default).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// Whether `s` is a valid scope token: RFC 6749 `scope-token` characters, minus `,`
 /// (used as a list separator in route metadata), at most 128 bytes.
@@ -19,7 +19,8 @@ pub fn split_list(s: &str) -> impl Iterator<Item = &str> {
 /// Scope implications, closed transitively when built: `expand` is one map lookup per scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Implications {
-    closure: BTreeMap<String, BTreeSet<String>>,
+    /// Each scope's implied scopes, sorted and unique, itself excluded.
+    closure: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for Implications {
@@ -49,17 +50,19 @@ impl Implications {
     fn close(raw: &BTreeMap<String, Vec<String>>) -> Self {
         let mut closure = BTreeMap::new();
         for from in raw.keys() {
-            let mut seen = BTreeSet::new();
+            // Sorted as it grows: a binary search per implication, and already in order.
+            let mut seen: Vec<&str> = Vec::new();
             let mut stack = vec![from.as_str()];
             while let Some(s) = stack.pop() {
                 for t in raw.get(s).into_iter().flatten() {
-                    if seen.insert(t.clone()) {
+                    if let Err(at) = seen.binary_search(&t.as_str()) {
+                        seen.insert(at, t);
                         stack.push(t);
                     }
                 }
             }
-            seen.remove(from);
-            closure.insert(from.clone(), seen);
+            let implied = seen.into_iter().filter(|t| t != from).map(str::to_string).collect();
+            closure.insert(from.clone(), implied);
         }
         Implications { closure }
     }
