@@ -19,7 +19,7 @@ const TLS_VERSION: [&str; 2] = ["connection", "tls_version"];
 /// Most routes a VM remembers the metadata scopes of between ticks.
 const ROUTE_CACHE_MAX: usize = 1024;
 
-/// Route metadata scopes by route name, per VM, cleared on every tick. Reading the route's
+/// Route metadata scopes by route name, per VM, cleared when the tick's second changes. Reading the route's
 /// metadata walks a protobuf on Envoy's side and was the dearest hostcall of a request; a route's
 /// name is cheap. Unnamed routes are never cached: their name does not tell them apart.
 ///
