@@ -258,7 +258,8 @@ fn build_wasm() -> Result<PathBuf> {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     if let Some(built_at) = modified(&built) {
         if modified(&wasm).is_none_or(|at| at <= built_at) || std::fs::read(&wasm).ok() == std::fs::read(&built).ok() {
-            let part = release_dir.join("keyward.wasm.part");
+            // A name of this process's own: two xtask commands started together both optimize.
+            let part = release_dir.join(format!("keyward.wasm.part{}", std::process::id()));
             run(Command::new(ensure_wasm_opt()?).args(WASM_OPT_ARGS).arg(&built).arg("-o").arg(&part))?;
             std::fs::rename(&part, &wasm).map_err(|e| format!("renaming {} to {}: {e}", part.display(), wasm.display()))?;
         }
