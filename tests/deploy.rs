@@ -205,6 +205,14 @@ fn docker_compose_yml_passes_docker_compose_config() {
     assert!(compose["services"]["keyward"]["volumes"][0].as_str().unwrap().ends_with(":/data"));
     let wasm_image = std::fs::read_to_string(workspace_root().join("Dockerfile.wasm")).unwrap();
     assert!(wasm_image.contains("FROM scratch") && wasm_image.contains("/plugin.wasm"), "Dockerfile.wasm: Istio's OCI layout");
+    // The image's module is the one `cargo xtask wasm` makes and the size budget holds.
+    let xtask = std::fs::read_to_string(workspace_root().join("xtask/src/main.rs")).unwrap();
+    let version = xtask.split("const BINARYEN_VERSION: &str = \"").nth(1).and_then(|v| v.split('"').next()).unwrap();
+    assert!(wasm_image.contains(&format!("binaryen@{version}")), "Dockerfile.wasm: binaryen {version}, as xtask");
+    let args = xtask.split("const WASM_OPT_ARGS").nth(1).and_then(|v| v.split("];").next()).unwrap();
+    for flag in args.split('"').skip(1).step_by(2) {
+        assert!(wasm_image.contains(flag), "Dockerfile.wasm: wasm-opt {flag}, as xtask");
+    }
 }
 
 fn python_tools() -> PathBuf {

@@ -233,6 +233,7 @@ fn ensure_wasm_opt() -> Result<PathBuf> {
     if bin.is_file() && installed.as_deref() == Some(BINARYEN_VERSION) {
         return Ok(bin);
     }
+    ensure_debian_tools(&[("node", "nodejs"), ("npm", "npm")])?;
     eprintln!("xtask: installing binaryen {BINARYEN_VERSION} (npm) into {}", dir.display());
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     run(Command::new("npm")

@@ -81,7 +81,7 @@ pub fn fault_wasm_path() -> PathBuf {
 
 /// The most `keyward.wasm` may weigh: the size reached, plus 5%. `tests/module_size.rs` fails
 /// above it, so a module that grows is seen when it happens; lower it when the module shrinks.
-pub const WASM_BUDGET_BYTES: u64 = 609_200;
+pub const WASM_BUDGET_BYTES: u64 = 635_200;
 
 /// The built filter: `$KEYWARD_WASM`, else the release build. Panics with directions.
 pub fn wasm_path() -> PathBuf {
