@@ -3,8 +3,8 @@
 //! paths to `cargo test` as `CHROMIUM_BIN`, `CHROMEDRIVER_BIN` and `AXE_CORE_JS`;
 //! `cargo xtask browser` installs them and prints those paths.
 
-use crate::{ensure_debian_tools, run, Result};
-use keyward_testkit::{axe_core_default_path, axe_core_install_dir, AXE_CORE_VERSION};
+use crate::{ensure_debian_tools, Result};
+use keyward_testkit::{axe_core_install_dir, AXE_CORE_VERSION};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -90,25 +90,6 @@ pub(crate) fn on_path(cmd: &str) -> Result<PathBuf> {
 
 /// axe-core [`AXE_CORE_VERSION`] from npm into `.tools/axe-core`, unless that version is there.
 fn ensure_axe_core() -> Result<PathBuf> {
-    let js = axe_core_default_path();
-    let dir = axe_core_install_dir();
-    let manifest = dir.join("node_modules/axe-core/package.json");
-    let installed = std::fs::read_to_string(&manifest)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|m| m.get("version").and_then(|v| v.as_str()).map(str::to_string));
-    if js.is_file() && installed.as_deref() == Some(AXE_CORE_VERSION) {
-        return Ok(js);
-    }
-    eprintln!("xtask: installing axe-core {AXE_CORE_VERSION} (npm) into {}", dir.display());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    run(Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
-        .arg(&dir)
-        .arg(format!("axe-core@{AXE_CORE_VERSION}")))
-    .map_err(|e| format!("{e}\nInstall axe-core {AXE_CORE_VERSION} by hand and set AXE_CORE_JS to its axe.min.js, or check npm access."))?;
-    if !js.is_file() {
-        return Err(format!("npm installed axe-core but {} is not there", js.display()).into());
-    }
-    Ok(js)
+    // The path `axe_core_default_path` names, where the tests look.
+    crate::npm_package(&axe_core_install_dir(), "axe-core", AXE_CORE_VERSION, "node_modules/axe-core/axe.min.js", "AXE_CORE_JS to its axe.min.js")
 }

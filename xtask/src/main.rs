@@ -223,28 +223,33 @@ fn ensure_wasm_opt() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WASM_OPT_BIN").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(bin));
     }
-    let dir = workspace_root().join(".tools/binaryen");
-    let bin = dir.join("node_modules/.bin/wasm-opt");
-    let manifest = dir.join("node_modules/binaryen/package.json");
+    ensure_debian_tools(&[("node", "nodejs"), ("npm", "npm")])?;
+    npm_package(&workspace_root().join(".tools/binaryen"), "binaryen", BINARYEN_VERSION, "node_modules/.bin/wasm-opt", "WASM_OPT_BIN to its wasm-opt")
+}
+
+/// `package@version` from npm into `dir`, unless that version is there; `file` (relative to
+/// `dir`) is what the caller needs of it, and `by_hand` says which variable names one's own.
+fn npm_package(dir: &Path, package: &str, version: &str, file: &str, by_hand: &str) -> Result<PathBuf> {
+    let path = dir.join(file);
+    let manifest = dir.join(format!("node_modules/{package}/package.json"));
     let installed = std::fs::read_to_string(&manifest)
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
         .and_then(|m| m.get("version").and_then(|v| v.as_str()).map(str::to_string));
-    if bin.is_file() && installed.as_deref() == Some(BINARYEN_VERSION) {
-        return Ok(bin);
+    if path.is_file() && installed.as_deref() == Some(version) {
+        return Ok(path);
     }
-    ensure_debian_tools(&[("node", "nodejs"), ("npm", "npm")])?;
-    eprintln!("xtask: installing binaryen {BINARYEN_VERSION} (npm) into {}", dir.display());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    eprintln!("xtask: installing {package} {version} (npm) into {}", dir.display());
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     run(Command::new("npm")
         .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
-        .arg(&dir)
-        .arg(format!("binaryen@{BINARYEN_VERSION}")))
-    .map_err(|e| format!("{e}\nInstall binaryen {BINARYEN_VERSION} by hand and set WASM_OPT_BIN to its wasm-opt, or check npm access."))?;
-    if !bin.is_file() {
-        return Err(format!("npm installed binaryen but {} is not there", bin.display()).into());
+        .arg(dir)
+        .arg(format!("{package}@{version}")))
+    .map_err(|e| format!("{e}\nInstall {package} {version} by hand and set {by_hand}, or check npm access."))?;
+    if !path.is_file() {
+        return Err(format!("npm installed {package} but {} is not there", path.display()).into());
     }
-    Ok(bin)
+    Ok(path)
 }
 
 fn build_wasm() -> Result<PathBuf> {
