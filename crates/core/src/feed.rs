@@ -3,7 +3,7 @@
 
 use crate::digest::Digest;
 use crate::scope::Implications;
-use crate::snapshot::{compile_record, write_record_line, KeyRecord, RawKeyRecord};
+use crate::snapshot::{compile_record, write_record_line, KeyRecord, RawKeyRecord, DIGEST_FORM};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
@@ -199,7 +199,7 @@ fn parse_lines(text: &str) -> Result<FeedPage, FeedError> {
         let (n, line) = next("its last record")?;
         let record = |field: &'static str, message: String| FeedError::Record { index, field, message };
         let (hex, encoded) = line.split_once('\t').ok_or_else(|| bad(n, "expected \"<digest>\\t<record>\" or fewer keys".into()))?;
-        let digest = Digest::from_hex(hex).ok_or_else(|| record("digest", "must be 64 hex digits (the SHA-256 of the key)".into()))?;
+        let digest = Digest::from_hex(hex).ok_or_else(|| record("digest", DIGEST_FORM.into()))?;
         KeyRecord::check_encoded(encoded).map_err(|(field, message)| record(field, message))?;
         records.push((digest, encoded.to_string()));
     }

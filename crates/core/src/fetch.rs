@@ -124,11 +124,6 @@ impl State {
         self.loaded == other.loaded && self.applied == other.applied && self.cursor == other.cursor
     }
 
-    /// Whether requests may use the shared keys now.
-    pub fn usable(&self, now_ms: u64, max_age_secs: Option<u32>) -> bool {
-        self.loaded && self.fresh(now_ms, max_age_secs)
-    }
-
     /// How requests may use the shared keys now: the whole snapshot; part of the first one,
     /// while it loads; or none.
     pub fn keys(&self, now_ms: u64, max_age_secs: Option<u32>) -> Keys {
@@ -157,12 +152,6 @@ pub enum Keys {
     Partial,
     /// Nothing to judge by (503, or `fail_open`).
     None,
-}
-
-impl Keys {
-    pub fn usable(self) -> bool {
-        self == Keys::Whole
-    }
 }
 
 /// The fetcher's counters and gauges; the shell maps each to its host's id.
@@ -1180,12 +1169,12 @@ mod tests {
     }
 
     #[test]
-    fn usable_needs_a_load_and_respects_max_age() {
+    fn whole_keys_need_a_load_and_respect_max_age() {
         let s = State { loaded: true, applied: 1, last_heard_ms: 10_000, cursor: None };
-        assert!(s.usable(10_000, None));
-        assert!(s.usable(40_000, Some(30)));
-        assert!(!s.usable(40_001, Some(30)));
-        assert!(!State::default().usable(0, None));
+        assert_eq!(s.keys(10_000, None), Keys::Whole);
+        assert_eq!(s.keys(40_000, Some(30)), Keys::Whole);
+        assert_eq!(s.keys(40_001, Some(30)), Keys::None);
+        assert_eq!(State::default().keys(0, None), Keys::None);
     }
 
     #[test]
@@ -1194,7 +1183,6 @@ mod tests {
         let check = |loaded: bool, cursor: Option<FeedCursor>, now_ms: u64, want: Keys| {
             let s = State { loaded, applied: 0, last_heard_ms: 10_000, cursor };
             assert_eq!(s.keys(now_ms, Some(30)), want, "{s:?} at {now_ms}");
-            assert_eq!(s.usable(now_ms, Some(30)), want == Keys::Whole);
         };
         check(false, None, 10_000, Keys::None);
         check(false, cursor.clone(), 10_000, Keys::Partial);

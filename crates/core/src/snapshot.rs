@@ -510,10 +510,13 @@ impl Compiled<'_> {
     }
 }
 
+/// Why a wire digest is refused, in the JSON form and the line form alike.
+pub(crate) const DIGEST_FORM: &str = "must be 64 hex digits (the SHA-256 of the key)";
+
 /// Validates a wire record; the error is `(field name, message)`.
 fn compile<'a>(r: &'a RawKeyRecord, implications: &Implications) -> Result<Compiled<'a>, (&'static str, String)> {
     let digest = Digest::from_hex(&r.digest)
-        .ok_or(("digest", "must be 64 hex digits (the SHA-256 of the key)".to_string()))?;
+        .ok_or(("digest", DIGEST_FORM.to_string()))?;
     if !plain(&r.id) {
         return Err(("id", PLAIN.into()));
     }
