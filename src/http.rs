@@ -6,6 +6,7 @@ use crate::host::{EnvoyHost, Host, HostError, LogLevel};
 use crate::root::VmState;
 use crate::shared::{self, SharedKeys};
 use keyward_core::response::internal_error;
+use keyward_core::fetch::Keys;
 use keyward_core::NoKeys;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -30,7 +31,7 @@ fn judge<H: Host>(host: &H, vm: &VmState) -> Result<Flow, HostError> {
     // The snapshot's age is judged against the tick's clock: no clock read per request.
     let now_ms = u64::try_from(vm.now_secs.get()).unwrap_or(0).saturating_mul(1000) + 999;
     let mut keys = vm.state.borrow().keys(now_ms, cp.max_snapshot_age_secs);
-    if !keys.usable() {
+    if keys != Keys::Whole {
         // Until the first load ends, look again on every request: each page of it counts at once.
         let fresh = shared::read_state(host)?;
         keys = fresh.keys(host.now_millis()?, cp.max_snapshot_age_secs);
