@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const NATIVE_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 
 fn yaml_docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -38,14 +39,19 @@ fn files_in(dir: &str, ext: &str) -> Vec<PathBuf> {
 
 /// Every object under `v` whose `@type` is the wasm HTTP filter.
 fn wasm_filters(v: &Value, out: &mut Vec<Value>) {
+    typed(v, WASM_TYPE, out);
+}
+
+/// Every object under `v` whose `@type` is `kind`.
+fn typed(v: &Value, kind: &str, out: &mut Vec<Value>) {
     match v {
         Value::Object(map) => {
-            if map.get("@type").and_then(Value::as_str) == Some(WASM_TYPE) {
+            if map.get("@type").and_then(Value::as_str) == Some(kind) {
                 out.push(v.clone());
             }
-            map.values().for_each(|x| wasm_filters(x, out));
+            map.values().for_each(|x| typed(x, kind, out));
         }
-        Value::Array(items) => items.iter().for_each(|x| wasm_filters(x, out)),
+        Value::Array(items) => items.iter().for_each(|x| typed(x, kind, out)),
         _ => {}
     }
 }
@@ -63,7 +69,7 @@ fn every_envoy_yaml_in_the_repo_passes_envoy_validate() {
     let envoy = envoy_bin();
     let files = ContainerFiles::new().unwrap();
     let yamls = envoy_yamls().unwrap();
-    assert!(yamls.len() >= 5, "expected local, static, compose, edge and routes configs: {yamls:?}");
+    assert!(yamls.len() >= 6, "expected local, native, static, compose, edge and routes configs: {yamls:?}");
     for file in yamls {
         validate_envoy_yaml(&envoy, &file, &files).unwrap_or_else(|e| panic!("{e}"));
     }
@@ -74,13 +80,24 @@ fn every_envoy_yaml_carries_a_filter_config_the_filter_compiles() {
     for file in envoy_yamls().unwrap() {
         let name = file.display().to_string();
         let doc = &yaml_docs(&file)[0];
-        let mut filters = Vec::new();
+        let (mut filters, mut natives) = (Vec::new(), Vec::new());
         wasm_filters(doc, &mut filters);
-        assert_eq!(filters.len(), 1, "{name}: one keyward filter expected");
-        let wasm = &filters[0]["config"];
-        assert_eq!(wasm["failure_policy"], "FAIL_RELOAD", "{name}: failure_policy");
-        assert_eq!(wasm["vm_config"]["runtime"], "envoy.wasm.runtime.v8", "{name}: runtime");
-        let config = compile(&name, &wasm["configuration"]["value"]);
+        typed(doc, NATIVE_TYPE, &mut natives);
+        assert_eq!(filters.len() + natives.len(), 1, "{name}: one keyward filter expected");
+        let config = match (filters.first(), natives.first()) {
+            (Some(wasm), _) => {
+                let wasm = &wasm["config"];
+                assert_eq!(wasm["failure_policy"], "FAIL_RELOAD", "{name}: failure_policy");
+                assert_eq!(wasm["vm_config"]["runtime"], "envoy.wasm.runtime.v8", "{name}: runtime");
+                compile(&name, &wasm["configuration"]["value"])
+            }
+            (None, Some(native)) => {
+                assert_eq!(native["dynamic_module_config"]["name"], "keyward", "{name}: the module is libkeyward.so");
+                assert_eq!(native["filter_name"], "keyward", "{name}: filter_name");
+                compile(&name, &native["filter_config"]["value"])
+            }
+            (None, None) => unreachable!(),
+        };
         let clusters = doc["static_resources"]["clusters"].as_array().unwrap();
         if let Some(cp) = &config.control_plane {
             let cluster = clusters
@@ -100,7 +117,7 @@ fn every_envoy_yaml_carries_a_filter_config_the_filter_compiles() {
             .flat_map(|l| l["filter_chains"].as_array().cloned().unwrap_or_default())
             .flat_map(|c| c["filters"].as_array().cloned().unwrap_or_default())
             .map(|f| f["typed_config"].clone())
-            .find(|t| t["http_filters"].as_array().is_some_and(|h| h.iter().any(|f| f["typed_config"]["@type"] == WASM_TYPE)))
+            .find(|t| t["http_filters"].as_array().is_some_and(|h| h.iter().any(|f| [WASM_TYPE, NATIVE_TYPE].contains(&f["typed_config"]["@type"].as_str().unwrap_or("")))))
             .unwrap();
         assert_eq!(hcm["normalize_path"], true, "{name}: normalize_path");
         assert_eq!(hcm["merge_slashes"], true, "{name}: merge_slashes");

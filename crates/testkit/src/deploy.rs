@@ -1,7 +1,7 @@
 //! The checked-in deployment files: finding every Envoy config, and standing in for the
 //! container mounts that the docker compose and edge configs name (`/etc/envoy/...`).
 
-use crate::{wasm_path, workspace_root, TempDir};
+use crate::{native_path, wasm_path, workspace_root, TempDir};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -65,7 +65,13 @@ pub fn validate_envoy_yaml(envoy: &Path, file: &Path, files: &ContainerFiles) ->
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mapped = files.path().join(file.file_name().unwrap_or_default());
     std::fs::write(&mapped, files.map(&text)).map_err(|e| format!("{}: {e}", mapped.display()))?;
-    let out = Command::new(envoy)
+    let mut cmd = Command::new(envoy);
+    if text.contains("envoy.filters.http.dynamic_modules") {
+        // Validation loads the module: the native shell's configs find the one built here.
+        let module = native_path();
+        cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module.parent().unwrap_or(Path::new(".")));
+    }
+    let out = cmd
         .args(["--mode", "validate", "--log-level", "warn", "-c"])
         .arg(&mapped)
         .current_dir(workspace_root())

@@ -1,6 +1,7 @@
-//! A real Envoy process with `keyward.wasm`, on free loopback ports, killed on drop.
+//! A real Envoy process running keyward (`keyward.wasm`, or `libkeyward.so` under
+//! `KEYWARD_SHELL=native`), on free loopback ports, killed on drop.
 
-use crate::{envoy_bin, poll_until, request, wasm_path, TempDir};
+use crate::{envoy_bin, native_path, poll_until, request, wasm_path, Shell, TempDir};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -51,6 +52,29 @@ impl EnvoyOptions {
             wrapper: Vec::new(),
         }
     }
+}
+
+/// keyward's filter entry in the shell under test ([`Shell::current`]).
+pub fn keyward_filter(plugin_config: &Value) -> Value {
+    match Shell::current() {
+        Shell::Wasm => wasm_filter(&wasm_path(), plugin_config),
+        Shell::Native => native_filter(plugin_config),
+    }
+}
+
+/// The `envoy.filters.http.dynamic_modules` entry for `libkeyward.so`: the same plugin
+/// configuration, as a `StringValue`. Envoy finds the module by name in
+/// `$ENVOY_DYNAMIC_MODULES_SEARCH_PATH`, which [`Envoy::start`] sets under the native shell.
+pub fn native_filter(plugin_config: &Value) -> Value {
+    json!({
+        "name": "envoy.filters.http.dynamic_modules",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": "keyward"},
+            "filter_name": "keyward",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin_config.to_string()}
+        }
+    })
 }
 
 /// The `envoy.filters.http.wasm` entry for `keyward.wasm`.
@@ -132,9 +156,18 @@ pub fn replicas_cluster(name: &str, ports: &[u16]) -> Value {
     })
 }
 
-/// A complete bootstrap: one listener (port 0) through the filter to the `echo` cluster, with
-/// the path normalisation of the configs in `envoy/`.
+/// A complete bootstrap as [`envoy_bootstrap`] makes it, with keyward in the shell under test.
+pub fn keyward_bootstrap(opts: &EnvoyOptions) -> Value {
+    bootstrap_with(keyward_filter(&opts.plugin_config), opts)
+}
+
+/// A complete bootstrap: one listener (port 0) through the wasm filter `wasm` to the `echo`
+/// cluster, with the path normalisation of the configs in `envoy/`.
 pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
+    bootstrap_with(wasm_filter(wasm, &opts.plugin_config), opts)
+}
+
+fn bootstrap_with(filter: Value, opts: &EnvoyOptions) -> Value {
     let routes = opts.routes.clone().unwrap_or_else(|| json!([{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "echo"}}]));
     let mut clusters = vec![loopback_cluster("echo", opts.upstream_port)];
     if let Some(port) = opts.control_plane_port {
@@ -143,7 +176,7 @@ pub fn envoy_bootstrap(wasm: &Path, opts: &EnvoyOptions) -> Value {
     if !opts.control_plane_replicas.is_empty() {
         clusters.push(replicas_cluster("keyward", &opts.control_plane_replicas));
     }
-    let mut config = listener_bootstrap(&opts.node_id, routes, vec![wasm_filter(wasm, &opts.plugin_config)], clusters);
+    let mut config = listener_bootstrap(&opts.node_id, routes, vec![filter], clusters);
     let hcm = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     hcm["normalize_path"] = json!(true);
     hcm["merge_slashes"] = json!(true);
@@ -190,6 +223,10 @@ fn spawn(dir: &TempDir, config: &Value, opts: &EnvoyOptions) -> std::io::Result<
     argv.push(envoy_bin().into());
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
+    if Shell::current() == Shell::Native {
+        let module = native_path();
+        cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module.parent().unwrap_or(Path::new(".")));
+    }
     cmd.arg("-c")
         .arg(&cfg)
         .args(["--concurrency", &opts.concurrency.to_string(), "--disable-hot-restart", "--log-level", "info"])
@@ -208,7 +245,7 @@ impl Envoy {
         let dir = TempDir::new("envoy").map_err(|e| Failed { status: None, log: e.to_string() })?;
         let config = match &opts.bootstrap {
             Some(b) => b.clone(),
-            None => envoy_bootstrap(&wasm_path(), opts),
+            None => keyward_bootstrap(opts),
         };
         let child = spawn(&dir, &config, opts).map_err(|e| Failed { status: None, log: e.to_string() })?;
         let mut envoy = Envoy { child, dir, admin_port: 0, port: 0 };
@@ -297,8 +334,18 @@ impl Envoy {
         self.dir.path().join("envoy.log")
     }
 
-    /// The value of one stat from `/stats`, e.g. `wasmcustom.keyward.allowed`.
+    /// The value of one stat from `/stats`, e.g. `wasmcustom.keyward.allowed`. The filter's own
+    /// stats are named as the wasm shell has them; under the native shell `wasmcustom.` reads
+    /// `dynamicmodulescustom.` (the names after the prefix are the same).
     pub fn stat(&self, name: &str) -> Option<u64> {
+        let native;
+        let name = match (Shell::current(), name.strip_prefix(Shell::Wasm.stats_prefix())) {
+            (Shell::Native, Some(rest)) => {
+                native = format!("{}{rest}", Shell::Native.stats_prefix());
+                native.as_str()
+            }
+            _ => name,
+        };
         let stats = request(self.admin_port, "GET", &format!("/stats?filter=^{name}$"), &[]).ok()?;
         let text = String::from_utf8_lossy(&stats.body).to_string();
         text.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))?.trim().parse().ok())

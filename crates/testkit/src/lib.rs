@@ -17,7 +17,7 @@ pub mod redis;
 pub use browser::{axe_core_default_path, axe_core_install_dir, Browser, AXE_CORE_VERSION};
 pub use deploy::{envoy_yamls, validate_envoy_yaml, ContainerFiles, CONTAINER_ROOT};
 pub use echo::{auth_server, Echo, Seen};
-pub use envoy::{envoy_bootstrap, listener_bootstrap, loopback_cluster, named_wasm_filter, wasm_filter, Envoy, EnvoyOptions, Failed};
+pub use envoy::{envoy_bootstrap, keyward_bootstrap, keyward_filter, listener_bootstrap, loopback_cluster, named_wasm_filter, native_filter, wasm_filter, Envoy, EnvoyOptions, Failed};
 pub use http::{request, send_raw, Response};
 pub use keyward::{keyward_bin, Keyward, ADMIN_TOKEN};
 pub use redis::{redis_server_bin, Redis};
@@ -92,6 +92,55 @@ pub fn wasm_path() -> PathBuf {
          Run `cargo xtask test` (it builds it), or `cargo xtask wasm`, or set KEYWARD_WASM.\n\
          (A plain `cargo build --release --target wasm32-wasip1 -p keyward-filter` writes\n\
          keyward_filter.wasm, the library's name: `cargo xtask wasm` also names it keyward.wasm.)",
+        path.display()
+    );
+    path
+}
+
+/// Which build of keyward the real-Envoy tests run: `KEYWARD_SHELL=wasm` (the default, the
+/// proxy-wasm `keyward.wasm`) or `KEYWARD_SHELL=native` (the dynamic module `libkeyward.so`).
+/// `cargo xtask test` runs the shell-parametrized suites once per shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shell {
+    Wasm,
+    Native,
+}
+
+impl Shell {
+    /// `$KEYWARD_SHELL`; panics with directions on anything but `wasm` or `native`.
+    pub fn current() -> Shell {
+        match std::env::var("KEYWARD_SHELL").ok().as_deref().map(str::trim) {
+            None | Some("") | Some("wasm") => Shell::Wasm,
+            Some("native") => Shell::Native,
+            Some(other) => panic!("KEYWARD_SHELL={other:?}: expected `wasm` (the default) or `native`"),
+        }
+    }
+
+    /// What Envoy puts before the filter's own stats: `wasmcustom.` or `dynamicmodulescustom.`.
+    /// The names after it (`keyward.allowed`, ...) are the same in both shells.
+    pub fn stats_prefix(self) -> &'static str {
+        match self {
+            Shell::Wasm => "wasmcustom.",
+            Shell::Native => "dynamicmodulescustom.",
+        }
+    }
+}
+
+/// Where `cargo xtask native` writes the dynamic module.
+pub fn native_default_path() -> PathBuf {
+    workspace_root().join("target/native/libkeyward.so")
+}
+
+/// The built dynamic module: `$KEYWARD_NATIVE`, else the `native` profile's build. Panics with
+/// directions.
+pub fn native_path() -> PathBuf {
+    let path = std::env::var_os("KEYWARD_NATIVE").map(PathBuf::from).unwrap_or_else(native_default_path);
+    assert!(
+        path.is_file(),
+        "libkeyward.so not found at {}.\n\
+         Run `cargo xtask test` (it builds it), or `cargo xtask native`, or set KEYWARD_NATIVE.\n\
+         (It is `cargo build --profile native -p keyward-native`: the release profile aborts on a\n\
+         panic, and the native shell must catch one and fail the request closed instead.)",
         path.display()
     );
     path

@@ -58,6 +58,7 @@ impl Plan {
 
 pub fn run(opts: &Options) -> Result {
     let plan = Plan::new(opts.quick);
+    pin_to_cpu_1()?;
     let dir = TempDir::new("bench")?;
     let t_total = Instant::now();
     eprintln!("bench: generating keys");
@@ -92,6 +93,18 @@ pub fn run(opts: &Options) -> Result {
     report::write_keeping_soak(&opts.out, report)?;
     eprintln!("bench: wrote {} in {:.0} s", opts.out.display(), t_total.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Moves this process, and so every child it starts from now on (`keyward serve`, the CLI, the
+/// ext_authz server, wrk), to CPU 1; each Envoy under test runs under `taskset -c 0`.
+fn pin_to_cpu_1() -> Result {
+    let pid = std::process::id().to_string();
+    let status = std::process::Command::new("taskset").args(["-a", "-p", "-c", "1", &pid]).stdout(std::process::Stdio::null()).status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("taskset -a -p -c 1 {pid} failed: {s}").into()),
+        Err(e) => Err(format!("cannot run taskset (Debian package util-linux): {e}").into()),
+    }
 }
 
 /// `cargo xtask bench --instructions`: only the callgrind table, written over that section of

@@ -90,11 +90,7 @@ pub(super) fn scale(small: &[String], mid: &[String], large: &[String], up_port:
             let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
             let boot = bootstrap(&node, vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let envoy = start(boot, concurrency, if concurrency == 1 { "0" } else { "0,1" })?;
-            poll_until(Duration::from_secs(900), "the snapshot to be applied", || {
-                let status = serve.api_get("/v1/status");
-                let e = status["envoys"].as_array()?.iter().find(|e| e["id"] == node.as_str())?.clone();
-                (e["applied_version"] == status["snapshot_version"]).then_some(())
-            });
+            super::subjects::wait_applied(&envoy, &serve)?;
             rss[slot] = rss_mib(&envoy);
         }
         memory.push((set.len(), rss[0], rss[1]));
