@@ -8,7 +8,7 @@
 //! one bucket's arithmetic. The compare-and-swap pair (`get`, `set`, a per-bucket write counter
 //! as the token) is kept for the trait, and tested, but the limiter does not need it here.
 
-use crate::ratelimit::{BucketStore, Versioned};
+use crate::ratelimit::{BucketStore, Update, Versioned};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -84,7 +84,7 @@ impl BucketStore for Buckets {
         }
     }
 
-    fn update(&self, key: &str, f: &mut dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>>) -> Option<Result<(), Poisoned>> {
+    fn update(&self, key: &str, f: &mut Update<'_>) -> Option<Result<(), Poisoned>> {
         let mut shard = match self.shard(key) {
             Ok(shard) => shard,
             Err(e) => return Some(Err(e)),

@@ -312,6 +312,9 @@ pub fn headers(limit: RateLimit, remaining: u64, reset_us: u64) -> [(&'static st
 /// A stored value and its CAS token (`None` if absent).
 pub type Versioned = (Option<Vec<u8>>, Option<u32>);
 
+/// A bucket's new value from its current one (`None`: leave it as it is).
+pub type Update<'a> = dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + 'a;
+
 /// The shared store the limiter's state lives in (Envoy shared data in the filter).
 pub trait BucketStore {
     type Error;
@@ -323,7 +326,7 @@ pub trait BucketStore {
     /// step, if the store can: one in the process's memory holds the bucket's lock across both,
     /// so no request ever retries. `None` if it cannot (shared data): the limiter then reads and
     /// writes with compare-and-swap.
-    fn update(&self, _key: &str, _f: &mut dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>>) -> Option<Result<(), Self::Error>> {
+    fn update(&self, _key: &str, _f: &mut Update<'_>) -> Option<Result<(), Self::Error>> {
         None
     }
 }
