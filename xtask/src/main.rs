@@ -451,6 +451,7 @@ fn bench_cmd(args: &[String]) -> Result {
     ensure_debian_tools(&[("wrk", "wrk"), ("taskset", "util-linux"), ("valgrind", "valgrind")])?;
     ensure_envoy()?;
     build_wasm()?;
+    std::env::set_var("KEYWARD_NATIVE", build_native()?);
     run(cargo().args(["build", "--release", "--target", "wasm32-wasip1", "-p", "noop-filter"]))?;
     run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
     // The testkit finds these through the environment.

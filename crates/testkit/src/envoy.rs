@@ -223,7 +223,8 @@ fn spawn(dir: &TempDir, config: &Value, opts: &EnvoyOptions) -> std::io::Result<
     argv.push(envoy_bin().into());
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    if Shell::current() == Shell::Native {
+    // The native shell's module, wherever a configuration loads it (the bench runs both shells).
+    if config.to_string().contains("envoy.filters.http.dynamic_modules") {
         let module = native_path();
         cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module.parent().unwrap_or(Path::new(".")));
     }

@@ -1,9 +1,9 @@
 //! `cargo xtask bench --instructions` and the last table of a full run: instructions Envoy
 //! executes per request, counted by valgrind's callgrind.
 
-use super::subjects::bootstrap;
+use super::subjects::{bootstrap, keyward_in};
 use crate::Result;
-use keyward_testkit::{loopback_cluster, named_wasm_filter, poll_until, request, wasm_filter, Envoy, EnvoyOptions, Keyward, TempDir};
+use keyward_testkit::{loopback_cluster, named_wasm_filter, poll_until, request, Envoy, EnvoyOptions, Keyward, Shell, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -14,20 +14,25 @@ use std::time::{Duration, Instant};
 /// and 1,000 keys with a per-key limit never reached (`rated`: the rate-limit path, admitted).
 pub(super) fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>); 2], rated: (&Keyward, &Vec<String>)) -> Result<Vec<(String, f64)>> {
     eprintln!("bench: instructions per request (callgrind)");
-    let feed = |serve: &Keyward| {
+    let feed_in = |shell: Shell, serve: &Keyward| {
         let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
-        bootstrap("bench-cg", vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
+        bootstrap("bench-cg", vec![keyward_in(shell, &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)])
     };
+    let feed = |serve: &Keyward| feed_in(Shell::Wasm, serve);
     let small = sets[0].1;
     let mut configs = vec![
         ("1 no auth filter".to_string(), bootstrap("cg", vec![], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
         ("2 no-op wasm (floor)".to_string(), bootstrap("cg", vec![named_wasm_filter("noop", noop, &json!({}))], vec![loopback_cluster("upstream", up_port)]), small[5..].to_vec()),
     ];
     for (i, (serve, set)) in sets.into_iter().enumerate() {
-        // The propagation measurement revoked the first five keys of each set.
-        configs.push((format!("{} keyward, {} keys", 6 + i, set.len()), feed(serve), set[5..].to_vec()));
+        // The propagation measurement revoked the first ten keys of each set (five per shell).
+        configs.push((format!("{} keyward, {} keys", 6 + i, set.len()), feed(serve), set[10..].to_vec()));
     }
     configs.push((format!("9 keyward, {} keys, rate-limited", rated.1.len()), feed(rated.0), rated.1[5..].to_vec()));
+    // The native shell on the same serves.
+    for (i, (serve, set)) in sets.into_iter().enumerate() {
+        configs.push((format!("{} keyward native, {} keys", 10 + i, set.len()), feed_in(Shell::Native, serve), set[10..].to_vec()));
+    }
     instruction_counts(configs)
 }
 

@@ -73,7 +73,9 @@ pub fn run(opts: &Options) -> Result {
 
     eprintln!("bench: scale measurements");
     let scale = runs::scale(&small, &mid, &large, up_port)?;
-    let propagation = runs::propagation(&started.serves, &started.subjects[5..])?;
+    // The wasm subjects revoke each set's first five keys, the native ones the next five.
+    let mut propagation: Vec<(&str, usize, f64)> = runs::propagation(&started.serves, &started.subjects[5..8], 0)?.into_iter().map(|(n, ms)| ("keyward.wasm", n, ms)).collect();
+    propagation.extend(runs::propagation(&started.serves, &started.subjects[8..11], 5)?.into_iter().map(|(n, ms)| ("libkeyward.so", n, ms)));
     let instructions = if plan.rounds >= 7 {
         let rated = keys(1_000, "r");
         let (serve_rated, _) = control_plane(&rated, Some("1000000/s"))?;

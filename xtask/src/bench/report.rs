@@ -1,6 +1,7 @@
 //! BENCHMARKS.md: the markdown of each section, and rewriting one section of the file while
 //! keeping the others (the soak's, the fleet's and the stores' are written by other commands).
 
+use keyward_testkit::Shell;
 use super::rate_error::rate_error_rows;
 use super::runs::{median, Sample, Scale};
 use super::subjects::Subject;
@@ -14,7 +15,7 @@ use std::time::Duration;
 const INSTRUCTIONS_HEADING: &str = "## Instructions per request (callgrind)";
 const RATE_HEADING: &str = "## Rate-limit accuracy";
 
-pub(super) fn report(plan: &Plan, subjects: &[Subject], samples: &[Vec<Sample>], apply: &[(usize, f64, f64)], scale: &Scale, propagation: &[(usize, f64)], took: Duration) -> String {
+pub(super) fn report(plan: &Plan, subjects: &[Subject], samples: &[Vec<Sample>], apply: &[(Shell, usize, f64, f64)], scale: &Scale, propagation: &[(&str, usize, f64)], took: Duration) -> String {
     let mut r = String::new();
     let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
     let _ = writeln!(r, "# keyward benchmarks\n");
@@ -61,30 +62,33 @@ pub(super) fn report(plan: &Plan, subjects: &[Subject], samples: &[Vec<Sample>],
         );
     }
     let _ = writeln!(r, "\n## Scale\n");
-    let _ = writeln!(r, "| keys in the snapshot | Envoy RSS, 1 worker (MiB) | Envoy RSS, 2 workers (MiB) | per extra worker (MiB) |");
+    let _ = writeln!(r, "| keys in the snapshot | Envoy RSS, keyward.wasm, 1 worker (MiB) | keyward.wasm, 2 workers (MiB) | per extra worker (MiB) | libkeyward.so, 1 worker (MiB) |");
+    let _ = writeln!(r, "|---|---|---|---|---|");
+    for (n, c1, c2, native) in &scale.memory {
+        let _ = writeln!(r, "| {n} | {c1:.1} | {c2:.1} | {:.1} | {native:.1} |", c2 - c1);
+    }
+    let _ = writeln!(r, "\n| shell | keys (incl. the agent's first key) | full snapshot applied in (ms, filter log) | `key import --batch` (s) |");
     let _ = writeln!(r, "|---|---|---|---|");
-    for (n, c1, c2) in &scale.memory {
-        let _ = writeln!(r, "| {n} | {c1:.1} | {c2:.1} | {:.1} |", c2 - c1);
+    for (shell, n, ms, import) in apply {
+        let shell = if *shell == Shell::Native { "libkeyward.so" } else { "keyward.wasm" };
+        let _ = writeln!(r, "| {shell} | {n} | {ms:.0} | {import:.1} |");
     }
-    let _ = writeln!(r, "\n| keys (incl. the agent's first key) | full snapshot applied in (ms, filter log) | `key import --batch` (s) |");
+    let _ = writeln!(r, "\n| shell | keys | one revocation to refusal at Envoy, median of 5 (ms) |");
     let _ = writeln!(r, "|---|---|---|");
-    for (n, ms, import) in apply {
-        let _ = writeln!(r, "| {n} | {ms:.0} | {import:.1} |");
-    }
-    let _ = writeln!(r, "\n| keys | one revocation to refusal at Envoy, median of 5 (ms) |");
-    let _ = writeln!(r, "|---|---|");
-    for (n, ms) in propagation {
-        let _ = writeln!(r, "| {n} | {ms:.1} |");
+    for (shell, n, ms) in propagation {
+        let _ = writeln!(r, "| {shell} | {n} | {ms:.1} |");
     }
     let size = |f: &str| std::fs::metadata(keyward_testkit::workspace_root().join(f)).map(|m| m.len()).unwrap_or(0);
     let _ = writeln!(
         r,
-        "\n`keyward.wasm`: {} bytes; `noop.wasm`: {} bytes. Envoy start to ready (one start each): no filter {:.2} s, no-op wasm {:.2} s, keyward (1,000 keys, before the snapshot) {:.2} s: the VM start (V8 compile and instantiate, per worker plus the main thread) is about the difference.",
+        "\n`keyward.wasm`: {} bytes; `noop.wasm`: {} bytes; `libkeyward.so`: {} bytes. Envoy start to ready (one start each): no filter {:.2} s, no-op wasm {:.2} s, keyward.wasm (1,000 keys, before the snapshot) {:.2} s, libkeyward.so {:.2} s: the VM start (V8 compile and instantiate, per worker plus the main thread) is about the difference.",
         size("target/wasm32-wasip1/release/keyward.wasm"),
         size("target/wasm32-wasip1/release/noop.wasm"),
+        size("target/native/libkeyward.so"),
         subjects[0].start_secs,
         subjects[1].start_secs,
-        subjects[5].start_secs
+        subjects[5].start_secs,
+        subjects.get(8).map_or(f64::NAN, |s| s.start_secs)
     );
     r
 }
@@ -118,6 +122,7 @@ pub(super) fn instruction_report(counts: &[(String, f64)]) -> String {
         return String::new();
     }
     let floor = counts.iter().find(|(n, _)| n.starts_with("2 ")).map_or(f64::NAN, |(_, v)| *v);
+    let none = counts.iter().find(|(n, _)| n.starts_with("1 ")).map_or(f64::NAN, |(_, v)| *v);
     let mut r = String::from(
         "\n## Instructions per request (callgrind)\n\nEnvoy `--concurrency 1` under `valgrind --tool=callgrind`, \
          instructions in user space over 2,000 keep-alive requests after a warm-up, less what the \
@@ -125,10 +130,11 @@ pub(super) fn instruction_report(counts: &[(String, f64)]) -> String {
          here, whatever the machine's load; the kernel's share of a request, which CPU time includes, \
          is not counted, so these ratios are larger than the CPU-time ones). Keyward runs in feed \
          mode; with 1,000 keys every key is in each VM's record cache, with 100,000 keys cycled \
-         in order none is.\n\n| configuration | instructions per request | vs no-op wasm |\n|---|---:|---:|\n",
+         in order none is. keyward native (libkeyward.so) reads the snapshot the module holds in \
+         memory, with no cache and no hostcall.\n\n| configuration | instructions per request | vs no-op wasm | vs no filter |\n|---|---:|---:|---:|\n",
     );
     for (name, v) in counts {
-        let _ = writeln!(r, "| {name} | {v:.0} | {:.2}× |", v / floor);
+        let _ = writeln!(r, "| {name} | {v:.0} | {:.2}× | {:.2}× |", v / floor, v / none);
     }
     r
 }
@@ -138,7 +144,8 @@ pub(crate) fn machine() -> String {
     let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let total = mem.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0);
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's, not this process's: `bench` pins itself to one CPU.
+    let cores = cpu.lines().filter(|l| l.starts_with("processor")).count();
     format!("{cores} × {model}, {:.0} GiB", total / 1_048_576.0)
 }
 

@@ -2,11 +2,11 @@
 //! then latency at a paced rate, with Envoy's CPU time), memory at scale, and how fast a
 //! revocation reaches Envoy.
 
-use super::subjects::{bootstrap, control_plane, start, Subject};
+use super::subjects::{bootstrap, control_plane, keyward_in, start, wait_applied, Subject};
 use super::Plan;
 use crate::wrk::{Load, Wrk};
 use crate::Result;
-use keyward_testkit::{loopback_cluster, poll_until, request, wasm_filter, Envoy, Keyward};
+use keyward_testkit::{loopback_cluster, poll_until, request, Envoy, Keyward, Shell};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -70,8 +70,8 @@ pub(super) fn rounds(subjects: &[Subject], plan: &Plan, dir: &Path) -> Result<Ve
 }
 
 pub(super) struct Scale {
-    /// (keys, RSS MiB at concurrency 1, RSS MiB at concurrency 2)
-    pub memory: Vec<(usize, f64, f64)>,
+    /// (keys, RSS MiB: keyward.wasm at concurrency 1 and 2, libkeyward.so at concurrency 1)
+    pub memory: Vec<(usize, f64, f64, f64)>,
 }
 
 fn rss_mib(e: &Envoy) -> f64 {
@@ -84,26 +84,28 @@ pub(super) fn scale(small: &[String], mid: &[String], large: &[String], up_port:
     let sets: [&[String]; 4] = [&[], small, mid, large];
     for set in sets {
         let (serve, _) = control_plane(set, None)?;
-        let mut rss = [0.0; 2];
-        for (slot, concurrency) in [1u32, 2].into_iter().enumerate() {
-            let node = format!("scale-{}-{concurrency}", set.len());
+        // keyward.wasm with 1 and 2 workers, then libkeyward.so with 1.
+        let mut rss = [0.0; 3];
+        for (slot, (shell, concurrency)) in [(Shell::Wasm, 1u32), (Shell::Wasm, 2), (Shell::Native, 1)].into_iter().enumerate() {
+            let node = format!("scale-{}-{concurrency}-{slot}", set.len());
             let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
-            let boot = bootstrap(&node, vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
+            let boot = bootstrap(&node, vec![keyward_in(shell, &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let envoy = start(boot, concurrency, if concurrency == 1 { "0" } else { "0,1" })?;
-            super::subjects::wait_applied(&envoy, &serve)?;
+            wait_applied(&envoy, &serve, shell)?;
             rss[slot] = rss_mib(&envoy);
         }
-        memory.push((set.len(), rss[0], rss[1]));
+        memory.push((set.len(), rss[0], rss[1], rss[2]));
     }
     Ok(Scale { memory })
 }
 
 /// Revokes keys of the running control planes and times the refusal at the Envoy under test.
-pub(super) fn propagation(serves: &[(Keyward, Vec<String>, Vec<String>)], subjects: &[Subject]) -> Result<Vec<(usize, f64)>> {
+/// The first five keys of each set for the first subjects, the next five for the second.
+pub(super) fn propagation(serves: &[(Keyward, Vec<String>, Vec<String>)], subjects: &[Subject], skip: usize) -> Result<Vec<(usize, f64)>> {
     let mut out = Vec::new();
     for ((serve, ids, keys), subject) in serves.iter().zip(subjects) {
         let mut times = Vec::new();
-        for (id, key) in ids.iter().zip(keys).take(5) {
+        for (id, key) in ids.iter().zip(keys).skip(skip).take(5) {
             let t0 = Instant::now();
             serve.api_post(&format!("/v1/keys/{id}/revoke"), &json!({}));
             poll_until(Duration::from_secs(10), "the revocation", || {

@@ -4,7 +4,7 @@
 
 use crate::Result;
 use keyward_core::{keyformat, Digest};
-use keyward_testkit::{listener_bootstrap, loopback_cluster, named_wasm_filter, wasm_filter, Envoy, EnvoyOptions, Keyward};
+use keyward_testkit::{listener_bootstrap, loopback_cluster, named_wasm_filter, native_filter, wasm_filter, Envoy, EnvoyOptions, Keyward, Shell};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -79,7 +79,7 @@ pub(super) fn start(config: Value, concurrency: u32, cpus: &str) -> Result<Envoy
     opts.bootstrap = Some(config);
     opts.concurrency = concurrency;
     opts.pin_cpus = Some(cpus.to_string());
-    opts.extra_args = vec!["--component-log-level".into(), "wasm:info".into()];
+    opts.extra_args = vec!["--component-log-level".into(), "wasm:info,dynamic_modules:info".into()];
     Envoy::try_start(&opts).map_err(|f| format!("Envoy did not start ({:?}):\n{}", f.status, f.log).into())
 }
 
@@ -122,16 +122,25 @@ pub(crate) fn control_plane(keys: &[String], rate: Option<&str>) -> Result<(Keyw
 /// watches the Envoy's own gauge (`keyward.feed.applied_version`) every 100 ms: `GET /v1/status`
 /// counts the active keys, about 120 ms at a million, and polling it would slow the very feed
 /// being timed (a 4.4 s apply took 15 s with it polled every 20 ms).
-pub(crate) fn wait_applied(envoy: &Envoy, serve: &Keyward) -> Result {
+pub(crate) fn wait_applied(envoy: &Envoy, serve: &Keyward, shell: Shell) -> Result {
     let version = serve.api_get("/v1/status")["snapshot_version"].as_u64().ok_or("GET /v1/status: no snapshot_version")?;
     let deadline = Instant::now() + Duration::from_secs(900);
-    while envoy.stat("wasmcustom.keyward.feed.applied_version").is_none_or(|v| v < version) {
+    let gauge = format!("{}keyward.feed.applied_version", shell.stats_prefix());
+    while envoy.stat(&gauge).is_none_or(|v| v < version) {
         if Instant::now() > deadline {
             return Err(format!("the snapshot (version {version}) was not applied in 900 s:\n{}", envoy.log()).into());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// keyward's filter in `shell`, with `config`.
+pub(crate) fn keyward_in(shell: Shell, config: &Value) -> Value {
+    match shell {
+        Shell::Wasm => wasm_filter(&keyward_testkit::wasm_path(), config),
+        Shell::Native => native_filter(config),
+    }
 }
 
 /// The no-op filter: the wasm floor (configuration 2), built by `cargo xtask bench`.
@@ -144,8 +153,9 @@ pub(super) struct Started {
     pub subjects: Vec<Subject>,
     /// For configurations 6, 7 and 8: the `keyward serve` feeding each, its keys' ids and keys.
     pub serves: Vec<(Keyward, Vec<String>, Vec<String>)>,
-    /// For the same three: (keys in the snapshot, full snapshot applied in ms, import s).
-    pub apply_ms: Vec<(usize, f64, f64)>,
+    /// For the keyward configurations, in order: (shell, keys in the snapshot, full snapshot
+    /// applied in ms, import s).
+    pub apply_ms: Vec<(Shell, usize, f64, f64)>,
 }
 
 /// Starts the five reference configurations (the first four on `small`'s keys, ext_authz asking
@@ -171,33 +181,36 @@ pub(super) fn start_all(dir: &Path, up_port: u16, authz_port: u16, sets: [&Vec<S
 
     let mut serves = Vec::new();
     let mut apply_ms = Vec::new();
-    for (i, (set, scoped)) in sets.into_iter().zip([false, false, true]).enumerate() {
-        let n = set.len();
-        eprintln!("bench: loading {n} keys into keyward serve");
+    let mut imports = Vec::new();
+    for (set, scoped) in sets.into_iter().zip([false, false, true]) {
+        eprintln!("bench: loading {} keys into keyward serve", set.len());
         let t = Instant::now();
         let (serve, ids) = control_plane(set, scoped.then_some("1000000/s"))?;
-        let import_s = t.elapsed().as_secs_f64();
-        let label = if scoped { format!("{} keyward, {n} keys, scopes + rate limit", 6 + i) } else { format!("{} keyward, {n} keys", 6 + i) };
-        let node = format!("bench-{n}");
-        let (envoy, ready) = {
+        imports.push(t.elapsed().as_secs_f64());
+        serves.push((serve, ids, set.clone()));
+    }
+    // Configurations 6 to 8 are keyward.wasm, 9 to 11 libkeyward.so, fed by the same serves.
+    for (shell, first, what) in [(Shell::Wasm, 6, "keyward"), (Shell::Native, 9, "keyward native")] {
+        for (i, ((serve, _, set), scoped)) in serves.iter().zip([false, false, true]).enumerate() {
+            let n = set.len();
+            let label = if scoped { format!("{} {what}, {n} keys, scopes + rate limit", first + i) } else { format!("{} {what}, {n} keys", first + i) };
+            let node = format!("bench-{}-{n}", if shell == Shell::Native { "native" } else { "wasm" });
             let mut config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
             if scoped {
                 config["rules"] = json!([{"methods": ["GET"], "scopes": ["read:all"]}]);
                 config["rate_limit_burst"] = json!("limit");
             }
-            let boot = bootstrap(&node, vec![wasm_filter(&keyward_testkit::wasm_path(), &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
+            let boot = bootstrap(&node, vec![keyward_in(shell, &config)], vec![loopback_cluster("upstream", up_port), loopback_cluster("keyward", serve.port)]);
             let started = Instant::now();
             let envoy = start(boot, 1, "0")?;
             let ready = started.elapsed().as_secs_f64();
-            wait_applied(&envoy, &serve)?;
-            (envoy, ready)
-        };
-        let log = envoy.log();
-        let applied = log.lines().find_map(|l| l.split("full snapshot version ").nth(1)?.split(" applied in ").nth(1)?.split(' ').next()?.parse::<f64>().ok()).unwrap_or(f64::NAN);
-        apply_ms.push((n + 1, applied, import_s));
-        let keys_file = write_keys(dir, &format!("set{i}"), set, 100_000)?;
-        subjects.push(Subject { name: label, envoy, keys_file, start_secs: ready });
-        serves.push((serve, ids, set.clone()));
+            wait_applied(&envoy, serve, shell)?;
+            let log = envoy.log();
+            let applied = log.lines().find_map(|l| l.split("full snapshot version ").nth(1)?.split(" applied in ").nth(1)?.split(' ').next()?.parse::<f64>().ok()).unwrap_or(f64::NAN);
+            apply_ms.push((shell, n + 1, applied, imports[i]));
+            let keys_file = write_keys(dir, &format!("set{i}"), set, 100_000)?;
+            subjects.push(Subject { name: label, envoy, keys_file, start_secs: ready });
+        }
     }
     Ok(Started { subjects, serves, apply_ms })
 }
