@@ -69,7 +69,7 @@ fn every_envoy_yaml_in_the_repo_passes_envoy_validate() {
     let envoy = envoy_bin();
     let files = ContainerFiles::new().unwrap();
     let yamls = envoy_yamls().unwrap();
-    assert!(yamls.len() >= 6, "expected local, native, static, compose, edge and routes configs: {yamls:?}");
+    assert!(yamls.len() >= 8, "expected local, native, static, compose, compose-native, compose-postgres, edge and routes configs: {yamls:?}");
     for file in yamls {
         validate_envoy_yaml(&envoy, &file, &files).unwrap_or_else(|e| panic!("{e}"));
     }
@@ -260,6 +260,7 @@ fn kubernetes_manifests_pass_kubernetes_validate_strictly() {
     for (file, kinds) in [
         ("keyward.yaml", &["deployment/keyward", "service/keyward", "service/keyward-feed", "persistentvolumeclaim/keyward-data"][..]),
         ("keyward-ha.yaml", &["deployment/keyward", "service/keyward", "service/keyward-feed", "poddisruptionbudget/keyward", "networkpolicy/keyward"][..]),
+        ("envoy-native.yaml", &["configmap/envoy-native", "deployment/envoy-native", "service/envoy-native"][..]),
     ] {
         for kind in kinds {
             assert!(stdout.contains(&format!("{file} passed for resource {kind} ")), "{file}: {kind} was not validated:\n{stdout}");
@@ -753,7 +754,9 @@ fn docker_compose_postgres_profile_runs_two_replicas_behind_envoy() {
     let default: Vec<&str> = services.iter().filter(|(_, s)| s["profiles"].is_null()).map(|(n, _)| n.as_str()).collect();
     assert_eq!(default, ["echo", "envoy", "keyward", "wasm"], "the default stack changed");
     let profiled: Vec<&str> = services.iter().filter(|(_, s)| s["profiles"] == json!(["postgres"])).map(|(n, _)| n.as_str()).collect();
-    assert_eq!(profiled.len() + default.len(), services.len(), "a service in another profile");
+    // The `native` profile's services (its own test), if compose lists them at all.
+    let native = services.iter().filter(|(_, s)| s["profiles"] == json!(["native"])).count();
+    assert_eq!(profiled.len() + default.len() + native, services.len(), "a service in another profile");
     for name in ["postgres", "keyward-a", "keyward-b", "envoy-pg"] {
         assert!(profiled.contains(&name), "no {name} in the postgres profile: {profiled:?}");
     }
@@ -805,6 +808,73 @@ fn docker_compose_postgres_profile_runs_two_replicas_behind_envoy() {
     std::fs::write(&bad, text.replace("      - keyward-pg:/var/lib/postgresql/data", "      - keyward-pg:/var/lib/postgresql/data\n    healthchek: {}")).unwrap();
     let out = docker_compose(&["--profile", "postgres", "-f", bad.to_str().unwrap(), "config", "-q"]);
     assert!(!out.status.success(), "a misspelled compose key passed");
+}
+
+// ---- The native shell's deployments: docker-compose.yml's `native` profile, Kubernetes.
+
+#[test]
+fn docker_compose_native_profile_loads_libkeyward_from_a_volume() {
+    let out = docker_compose(&["--profile", "native", "-f", "docker-compose.yml", "config"]);
+    assert!(out.status.success(), "docker-compose --profile native config:\n{}", String::from_utf8_lossy(&out.stderr));
+    let resolved = &docs_in_yaml("docker-compose config", &String::from_utf8_lossy(&out.stdout))[0];
+    let services = resolved["services"].as_object().unwrap();
+    let profiled: Vec<&str> = services.iter().filter(|(_, s)| s["profiles"] == json!(["native"])).map(|(n, _)| n.as_str()).collect();
+    assert_eq!(profiled, ["envoy-native", "native"], "the native profile's services");
+    let compose = &yaml_docs(&workspace_root().join("docker-compose.yml"))[0];
+    let envoy = &compose["services"]["envoy-native"];
+    assert_eq!(envoy["image"], format!("envoyproxy/envoy:v{}", keyward_testkit::ENVOY_VERSION), "the stock Envoy image");
+    let mounts: Vec<&str> = envoy["volumes"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(mounts.contains(&"./envoy/compose-native.yaml:/etc/envoy/envoy.yaml:ro"), "{mounts:?}");
+    // Envoy looks for the module where the `native` service put it.
+    let search = envoy["environment"]["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"].as_str().unwrap();
+    assert!(mounts.contains(&format!("modules:{search}:ro").as_str()), "the search path {search} is not the modules volume: {mounts:?}");
+    assert_eq!(compose["services"]["native"]["volumes"][0], "modules:/modules");
+    assert_eq!(envoy["depends_on"]["native"]["condition"], "service_completed_successfully", "Envoy starts before the module is copied");
+    let dockerfile = std::fs::read_to_string(workspace_root().join("Dockerfile.native")).unwrap();
+    assert!(dockerfile.contains("--profile native -p keyward-native"), "Dockerfile.native: the native profile, as `cargo xtask native`");
+    assert!(dockerfile.contains(r#"CMD ["cp", "/libkeyward.so", "/modules/libkeyward.so"]"#), "Dockerfile.native: the copy into /modules");
+    // The compose Envoy reaches the default stack's services by name.
+    let text = std::fs::read_to_string(workspace_root().join("envoy/compose-native.yaml")).unwrap();
+    for (service, port) in [("keyward", 7070), ("echo", 8080)] {
+        assert!(text.contains(&format!("address: {service}, port_value: {port}")), "envoy/compose-native.yaml does not reach {service}:{port}");
+    }
+    assert!(envoy["ports"].as_array().unwrap().iter().any(|p| p == "10002:10000"));
+}
+
+#[test]
+fn the_kubernetes_native_envoy_copies_the_module_where_envoy_loads_it_and_its_config_validates() {
+    let file = workspace_root().join("deploy/kubernetes/envoy-native.yaml");
+    let docs = yaml_docs(&file);
+    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
+    // The Envoy config in the ConfigMap passes `envoy --mode validate` (loading the built module)
+    // and carries a filter config the core compiles.
+    let config_text = find("ConfigMap")["data"]["envoy.yaml"].as_str().unwrap().to_string();
+    let files = ContainerFiles::new().unwrap();
+    let dir = keyward_testkit::TempDir::new("k8s-native").unwrap();
+    let envoy_yaml = dir.path().join("envoy-native.yaml");
+    std::fs::write(&envoy_yaml, &config_text).unwrap();
+    validate_envoy_yaml(&envoy_bin(), &envoy_yaml, &files).unwrap_or_else(|e| panic!("{e}"));
+    let config = &docs_in_yaml("the ConfigMap's envoy.yaml", &config_text)[0];
+    let mut natives = Vec::new();
+    typed(config, NATIVE_TYPE, &mut natives);
+    assert_eq!(natives.len(), 1);
+    assert_eq!(natives[0]["dynamic_module_config"]["name"], "keyward");
+    let compiled = compile("envoy-native.yaml", &natives[0]["filter_config"]["value"]);
+    assert!(compiled.control_plane.is_some_and(|cp| cp.cluster == "keyward"), "fed by the keyward cluster");
+    // The init container copies libkeyward.so into the volume Envoy's search path names.
+    let pod = &find("Deployment")["spec"]["template"]["spec"];
+    let init = &pod["initContainers"][0];
+    let command: Vec<&str> = init["command"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(command[..2], ["cp", "/libkeyward.so"]);
+    let mount_of = |container: &Value, volume: &str| -> String {
+        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == volume).unwrap()["mountPath"].as_str().unwrap().to_string()
+    };
+    assert_eq!(command[2], format!("{}/libkeyward.so", mount_of(init, "modules")));
+    let envoy = pod["containers"].as_array().unwrap().iter().find(|c| c["name"] == "envoy").unwrap();
+    assert_eq!(envoy["image"], format!("envoyproxy/envoy:v{}", keyward_testkit::ENVOY_VERSION));
+    let search = envoy["env"].as_array().unwrap().iter().find(|e| e["name"] == "ENVOY_DYNAMIC_MODULES_SEARCH_PATH").unwrap()["value"].as_str().unwrap();
+    assert_eq!(search, mount_of(envoy, "modules"), "Envoy looks for the module where the init container put it");
+    assert_eq!(mount_of(envoy, "config"), "/etc/envoy", "the ConfigMap is /etc/envoy/envoy.yaml");
 }
 
 // ---- The Grafana dashboard against keyward's metrics.

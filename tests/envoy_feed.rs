@@ -4,7 +4,7 @@
 mod common;
 
 use common::assert_denied;
-use keyward_testkit::{poll_until, Echo, Envoy, EnvoyOptions, Keyward};
+use keyward_testkit::{poll_until, Echo, Envoy, EnvoyOptions, Keyward, Shell};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -131,8 +131,12 @@ fn a_key_created_by_the_cli_works_through_envoy_at_once_and_status_shows_the_app
     let envoy = &status["envoys"][0];
     assert_eq!(envoy["lag"], 0);
     assert_eq!(envoy["connected"], true, "the fetcher's long-poll is open");
+    // Which shell this Envoy runs keyward in, as its feed requests say.
+    let shell = if Shell::current() == Shell::Native { "native" } else { "wasm" };
+    assert_eq!(envoy["shell"], shell);
     let text = stack.keyward.cli(&["status"]);
     assert!(text.contains("envoy-feed-test"), "{text}");
+    assert!(text.lines().any(|l| l.contains("envoy-feed-test") && l.split_whitespace().nth(1) == Some(shell)), "{text}");
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -53,6 +53,7 @@ Commands:
   soak      `soak --minutes N`: sustained load through Envoy (--concurrency 2) while keys are
             created, rotated and revoked; samples Envoy RSS, heap and the filter's wasm memory
             over time and says whether memory stayed flat. Writes target/SOAK.md (`--out FILE`).
+            `--native` soaks libkeyward.so, the native shell, instead of keyward.wasm.
   fuzz      `fuzz --seconds N`: run every cargo-fuzz target of the pure core for N seconds
             each (installs cargo-fuzz if absent); a crash fails with its reproducer.
   wasm      Build the release keyward.wasm (cargo, then binaryen's wasm-opt -Oz, installed
@@ -492,7 +493,11 @@ fn only_flags(command: &str, args: &[String], flags: &[&str]) -> Result {
 }
 
 fn soak_cmd(args: &[String]) -> Result {
-    only_flags("soak", args, &["--minutes", "--out"])?;
+    // `--native` takes no value; the others one each.
+    let native = args.iter().any(|a| a == "--native");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--native").cloned().collect();
+    let args = &args[..];
+    only_flags("soak", args, &["--minutes", "--out", "--native"])?;
     let minutes: f64 = flag_value(args, "--minutes")?.unwrap_or(30.0);
     if !(minutes > 0.0 && minutes <= 24.0 * 60.0) {
         return Err(format!("soak: --minutes {minutes} must be more than 0 and at most 1440").into());
@@ -501,10 +506,15 @@ fn soak_cmd(args: &[String]) -> Result {
     ensure_debian_tools(&[("wrk", "wrk")])?;
     ensure_envoy()?;
     build_wasm()?;
+    if native {
+        // The testkit starts keyward in the shell KEYWARD_SHELL names.
+        std::env::set_var("KEYWARD_NATIVE", build_native()?);
+        std::env::set_var("KEYWARD_SHELL", "native");
+    }
     run(cargo().args(["build", "--release", "-p", "keyward", "--bin", "keyward"]))?;
     std::env::set_var("KEYWARD_BIN", workspace_root().join("target/release/keyward"));
     std::env::set_var("ENVOY_BIN", envoy_default_path());
-    soak::run(&soak::Options { minutes, out })
+    soak::run(&soak::Options { minutes, out, native })
 }
 
 /// cargo-fuzz, installed from crates.io when absent.

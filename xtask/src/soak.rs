@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub struct Options {
     pub minutes: f64,
     pub out: PathBuf,
+    /// libkeyward.so instead of keyward.wasm (the testkit starts the shell `KEYWARD_SHELL` names).
+    pub native: bool,
 }
 
 struct Sample {
@@ -161,16 +163,17 @@ pub fn run(opts: &Options) -> Result {
 
 fn report(opts: &Options, samples: &[Sample], wrk: Option<&Summary>, churn_errors: u64, envoy: &Envoy) -> String {
     let mut r = String::new();
-    let _ = writeln!(r, "## Soak: {:.0} minutes (`cargo xtask soak --minutes {}`)\n", opts.minutes, opts.minutes);
+    let (flag, module) = if opts.native { (" --native", "libkeyward.so (the native shell)") } else { ("", "keyward.wasm") };
+    let _ = writeln!(r, "## Soak: {:.0} minutes (`cargo xtask soak --minutes {}{flag}`)\n", opts.minutes, opts.minutes);
     let _ = writeln!(
         r,
-        "Envoy 1.40 `--concurrency 2`, release keyward.wasm fed by a release `keyward serve`; wrk (2 threads, 16 connections) \
+        "Envoy 1.40 `--concurrency 2`, release {module} fed by a release `keyward serve`; wrk (2 threads, 16 connections) \
          over 1,000 keys; a churn loop creates a key, waits for it to open, rotates it, waits for the new key, revokes it and \
          waits for the refusal, every ~0.1 s. Machine: {}, commit {}.\n",
         crate::bench::machine(),
         crate::bench::git_commit()
     );
-    let _ = writeln!(r, "| time (s) | Envoy RSS (MiB) | Envoy heap (MiB) | wasm linear memory, all VMs (MiB) | requests allowed | churn ops |");
+    let _ = writeln!(r, "| time (s) | Envoy RSS (MiB) | Envoy heap (MiB) | wasm linear memory, all VMs (MiB; none in the native shell) | requests allowed | churn ops |");
     let _ = writeln!(r, "|---:|---:|---:|---:|---:|---:|");
     for s in samples {
         let _ = writeln!(r, "| {:.0} | {:.1} | {:.1} | {:.1} | {} | {} |", s.at_secs, s.rss_mib, s.heap_mib, s.vm_mib, s.requests, s.churn);
@@ -194,7 +197,7 @@ fn report(opts: &Options, samples: &[Sample], wrk: Option<&Summary>, churn_error
             r,
             "\nFrom warm (t = {:.0} s) to the end: RSS {:.1} -> {:.1} MiB ({:+.1}%), heap {:.1} -> {:.1} MiB ({:+.1}%), \
              wasm memory {:.1} -> {:.1} MiB ({}). Keys created meanwhile (2 per churn cycle of 3 ops): {}, so the heap grew \
-             {:.0} bytes per key created: shared data has no delete, so each key ever issued keeps a small entry. wrk: {} requests, {} non-2xx, {} socket errors. Churn checks failed: {churn_errors}. \
+             {:.0} bytes per key created: the snapshot has no delete (shared data, or the native shell's map), so each key ever issued keeps a small entry. wrk: {} requests, {} non-2xx, {} socket errors. Churn checks failed: {churn_errors}. \
              Envoy log lines at warning or above: {}.{}",
             w.at_secs,
             w.rss_mib,

@@ -375,6 +375,9 @@ pub struct Fetch {
     last_rates_flush_ms: u64,
     /// The last rate report failed (logged once until one succeeds again).
     rates_failing: bool,
+    /// What the feed is told this Envoy runs (`shell=`): `native` from libkeyward.so; none from
+    /// keyward.wasm, so that an older `keyward serve` sees the requests it always saw.
+    shell: Option<&'static str>,
 }
 
 fn log(level: Level, message: String) -> Command {
@@ -406,7 +409,14 @@ impl Fetch {
             rates_local_urgent: false,
             last_rates_flush_ms: 0,
             rates_failing: false,
+            shell: None,
         }
+    }
+
+    /// Says `shell` in every feed request (`keyward status` shows it).
+    pub fn with_shell(mut self, shell: &'static str) -> Fetch {
+        self.shell = Some(shell);
+        self
     }
 
     pub fn leader(&self) -> bool {
@@ -722,6 +732,9 @@ impl Fetch {
         // Always sent, empty before a store is known: a control plane tells a filter that
         // understands `store` and `reset` by it.
         path.push_str(&format!("&store={}", encode(ask.store.as_deref().unwrap_or(""))));
+        if let Some(shell) = self.shell {
+            path.push_str(&format!("&shell={shell}"));
+        }
         if !state.loaded && state.cursor.is_none() {
             self.full_sync_started_ms = Some(now_ms);
         }

@@ -803,6 +803,8 @@ struct FeedQuery {
     format: Option<String>,
     /// The filter's `max_feed_bytes`: a line page ends early rather than outgrow it.
     max_bytes: Option<usize>,
+    /// `native` from libkeyward.so; keyward.wasm does not say.
+    shell: Option<String>,
 }
 
 /// `GET /v1/feed`: the records changed since `since`, at once if there are any, else when the
@@ -824,6 +826,11 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     if q.store.as_deref().is_some_and(|id| !id.is_empty() && !keyward_core::feed::valid_store_id(id)) {
         return Err(Error::Invalid { field: "store", message: "1 to 64 letters, digits or underscores".into() });
     }
+    let shell = match q.shell.as_deref() {
+        None => None,
+        Some(s @ ("wasm" | "native")) => Some(s.to_string()),
+        Some(_) => return Err(Error::Invalid { field: "shell", message: "wasm or native".into() }),
+    };
     let lines = match q.format.as_deref() {
         None | Some("1") => false,
         Some(keyward_core::feed::LINES_FORMAT) => true,
@@ -861,7 +868,8 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     let wait = if reset { 0 } else { q.wait.min(MAX_FEED_WAIT_SECS) };
     let open_until = crate::store::now_unix() + i64::try_from(wait).unwrap_or(0) + 2;
     let id = envoy.clone();
-    with_store(&state, "feed.seen", move |s| s.envoy_seen(&id, applied, open_until)).await?;
+    let said = shell.clone();
+    with_store(&state, "feed.seen", move |s| s.envoy_seen(&id, applied, open_until, said.as_deref())).await?;
     if q.after.is_none() && current <= q.since && wait > 0 {
         let wait = std::time::Duration::from_secs(wait);
         let _ = tokio::time::timeout(wait, async {
@@ -879,7 +887,7 @@ async fn feed(State(state): State<Arc<AppState>>, q: std::result::Result<Query<F
     }
     let mut page = feed_page(&state, since, after).await?;
     // Answered: connected for as long as it takes to ask again.
-    with_store(&state, "feed.seen", move |s| s.envoy_seen(&envoy, None, crate::store::now_unix() + 2)).await?;
+    with_store(&state, "feed.seen", move |s| s.envoy_seen(&envoy, None, crate::store::now_unix() + 2, shell.as_deref())).await?;
     if let Some(next) = &page.cursor {
         read_ahead(&state, next.version, next.id.clone());
     }

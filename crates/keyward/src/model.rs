@@ -172,6 +172,14 @@ pub struct EnvoyView {
     /// The `keyward serve` replica whose feed it last asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// The shell keyward runs in there: `wasm` (keyward.wasm) or `native` (libkeyward.so).
+    #[serde(default = "wasm_shell")]
+    pub shell: String,
+}
+
+/// What an older `keyward serve`'s status (without `shell`) means: every Envoy ran keyward.wasm.
+fn wasm_shell() -> String {
+    "wasm".into()
 }
 
 /// How a change reached the Envoys: returned by every changing command and API call.

@@ -281,10 +281,10 @@ impl Output {
                         other => other.into(),
                     };
                     let replica = e.replica.clone().unwrap_or_else(|| "-".into());
-                    vec![e.id.clone(), replica, e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
+                    vec![e.id.clone(), e.shell.clone(), replica, e.applied_version.to_string(), e.lag.to_string(), e.last_seen.clone(), state]
                 })
                 .collect();
-            table(&["ENVOY", "REPLICA", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
+            table(&["ENVOY", "SHELL", "REPLICA", "APPLIED", "LAG", "LAST SEEN", "STATE"], &rows);
             println!("\nAn Envoy is connected while its feed request is open, or until 2 s after its last answer.");
         }
         if let Some(r) = s.rate_limits.as_ref().filter(|r| !r.hot.is_empty()) {

@@ -97,7 +97,7 @@ fn a_whole_key_lifecycle_reads_the_same_on_both_engines() {
         // Acknowledgements and replicas.
         s.replica = Some("r1".into());
         s.replica_seen("r1", 1).unwrap();
-        s.envoy_seen("e1", Some(version), keyward_control::store::now_unix() + 30).unwrap();
+        s.envoy_seen("e1", Some(version), keyward_control::store::now_unix() + 30, None).unwrap();
         s.is_server = true;
         let status = s.status().unwrap();
         assert_eq!(status.envoys.len(), 1);
@@ -140,14 +140,18 @@ fn runtime_views_and_the_fleet_read_the_same_on_both_engines() {
         assert!(s.runtime(RATES_RUNTIME_PREFIX, now + 60).unwrap().is_empty(), "{loc:?}: an old view is not shown");
         assert_eq!((s.snapshot_version().unwrap(), s.audit(10).unwrap().len()), (0, 0), "{loc:?}: neither versioned nor audited");
         // The fleet: Envoys with an open feed request, or reporting rates.
-        s.envoy_seen("e-feed", Some(0), now + 60).unwrap();
-        s.envoy_seen("e-gone", Some(0), now - 5).unwrap();
+        s.envoy_seen("e-feed", Some(0), now + 60, Some("native")).unwrap();
+        s.envoy_seen("e-gone", Some(0), now - 5, None).unwrap();
         s.envoy_reported("e-rates").unwrap();
         s.envoy_reported("e-feed").unwrap();
         assert_eq!(s.fleet_size().unwrap(), 2, "{loc:?}");
         let status = s.status().unwrap();
         let feed = status.envoys.iter().find(|e| e.id == "e-feed").unwrap();
         assert!(feed.connected, "{loc:?}");
+        // Which shell each runs: what its feed requests said, and keyward.wasm (which never
+        // says) otherwise; a rate report leaves it alone.
+        let shells: Vec<(&str, &str)> = status.envoys.iter().map(|e| (e.id.as_str(), e.shell.as_str())).collect();
+        assert_eq!(shells, [("e-feed", "native"), ("e-gone", "wasm"), ("e-rates", "wasm")], "{loc:?}");
         let (done, _) = s.envoys_applied(0).unwrap();
         assert_eq!(done, ["e-feed", "e-rates"], "{loc:?}: a report keeps the open feed's window");
         let rl = status.rate_limits.unwrap();

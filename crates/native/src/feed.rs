@@ -183,7 +183,7 @@ impl Fetcher {
             metrics.push((crate::define_metric(config_envoy, m.name(), m.is_gauge())?, m.is_gauge()));
         }
         let seed = now_ms() ^ u64::from(std::process::id());
-        let fetch = Fetch::new(shared.cp.clone(), implications, seed);
+        let fetch = Fetch::new(shared.cp.clone(), implications, seed).with_shell("native");
         let ticker = Ticker::start(config_envoy)?;
         envoy::log(abi::LOG_INFO, &format!("snapshot feed via cluster {}, every {} ms", shared.cp.cluster, TICK.as_millis()));
         Ok(Fetcher { fetch, shared, config_envoy, metrics, lease: None, lease_cas: 0, node: node_id(), envoy_id: None, ticker })

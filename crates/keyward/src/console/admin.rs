@@ -53,6 +53,7 @@ async fn envoys(State(state): St, Extension(session): Ses) -> Response {
                 thead {
                     tr {
                         th scope="col" { "Envoy" }
+                        th scope="col" { "Shell" }
                         th scope="col" class="num" { "Applied version" }
                         th scope="col" class="num" { "Lag" }
                         th scope="col" { "Last contact" }
@@ -64,6 +65,7 @@ async fn envoys(State(state): St, Extension(session): Ses) -> Response {
                     @for e in &s.envoys {
                         tr class=[(!e.connected).then_some("stale")] {
                             td { code { (e.id) } }
+                            td { (if e.shell == "native" { "native (libkeyward.so)" } else { "wasm (keyward.wasm)" }) }
                             td.num { (e.applied_version) }
                             td.num { (e.lag) }
                             td { (when(Some(&e.last_seen))) }
@@ -72,7 +74,7 @@ async fn envoys(State(state): St, Extension(session): Ses) -> Response {
                         }
                     }
                     @if s.envoys.is_empty() {
-                        tr { td colspan="6" { "No Envoy has fetched the snapshot yet." } }
+                        tr { td colspan="7" { "No Envoy has fetched the snapshot yet." } }
                     }
                 }
             }

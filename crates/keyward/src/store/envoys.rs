@@ -34,16 +34,26 @@ pub(crate) fn live_replicas(db: &dyn Db, now: i64) -> Result<Vec<ReplicaView>> {
         .collect()
 }
 
+/// The shell an Envoy runs, as `status` shows it: `native` (libkeyward.so) if its feed requests
+/// say so, else `wasm` (keyward.wasm, whose requests never say).
+fn shell_name(said: Option<&str>) -> &'static str {
+    match said {
+        Some("native") => "native",
+        _ => "wasm",
+    }
+}
+
 impl Store {
     /// Notes an Envoy's feed request: it has applied `applied` (if known), and is connected until
-    /// `open_until` unless it asks again, to this process's replica.
-    pub fn envoy_seen(&mut self, id: &str, applied: Option<u64>, open_until: i64) -> Result<()> {
+    /// `open_until` unless it asks again, to this process's replica. `shell` is what the request
+    /// said it runs (`native`), if it said.
+    pub fn envoy_seen(&mut self, id: &str, applied: Option<u64>, open_until: i64, shell: Option<&str>) -> Result<()> {
         let now = self.now();
         self.db().execute(
-            "INSERT INTO envoys (id, applied_version, last_seen, open_until, replica) VALUES (?1, COALESCE(CAST(?2 AS BIGINT), 0), ?3, ?4, ?5) \
+            "INSERT INTO envoys (id, applied_version, last_seen, open_until, replica, shell) VALUES (?1, COALESCE(CAST(?2 AS BIGINT), 0), ?3, ?4, ?5, ?6) \
              ON CONFLICT(id) DO UPDATE SET applied_version = COALESCE(CAST(?2 AS BIGINT), envoys.applied_version), last_seen = ?3, \
-             open_until = ?4, replica = COALESCE(?5, envoys.replica)",
-            p![id, applied, now, open_until, &self.replica],
+             open_until = ?4, replica = COALESCE(?5, envoys.replica), shell = ?6",
+            p![id, applied, now, open_until, &self.replica, shell],
         )?;
         Ok(())
     }
@@ -138,7 +148,7 @@ impl Store {
     }
 
     fn envoys(&self, version: u64, now: i64, serving: bool) -> Result<Vec<EnvoyView>> {
-        let rows = self.db().query("SELECT id, applied_version, last_seen, open_until, replica FROM envoys ORDER BY id", &[])?;
+        let rows = self.db().query("SELECT id, applied_version, last_seen, open_until, replica, shell FROM envoys ORDER BY id", &[])?;
         rows.iter()
             .map(|r| {
                 let applied = u64::try_from(r.int(1)?).unwrap_or(0);
@@ -157,6 +167,7 @@ impl Store {
                     connected,
                     state: state.into(),
                     replica: r.opt_text(4)?,
+                    shell: shell_name(r.opt_text(5)?.as_deref()).into(),
                 })
             })
             .collect()

@@ -165,6 +165,11 @@ CREATE TABLE runtime (
     value TEXT NOT NULL,
     at INTEGER NOT NULL
 ) STRICT;
+"#,
+// 10: which shell each Envoy runs keyward in (`native` for libkeyward.so; none: keyward.wasm,
+// whose feed requests never say).
+r#"
+ALTER TABLE envoys ADD COLUMN shell TEXT;
 "#];
 
 
@@ -309,6 +314,10 @@ CREATE TABLE runtime (
     value TEXT NOT NULL,
     at BIGINT NOT NULL
 );
+"#,
+// 5 (SQLite's 10): which shell each Envoy runs keyward in.
+r#"
+ALTER TABLE envoys ADD COLUMN shell TEXT;
 "#];
 
 /// The schema version this build writes (the same meaning on both engines).
