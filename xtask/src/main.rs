@@ -36,8 +36,9 @@ Commands:
             yourself to use your own instead.
             The rate-store tests start their own redis-server (Debian's, installed if absent),
             passed as REDIS_SERVER_BIN; set it yourself to use another binary.
-  bench     Run keyward side by side with every alternative (no filter, a no-op wasm filter,
-            api_key_auth, Lua, ext_authz) and write BENCHMARKS.md (about 10 minutes).
+  bench     Run keyward (keyward.wasm and libkeyward.so) side by side with every alternative
+            (no filter, a no-op wasm filter, api_key_auth, Lua, ext_authz) and write
+            BENCHMARKS.md (about 35 minutes).
             `bench --quick` is a smaller smoke run (under 2 minutes) written to
             target/BENCHMARKS.quick.md; `--out FILE` writes elsewhere. `bench --instructions`
             runs only the callgrind table (instructions per request) and rewrites that section;
