@@ -223,8 +223,9 @@ fn spawn(dir: &TempDir, config: &Value, opts: &EnvoyOptions) -> std::io::Result<
     argv.push(envoy_bin().into());
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
-    // The native shell's module, wherever a configuration loads it (the bench runs both shells).
-    if config.to_string().contains("envoy.filters.http.dynamic_modules") {
+    // The native shell's module: under KEYWARD_SHELL=native (its filter may come later, by LDS),
+    // and wherever a configuration names it (the bench runs both shells).
+    if Shell::current() == Shell::Native || config.to_string().contains("envoy.filters.http.dynamic_modules") {
         let module = native_path();
         cmd.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module.parent().unwrap_or(Path::new(".")));
     }
