@@ -481,9 +481,8 @@ fn a_first_snapshot_serves_its_written_keys_and_calls_no_missing_key_unknown_bef
 }
 
 /// One keep-alive connection's requests for `key` until `stop`: (sent, answered, status).
-fn hammer(port: u16, key: &str, stop: &AtomicBool, refusals: &AtomicU64) -> Vec<(Instant, Instant, u16)> {
+fn hammer(stream: std::net::TcpStream, key: &str, stop: &AtomicBool, refusals: &AtomicU64) -> Vec<(Instant, Instant, u16)> {
     use std::io::{BufRead, BufReader, Read, Write};
-    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // One write per request, sent at once: several small writes would meet Nagle and delayed
     // ACKs (40 ms a request).
@@ -519,17 +518,40 @@ fn hammer(port: u16, key: &str, stop: &AtomicBool, refusals: &AtomicU64) -> Vec<
     out
 }
 
-/// Runs `change` while eight keep-alive connections (over both workers) request `key` as fast
-/// as they can. Every request sent after the first refusal was answered must be refused: at
+/// At least eight keep-alive connections to `stack`'s Envoy, and on until both workers hold
+/// some: the kernel spreads connections at random, and 8 in a row land on one worker 1 time in 128.
+fn connections_on_both_workers(stack: &Stack) -> Vec<std::net::TcpStream> {
+    let before = stack.envoy.worker_connections();
+    let mut streams = Vec::new();
+    let mut served = Vec::new();
+    while streams.len() < 64 {
+        streams.push(std::net::TcpStream::connect(("127.0.0.1", stack.envoy.port)).unwrap());
+        if streams.len() < 8 {
+            continue;
+        }
+        // A worker counts a connection once it has accepted it, a moment after connect returns.
+        poll_until(Duration::from_secs(5), "the connections to be accepted", || {
+            served = stack.envoy.worker_connections().iter().zip(&before).map(|(a, b)| a - b).collect();
+            (served.iter().sum::<u64>() >= streams.len() as u64).then_some(())
+        });
+        if served.len() == 2 && served.iter().all(|&n| n > 0) {
+            return streams;
+        }
+    }
+    panic!("both workers must take part: {served:?} after 64 connections");
+}
+
+/// Runs `change` while eight or more keep-alive connections (over both workers) request `key` as
+/// fast as they can. Every request sent after the first refusal was answered must be refused: at
 /// least 1,000 of them, and no 200 (issue 12: a refusal by one worker is never undone by
 /// another worker's cached record).
 fn first_refusal_is_final(stack: &Stack, key: &str, refused: u16, change: impl FnOnce() + Send) {
     let stop = AtomicBool::new(false);
     let refusals = AtomicU64::new(0);
     let before = stack.envoy.worker_connections();
-    let port = stack.envoy.port;
+    let streams = connections_on_both_workers(stack);
     let answers: Vec<(Instant, Instant, u16)> = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..8).map(|_| s.spawn(|| hammer(port, key, &stop, &refusals))).collect();
+        let clients: Vec<_> = streams.into_iter().map(|stream| s.spawn(|| hammer(stream, key, &stop, &refusals))).collect();
         change();
         poll_until(Duration::from_secs(60), "1,100 refusals", || (refusals.load(Ordering::Relaxed) >= 1_100).then_some(()));
         stop.store(true, Ordering::Relaxed);
