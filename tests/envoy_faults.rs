@@ -273,6 +273,8 @@ fn envoy_reloads_a_new_filter_config_and_refuses_a_bad_one() {
     let mut opts = EnvoyOptions::new(feed_config(), echo.port());
     opts.concurrency = 2;
     opts.bootstrap = Some(boot);
+    // A replaced listener drains for a second, then its filter configuration goes.
+    opts.extra_args = vec!["--drain-time-s".into(), "1".into()];
     let envoy = Envoy::start(&opts);
     wait_status(&envoy, &key, 200, "the key to work");
 
@@ -309,6 +311,14 @@ fn envoy_reloads_a_new_filter_config_and_refuses_a_bad_one() {
     let seen = load.join().unwrap();
     eprintln!("fault 4: statuses during the reloads: {seen:?}");
     assert!(seen.keys().all(|s| *s == 200 || *s == 403), "a request failed during a reload: {seen:?}");
+
+    // Once the first listener's filter chain has drained (1 s) and its configuration is gone,
+    // the new configuration's fetcher takes the feed over, and a key made now works.
+    poll_until(Duration::from_secs(20), "the new configuration's fetcher to take the feed over", || {
+        (envoy.log().matches("now fetches the snapshot feed").count() >= 2).then_some(())
+    });
+    let admin: Value = serde_json::from_str(&keyward.cli(&["agent", "create", "operator", "--scopes", "admin", "--json"])).unwrap();
+    wait_status(&envoy, admin["secret"].as_str().unwrap(), 200, "a key made after the first configuration went");
 }
 
 /// Fault 5: a wasm VM traps (a test-only build lets a request trigger it). Under

@@ -313,13 +313,6 @@ const NATIVE_SUITES: &[&str] = &[
     "envoy_scale",
 ];
 
-/// Tests of those suites the native shell does not pass yet, skipped in its pass only, each
-/// with the reason. A listener reload starts a new configuration, whose fetcher starts from an
-/// empty snapshot: the native shell answers 503 until it has loaded, where the wasm shell keeps
-/// serving from shared data. To fix: share the published snapshot (and a lease) across
-/// configurations of one control plane.
-const NATIVE_KNOWN_GAPS: &[&str] = &["envoy_reloads_a_new_filter_config_and_refuses_a_bad_one"];
-
 fn validate(envoy: &Path) -> Result {
     let files = keyward_testkit::ContainerFiles::new()?;
     for file in keyward_testkit::envoy_yamls()? {
@@ -645,9 +638,6 @@ fn test(extra: &[String]) -> Result {
         cmd.args(extra);
         if !extra.iter().any(|a| a == "--") {
             cmd.arg("--");
-        }
-        for test in NATIVE_KNOWN_GAPS {
-            cmd.args(["--skip", test]);
         }
         cmd.env("KEYWARD_SHELL", "native");
         env(&mut cmd);

@@ -14,7 +14,13 @@
 //!   epochs. A page's writes make a new view, swapped in whole (`arc-swap`): a request loads the
 //!   current one without a lock and sees a page entirely or not at all, and every worker sees
 //!   the same view, so a key refused once is refused on every worker from then on.
-//! - **One fetcher per configuration.** There is no lease to share: this one always holds it.
+//! - **One feed per source, shared by configurations.** A listener reload makes a new filter
+//!   configuration while the old one drains. Both get the same [`FeedShared`] (by cluster and
+//!   authority, [`feed_for`]), so the new one answers from what the old one loaded, as every
+//!   wasm VM reads the one shared data. Each configuration runs a fetcher; the lease in
+//!   `FeedShared` (the core's, with a CAS token as Envoy's shared data has) picks the one that
+//!   polls and reports. A fetcher gives the lease up when its configuration is destroyed, so
+//!   the next one takes over at its next lease check (250 ms), not after the lease lapses.
 
 use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, EnvoyHeader, ModuleBuffer, ModuleHeader, SchedulerPtr};
 use crate::envoy;
@@ -30,7 +36,8 @@ use keyward_core::{Digest, KeyLookup, KeyRecord, LookupError};
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,26 +53,42 @@ pub struct Published {
     pub records: imbl::HashMap<Digest, Arc<str>>,
 }
 
-/// What the fetcher and the requests share; every field may be read from any worker.
+/// What the fetchers of one feed and the requests share; every field may be read from any
+/// worker.
+#[derive(Default)]
 pub struct FeedShared {
-    pub cp: ControlPlane,
     pub keys: ArcSwap<Published>,
     pub fleet: ArcSwap<Fleet>,
-    /// Usage and admissions counted by requests, taken by the fetcher on its tick.
+    /// Usage and admissions counted by requests, taken by the lease holder on its tick.
     pub usage: Mutex<Usage>,
     pub rates: Mutex<RateCounts>,
+    /// Which fetcher polls: `fetch::LEASE_KEY`'s value, with its CAS token.
+    lease: Mutex<Lease>,
+    /// The id `keyward serve` gave this Envoy (`fetch::ENVOY_ID_KEY`).
+    envoy_id: Mutex<Option<String>>,
 }
 
-impl FeedShared {
-    pub fn new(cp: ControlPlane) -> FeedShared {
-        FeedShared {
-            cp,
-            keys: ArcSwap::from_pointee(Published::default()),
-            fleet: ArcSwap::from_pointee(Fleet::default()),
-            usage: Mutex::new(Usage::default()),
-            rates: Mutex::new(RateCounts::default()),
-        }
+/// The lease entry, as shared data holds it: a value and a token every write changes.
+#[derive(Debug, Default)]
+struct Lease {
+    value: Option<String>,
+    cas: u32,
+}
+
+/// Every feed in the process, by source: the configurations alive share one each.
+static FEEDS: Mutex<Vec<((String, String), Weak<FeedShared>)>> = Mutex::new(Vec::new());
+
+/// The feed from `cp`'s cluster and authority: the live one, or a new one, empty.
+pub fn feed_for(cp: &ControlPlane) -> Arc<FeedShared> {
+    let source = (cp.cluster.clone(), cp.authority.clone());
+    let mut feeds = FEEDS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    feeds.retain(|(_, feed)| feed.strong_count() > 0);
+    if let Some(feed) = feeds.iter().find(|(s, _)| *s == source).and_then(|(_, feed)| feed.upgrade()) {
+        return feed;
     }
+    let feed = Arc::new(FeedShared::default());
+    feeds.push((source, Arc::downgrade(&feed)));
+    feed
 }
 
 pub fn now_ms() -> u64 {
@@ -80,9 +103,9 @@ pub struct FeedKeys {
 }
 
 impl FeedKeys {
-    pub fn load(shared: &FeedShared) -> FeedKeys {
+    pub fn load(shared: &FeedShared, max_snapshot_age_secs: Option<u32>) -> FeedKeys {
         let view = shared.keys.load_full();
-        let keys = view.state.keys(now_ms(), shared.cp.max_snapshot_age_secs);
+        let keys = view.state.keys(now_ms(), max_snapshot_age_secs);
         FeedKeys { view, keys }
     }
 }
@@ -167,31 +190,40 @@ pub struct Fetcher {
     /// Envoy's configuration object, valid until `on_http_filter_config_destroy`.
     config_envoy: ConfigEnvoyPtr,
     metrics: Vec<(usize, bool)>,
-    lease: Option<String>,
-    lease_cas: u32,
     /// `node.id`, read once at the start.
     node: Option<String>,
-    envoy_id: Option<String>,
     ticker: Ticker,
 }
 
+/// Makes each fetcher's lease owner unique, even for two configurations made in one millisecond.
+static FETCHERS: AtomicU64 = AtomicU64::new(0);
+
 impl Fetcher {
     /// Inside config_new: defines the fetcher's stats and starts its ticks.
-    pub fn start(config_envoy: ConfigEnvoyPtr, shared: Arc<FeedShared>, implications: Implications) -> Result<Fetcher, String> {
+    pub fn start(config_envoy: ConfigEnvoyPtr, cp: &ControlPlane, shared: Arc<FeedShared>, implications: Implications) -> Result<Fetcher, String> {
         let mut metrics = Vec::new();
         for m in Metric::ALL {
             metrics.push((crate::define_metric(config_envoy, m.name(), m.is_gauge())?, m.is_gauge()));
         }
-        let seed = now_ms() ^ u64::from(std::process::id());
-        let fetch = Fetch::new(shared.cp.clone(), implications, seed).with_shell("native");
+        let seed = now_ms() ^ (u64::from(std::process::id()) << 32) ^ FETCHERS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let fetch = Fetch::new(cp.clone(), implications, seed).with_shell("native");
         let ticker = Ticker::start(config_envoy)?;
-        envoy::log(abi::LOG_INFO, &format!("snapshot feed via cluster {}, every {} ms", shared.cp.cluster, TICK.as_millis()));
-        Ok(Fetcher { fetch, shared, config_envoy, metrics, lease: None, lease_cas: 0, node: node_id(), envoy_id: None, ticker })
+        envoy::log(abi::LOG_INFO, &format!("snapshot feed via cluster {}, every {} ms", cp.cluster, TICK.as_millis()));
+        Ok(Fetcher { fetch, shared, config_envoy, metrics, node: node_id(), ticker })
     }
 
-    /// Before Envoy destroys the configuration: no tick runs after this returns.
+    /// Before Envoy destroys the configuration: no tick runs after this returns, and the lease,
+    /// if this fetcher held it, is free for the feed's other configurations at once.
     pub fn stop(&mut self) {
         self.ticker.stop();
+        if self.fetch.leader() {
+            let mut lease = self.shared.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *lease = Lease { value: None, cas: lease.cas.wrapping_add(1) };
+        }
+    }
+
+    fn envoy_id(&self) -> Option<String> {
+        self.shared.envoy_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     fn feed_view(&self) -> FeedView {
@@ -202,19 +234,26 @@ impl Fetcher {
     pub fn on_tick(&mut self) {
         let now = now_ms();
         if self.fetch.lease_due(now) {
-            let commands = self.fetch.on_lease(now, self.lease.as_deref(), Some(self.lease_cas));
+            let (value, cas) = {
+                let lease = self.shared.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (lease.value.clone(), lease.cas)
+            };
+            let commands = self.fetch.on_lease(now, value.as_deref(), Some(cas));
             self.run(now, commands);
         }
         let wants = self.fetch.wants(now);
         let view = View {
             feed: wants.feed.then(|| Ok(self.feed_view())),
-            envoy: wants.envoy.then(|| Ok(EnvoyView { node: self.node.clone(), stored: self.envoy_id.clone() })),
+            envoy: wants.envoy.then(|| Ok(EnvoyView { node: self.node.clone(), stored: self.envoy_id() })),
         };
-        let commands = {
+        let commands = if self.fetch.leader() {
             let (Ok(usage), Ok(rates)) = (self.shared.usage.lock(), self.shared.rates.lock()) else {
                 return envoy::log(abi::LOG_ERROR, "fetcher tick: the usage counts are poisoned");
             };
             self.fetch.on_tick(now, &view, &usage, &rates)
+        } else {
+            // The counts are the feed's, in memory the lease holder reads: only it takes them.
+            self.fetch.on_tick(now, &view, &Usage::default(), &RateCounts::default())
         };
         self.run(now, commands);
     }
@@ -256,14 +295,23 @@ impl Fetcher {
 
     fn execute(&mut self, now_ms: u64, command: Command) -> Vec<Command> {
         match command {
-            Command::ClaimLease { value, .. } => {
-                self.lease = Some(value);
-                self.lease_cas = self.lease_cas.wrapping_add(1);
-                return self.fetch.lease_claimed(now_ms, true);
+            Command::ClaimLease { value, cas } => {
+                // Envoy's shared-data CAS: a write with a stale token fails, and every write
+                // takes a new one. All on the main thread, so nothing runs between read and write.
+                let held = {
+                    let mut lease = self.shared.lease.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let held = cas.is_none_or(|c| c == lease.cas);
+                    if held {
+                        *lease = Lease { value: Some(value), cas: lease.cas.wrapping_add(1) };
+                    }
+                    held
+                };
+                return self.fetch.lease_claimed(now_ms, held);
             }
-            // Nothing to register: requests count into memory this fetcher reads.
+            // Nothing to register: requests count into memory the lease holder reads.
             Command::RegisterQueues => {}
-            // Only a VM without the lease sends; this fetcher always holds it.
+            // A fetcher sends only what it counted while it held the lease (a non-holder is
+            // handed no counts): kept for when it holds the lease again.
             Command::Send { queue, .. } => self.fetch.sent(queue, false),
             Command::Dispatch(r) => {
                 let token = self.dispatch(&r.cluster, &r.headers, r.body.as_deref(), r.timeout);
@@ -349,7 +397,7 @@ impl Fetcher {
                     next.epochs = Epochs::decode(&w.value).ok_or("the fetcher wrote undecodable epochs")?;
                     touched_keys = true;
                 }
-                ENVOY_ID_KEY => self.envoy_id = Some(w.value.clone()),
+                ENVOY_ID_KEY => *self.shared.envoy_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(w.value.clone()),
                 FLEET_KEY => self.shared.fleet.store(Arc::new(Fleet::decode(&w.value).unwrap_or_default())),
                 key => {
                     let hex = key.strip_prefix(PREFIX).and_then(|k| k.strip_prefix("k.")).ok_or_else(|| format!("unexpected write to {key}"))?;
@@ -420,6 +468,32 @@ fn node_id_from(args: &[String], read: impl Fn(&str) -> Option<String>) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cp(cluster: &str, authority: &str) -> ControlPlane {
+        ControlPlane {
+            cluster: cluster.into(),
+            authority: authority.into(),
+            feed_wait_secs: 20,
+            max_snapshot_age_secs: None,
+            usage_report_secs: 10,
+            max_feed_bytes: 1 << 20,
+            token: None,
+            rate_sync_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn configurations_of_one_source_share_its_feed_while_one_of_them_lives() {
+        let a = feed_for(&cp("keyward", "keyward"));
+        let reloaded = feed_for(&ControlPlane { feed_wait_secs: 5, ..cp("keyward", "keyward") });
+        assert!(Arc::ptr_eq(&a, &reloaded), "a reload with other settings shares the snapshot");
+        assert!(!Arc::ptr_eq(&a, &feed_for(&cp("other", "keyward"))), "another cluster is another feed");
+        assert!(!Arc::ptr_eq(&a, &feed_for(&cp("keyward", "tenant-b"))), "another authority is another feed");
+        let weak = Arc::downgrade(&a);
+        drop((a, reloaded));
+        assert!(weak.upgrade().is_none(), "the registry holds no feed alive");
+        assert_eq!(feed_for(&cp("keyward", "keyward")).keys.load().records.len(), 0, "a new feed starts empty");
+    }
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()

@@ -58,7 +58,7 @@ pub fn on_request_headers(filter: FilterEnvoyPtr, fc: &FilterConfig, stream: &mu
     let keys: &dyn KeyLookup = match (&fc.config.snapshot, &fc.feed) {
         (Some(snapshot), _) => snapshot,
         (None, Some(shared)) => {
-            feed_keys = FeedKeys::load(shared);
+            feed_keys = FeedKeys::load(shared, fc.config.control_plane.as_ref().and_then(|cp| cp.max_snapshot_age_secs));
             &feed_keys
         }
         (None, None) => &NoKeys,

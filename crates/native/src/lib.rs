@@ -22,7 +22,7 @@ mod feed;
 mod filter;
 
 use abi::{ConfigEnvoyPtr, ConfigModulePtr, EnvoyBuffer, EnvoyHeader, FilterEnvoyPtr, FilterModulePtr, ModuleBuffer};
-use feed::{FeedShared, Fetcher};
+use feed::Fetcher;
 use filter::{FilterConfig, Flow, Stream};
 use std::cell::RefCell;
 use keyward_core::authorize::counter;
@@ -107,8 +107,8 @@ fn configure(config_envoy: ConfigEnvoyPtr, bytes: &[u8]) -> Result<(FilterConfig
     };
     let (feed, fetcher) = match (&config.snapshot, &config.control_plane) {
         (None, Some(cp)) => {
-            let shared = Arc::new(FeedShared::new(cp.clone()));
-            let fetcher = Fetcher::start(config_envoy, Arc::clone(&shared), config.implications.clone())?;
+            let shared = feed::feed_for(cp);
+            let fetcher = Fetcher::start(config_envoy, cp, Arc::clone(&shared), config.implications.clone())?;
             (Some(shared), Some(fetcher))
         }
         _ => (None, None),
