@@ -75,8 +75,11 @@ struct Lease {
     cas: u32,
 }
 
+/// A feed's source: the cluster and the authority the fetcher calls.
+type Source = (String, String);
+
 /// Every feed in the process, by source: the configurations alive share one each.
-static FEEDS: Mutex<Vec<((String, String), Weak<FeedShared>)>> = Mutex::new(Vec::new());
+static FEEDS: Mutex<Vec<(Source, Weak<FeedShared>)>> = Mutex::new(Vec::new());
 
 /// The feed from `cp`'s cluster and authority: the live one, or a new one, empty.
 pub fn feed_for(cp: &ControlPlane) -> Arc<FeedShared> {
