@@ -10,8 +10,8 @@
 //!   mTLS and service discovery stay Envoy's. The answer comes to
 //!   `on_http_filter_config_http_callout_done`, on the main thread.
 //! - **The snapshot.** The fetcher's writes are applied to a [`Published`] view: key records in
-//!   a persistent map (`imbl`: a copy shares all but the changed paths), the state and the live
-//!   epochs. A page's writes make a new view, swapped in whole (`arc-swap`): a request loads the
+//!   flat tables ([`Records`]: 64 shards and a delta over them, no allocation per key), the
+//!   state and the live epochs. A page's writes make a new view, swapped in whole (`arc-swap`): a request loads the
 //!   current one without a lock and sees a page entirely or not at all, and every worker sees
 //!   the same view, so a key refused once is refused on every worker from then on.
 //! - **One feed per source, shared by configurations.** A listener reload makes a new filter
@@ -24,6 +24,7 @@
 
 use crate::abi::{self, ConfigEnvoyPtr, EnvoyBuffer, EnvoyHeader, ModuleBuffer, ModuleHeader, SchedulerPtr};
 use crate::envoy;
+use crate::records::{self, Records};
 use arc_swap::ArcSwap;
 use keyward_core::config::ControlPlane;
 use keyward_core::feed::Epochs;
@@ -50,7 +51,7 @@ pub struct Published {
     pub state: State,
     pub epochs: Epochs,
     /// Each key's shared-data entry (`KeyRecord::encode_entry`), by digest.
-    pub records: imbl::HashMap<Digest, Arc<str>>,
+    pub records: Records,
 }
 
 /// What the fetchers of one feed and the requests share; every field may be read from any
@@ -387,6 +388,7 @@ impl Fetcher {
     fn publish(&mut self, writes: &[Write]) -> Result<(), String> {
         let mut next = Published::clone(&self.shared.keys.load());
         let mut touched_keys = false;
+        let mut records = Vec::new();
         for w in writes {
             match w.key.as_str() {
                 // The generation brackets a page for workers reading shared data one entry at a
@@ -405,12 +407,22 @@ impl Fetcher {
                 key => {
                     let hex = key.strip_prefix(PREFIX).and_then(|k| k.strip_prefix("k.")).ok_or_else(|| format!("unexpected write to {key}"))?;
                     let digest = Digest::from_hex(hex).ok_or_else(|| format!("a record key that is not a digest: {key}"))?;
-                    next.records.insert(digest, Arc::from(w.value.as_str()));
+                    records.push((digest.0, w.value.as_str()));
                     touched_keys = true;
                 }
             }
         }
         if touched_keys {
+            next.records.write_page(records)?;
+            if next.records.fold_due(next.state.cursor.is_none()) {
+                // Each step holds the same records (see `records`): published as it goes, so
+                // each replaced shard is freed at once.
+                for shard in 0..records::SHARDS {
+                    next.records.fold_shard(shard)?;
+                    self.shared.keys.store(Arc::new(next.clone()));
+                }
+                next.records.clear_delta();
+            }
             self.shared.keys.store(Arc::new(next));
         }
         Ok(())
@@ -495,7 +507,7 @@ mod tests {
         let weak = Arc::downgrade(&a);
         drop((a, reloaded));
         assert!(weak.upgrade().is_none(), "the registry holds no feed alive");
-        assert_eq!(feed_for(&cp("keyward", "keyward")).keys.load().records.len(), 0, "a new feed starts empty");
+        assert_eq!(feed_for(&cp("keyward", "keyward")).keys.load().records.sizes(), (0, 0), "a new feed starts empty");
     }
 
     fn args(a: &[&str]) -> Vec<String> {

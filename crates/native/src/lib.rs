@@ -20,6 +20,7 @@ mod abi;
 mod envoy;
 mod feed;
 mod filter;
+mod records;
 
 use abi::{ConfigEnvoyPtr, ConfigModulePtr, EnvoyBuffer, EnvoyHeader, FilterEnvoyPtr, FilterModulePtr, ModuleBuffer};
 use feed::Fetcher;
