@@ -63,11 +63,17 @@ pub struct Request<'a> {
 /// `x-keyward-*` header (removed before forwarding). A shell may hand [`Request::headers`] only
 /// these, and copy nothing else out of the host.
 pub fn reads_header(config: &Config, name: &str) -> bool {
+    reads_header_name(config, name.as_bytes())
+}
+
+/// [`reads_header`] on a name's bytes, for a shell holding the host's bytes: a name it accepts
+/// still has to be UTF-8 to be read.
+pub fn reads_header_name(config: &Config, name: &[u8]) -> bool {
     let s = &config.sources;
-    name.starts_with(crate::authorize::IDENTITY_PREFIX)
-        || s.bearer_header.as_deref() == Some(name)
-        || s.api_key_header.as_deref() == Some(name)
-        || (config.require_tls && config.trust_forwarded_proto && name == FORWARDED_PROTO)
+    name.starts_with(crate::authorize::IDENTITY_PREFIX.as_bytes())
+        || s.bearer_header.as_deref().map(str::as_bytes) == Some(name)
+        || s.api_key_header.as_deref().map(str::as_bytes) == Some(name)
+        || (config.require_tls && config.trust_forwarded_proto && name == FORWARDED_PROTO.as_bytes())
 }
 
 const FORWARDED_PROTO: &str = "x-forwarded-proto";

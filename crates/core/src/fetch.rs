@@ -399,7 +399,7 @@ impl Fetch {
             backoff_ms: BACKOFF_MIN_MS,
             report: None,
             last_report_ms: 0,
-            pending: UsageCounts::new(),
+            pending: UsageCounts::default(),
             last_flush_ms: 0,
             report_more: false,
             last_lease_ms: 0,

@@ -6,12 +6,13 @@ use crate::abi::{self, EnvoyBuffer, EnvoyHeader, FilterEnvoyPtr, ModuleBuffer, M
 use crate::envoy;
 use keyward_core::authorize::{self, Action, Context, Counted};
 use keyward_core::buckets::Buckets;
-use keyward_core::decision::reads_header;
+use keyward_core::decision::reads_header_name;
 use keyward_core::ratelimit::Fleet;
 use keyward_core::response::{internal_error, LocalReply};
 use keyward_core::{Config, KeyLookup, NoKeys, Request};
 use crate::feed::{FeedKeys, FeedShared};
 use keyward_core::authorize::{FleetCount, Tally};
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 /// Rate-limit buckets, one map for the whole process (every worker, every configuration), as
@@ -74,17 +75,26 @@ pub fn on_request_headers(filter: FilterEnvoyPtr, fc: &FilterConfig, stream: &mu
     }
 }
 
-/// The request's headers, in order, borrowed from Envoy for this hook. Any setter call may
-/// invalidate them, so they are read before the plan is applied and not kept.
-fn request_headers(filter: FilterEnvoyPtr) -> Result<Vec<EnvoyHeader>, HostError> {
+/// Request headers read into a stack buffer of this many entries; more spill to the heap.
+const INLINE_HEADERS: usize = 32;
+
+/// The request's headers, in order, borrowed from Envoy for this hook, written into `inline`
+/// (or `spill`, when there are more than it holds). Any setter call may invalidate them, so
+/// they are read before the plan is applied and not kept.
+fn request_headers<'b>(filter: FilterEnvoyPtr, inline: &'b mut [EnvoyHeader; INLINE_HEADERS], spill: &'b mut Vec<EnvoyHeader>) -> Result<&'b [EnvoyHeader], HostError> {
     // SAFETY: `filter` is the live stream of this hook; Envoy fills exactly `size` entries.
     unsafe {
         let size = abi::envoy_dynamic_module_callback_http_get_headers_size(filter, abi::REQUEST_HEADER);
-        let mut headers = vec![EnvoyHeader::EMPTY; size];
-        if size > 0 && !abi::envoy_dynamic_module_callback_http_get_headers(filter, abi::REQUEST_HEADER, headers.as_mut_ptr()) {
+        let slots: &mut [EnvoyHeader] = if size <= INLINE_HEADERS {
+            &mut inline[..size]
+        } else {
+            *spill = vec![EnvoyHeader::EMPTY; size];
+            &mut spill[..]
+        };
+        if size > 0 && !abi::envoy_dynamic_module_callback_http_get_headers(filter, abi::REQUEST_HEADER, slots.as_mut_ptr()) {
             return Err(HostError("reading the request headers"));
         }
-        Ok(headers)
+        Ok(slots)
     }
 }
 
@@ -100,37 +110,41 @@ fn judge(filter: FilterEnvoyPtr, fc: &FilterConfig, keys: &dyn KeyLookup, stream
     // Every header is looked at: the contract removes each client-sent `x-keyward-*` header and
     // tells one credential sent twice from two different ones. Only those the core reads are
     // copied out, with the pseudo-headers.
-    let (mut method, mut path, mut authority) = (String::new(), String::new(), String::new());
+    // The pseudo-headers are borrowed from Envoy (copied only if not UTF-8): the plan is made
+    // before any setter is called, and they are not used after.
+    let (mut method, mut path, mut authority) = (Cow::Borrowed(""), Cow::Borrowed(""), Cow::Borrowed(""));
     let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
-    for h in request_headers(filter)? {
+    let (mut inline, mut spill) = ([EnvoyHeader::EMPTY; INLINE_HEADERS], Vec::new());
+    for h in request_headers(filter, &mut inline, &mut spill)? {
         // SAFETY: lent by Envoy for this hook; no setter has been called yet.
         let (name, value) = unsafe { (h.key.bytes(), h.value.bytes()) };
-        let text = || String::from_utf8_lossy(value).into_owned();
+        let text = || String::from_utf8_lossy(value);
         match name {
             b":method" => method = text(),
             b":path" => path = text(),
             b":authority" => authority = text(),
-            _ => {
-                // Envoy's codecs admit only token characters in names; a name that is not UTF-8
-                // fails the request closed rather than being skipped unseen.
+            // Envoy's codecs admit only token characters in names; a name the core reads that
+            // is not UTF-8 fails the request closed rather than being skipped unseen.
+            _ if reads_header_name(config, name) => {
                 let name = std::str::from_utf8(name).map_err(|_| HostError("a request header name"))?;
-                if reads_header(config, name) {
-                    headers.push((name.to_string(), value.to_vec()));
-                }
+                headers.push((name.to_string(), value.to_vec()));
             }
+            _ => {}
         }
     }
     let tls_connection = config.require_tls
         // SAFETY: the live stream of this hook, and a buffer Envoy writes.
         && read_string(|buf| unsafe { abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(filter, abi::ATTRIBUTE_TLS_VERSION, buf) })
             .is_some_and(|v| !v.is_empty());
+    // Borrowed: the route's metadata outlives the hook.
     let route_scopes = if config.route_metadata {
-        read_string(|buf| {
-            let (ns, key) = (ModuleBuffer::of(b"keyward"), ModuleBuffer::of(b"scopes"));
-            // SAFETY: as above; the namespace and key are read during the call only.
-            unsafe { abi::envoy_dynamic_module_callback_http_get_metadata_string(filter, abi::METADATA_ROUTE, ns, key, buf) }
-        })
-        .and_then(|v| String::from_utf8(v).ok())
+        let mut buf = EnvoyBuffer::EMPTY;
+        let (ns, key) = (ModuleBuffer::of(b"keyward"), ModuleBuffer::of(b"scopes"));
+        // SAFETY: as above; the namespace and key are read during the call only, and on success
+        // Envoy points `buf` at bytes valid during this hook.
+        unsafe { abi::envoy_dynamic_module_callback_http_get_metadata_string(filter, abi::METADATA_ROUTE, ns, key, &mut buf) }
+            .then(|| unsafe { buf.bytes() })
+            .and_then(|v| std::str::from_utf8(v).ok())
     } else {
         None
     };
@@ -143,7 +157,7 @@ fn judge(filter: FilterEnvoyPtr, fc: &FilterConfig, keys: &dyn KeyLookup, stream
         authority: &authority,
         headers: &headers,
         tls_connection,
-        route_scopes: route_scopes.as_deref(),
+        route_scopes,
         now: &clock,
     };
     let fleet = fc.feed.as_ref().map_or_else(Fleet::default, |f| **f.fleet.load());

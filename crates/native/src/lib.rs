@@ -229,8 +229,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(filter_env
             envoy::log(abi::LOG_ERROR, "a request without its stream state; failing closed");
             return fail_closed();
         };
-        let config = Arc::clone(&state.config);
-        match filter::on_request_headers(filter_envoy, &config, &mut state.stream) {
+        let StreamState { config, stream } = state;
+        match filter::on_request_headers(filter_envoy, config, stream) {
             Flow::Continue => abi::HEADERS_CONTINUE,
             Flow::Stop => abi::HEADERS_STOP_ITERATION,
         }

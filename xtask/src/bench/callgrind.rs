@@ -3,7 +3,7 @@
 
 use super::subjects::{bootstrap, keyward_in};
 use crate::Result;
-use keyward_testkit::{loopback_cluster, named_wasm_filter, poll_until, request, Envoy, EnvoyOptions, Keyward, Shell, TempDir};
+use keyward_testkit::{listener_bootstrap, loopback_cluster, named_wasm_filter, poll_until, request, Envoy, EnvoyOptions, Keyward, Shell, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 /// The callgrind table's configurations: no filter, the no-op floor, and keyward fed 1,000 and
 /// 100,000 keys by `sets` (each a serve and the keys it holds; the first five may be revoked),
-/// and 1,000 keys with a per-key limit never reached (`rated`: the rate-limit path, admitted).
+/// and 1,000 keys with a per-key limit never reached (`rated`: the rate-limit path, admitted);
+/// then no filter, the floor and both shells on 100,000 keys again on a direct-response route.
 pub(super) fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &Vec<String>); 2], rated: (&Keyward, &Vec<String>)) -> Result<Vec<(String, f64)>> {
     eprintln!("bench: instructions per request (callgrind)");
     let feed_in = |shell: Shell, serve: &Keyward| {
@@ -33,6 +34,21 @@ pub(super) fn instructions_table(up_port: u16, noop: &Path, sets: [(&Keyward, &V
     for (i, (serve, set)) in sets.into_iter().enumerate() {
         configs.push((format!("{} keyward native, {} keys", 10 + i, set.len()), feed_in(Shell::Native, serve), set[10..].to_vec()));
     }
+    // The same filters on a route Envoy answers itself (`direct_response`, 200): no upstream
+    // connection, so a filter's share of a request shows against a smaller whole.
+    let direct = |node: &str, filters: Vec<Value>, clusters: Vec<Value>| {
+        let routes = json!([{"name": "bench", "match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]);
+        listener_bootstrap(node, routes, filters, clusters)
+    };
+    let direct_feed = |shell: Shell, serve: &Keyward| {
+        let config = json!({"control_plane": {"cluster": "keyward", "feed_wait_secs": 15}});
+        direct("bench-cg-direct", vec![keyward_in(shell, &config)], vec![loopback_cluster("keyward", serve.port)])
+    };
+    let (mid_serve, mid) = sets[1];
+    configs.push(("12 no auth filter, direct response".to_string(), direct("cg-direct", vec![], vec![]), small[5..].to_vec()));
+    configs.push(("13 no-op wasm, direct response".to_string(), direct("cg-direct", vec![named_wasm_filter("noop", noop, &json!({}))], vec![]), small[5..].to_vec()));
+    configs.push((format!("14 keyward, {} keys, direct response", mid.len()), direct_feed(Shell::Wasm, mid_serve), mid[10..].to_vec()));
+    configs.push((format!("15 keyward native, {} keys, direct response", mid.len()), direct_feed(Shell::Native, mid_serve), mid[10..].to_vec()));
     instruction_counts(configs)
 }
 
