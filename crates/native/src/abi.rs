@@ -106,6 +106,7 @@ pub const METRICS_SUCCESS: u32 = 0;
 
 // envoy_dynamic_module_type_http_callout_init_result
 pub const CALLOUT_SUCCESS: u32 = 0;
+pub const CALLOUT_CLUSTER_NOT_FOUND: u32 = 2;
 // envoy_dynamic_module_type_http_callout_result
 pub const CALLOUT_DONE: u32 = 0;
 

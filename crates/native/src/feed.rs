@@ -194,7 +194,8 @@ pub struct Fetcher {
     shared: Arc<FeedShared>,
     /// Envoy's configuration object, valid until `on_http_filter_config_destroy`.
     config_envoy: ConfigEnvoyPtr,
-    metrics: Vec<(usize, bool)>,
+    /// Envoy's id of each of `Metric::ALL`, in order.
+    metrics: Vec<usize>,
     /// `node.id`, read once at the start.
     node: Option<String>,
     ticker: Ticker,
@@ -208,7 +209,7 @@ impl Fetcher {
     pub fn start(config_envoy: ConfigEnvoyPtr, cp: &ControlPlane, shared: Arc<FeedShared>, implications: Implications) -> Result<Fetcher, String> {
         let mut metrics = Vec::new();
         for m in Metric::ALL {
-            metrics.push((crate::define_metric(config_envoy, m.name(), m.is_gauge())?, m.is_gauge()));
+            metrics.push(crate::define_metric(config_envoy, m.name(), m.is_gauge())?);
         }
         let seed = now_ms() ^ (u64::from(std::process::id()) << 32) ^ FETCHERS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let fetch = Fetch::new(cp.clone(), implications, seed).with_shell("native");
@@ -351,7 +352,8 @@ impl Fetcher {
     }
 
     fn metric(&self, m: Metric, value: u64, record: bool) {
-        let Some(&(id, gauge)) = self.metrics.get(m as usize) else { return };
+        let Some(&id) = self.metrics.get(m as usize) else { return };
+        let gauge = m.is_gauge();
         // SAFETY: the configuration is live (this runs in one of its main-thread hooks).
         unsafe {
             if gauge && record {
@@ -380,7 +382,7 @@ impl Fetcher {
         };
         match result {
             abi::CALLOUT_SUCCESS => u32::try_from(id).map_err(|_| format!("callout id {id} out of range")),
-            2 => Err(format!("cluster {cluster} not found")),
+            abi::CALLOUT_CLUSTER_NOT_FOUND => Err(format!("cluster {cluster} not found")),
             other => Err(format!("Envoy refused the call to cluster {cluster} ({other})")),
         }
     }
